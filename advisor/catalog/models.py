@@ -1,0 +1,534 @@
+"""Model catalog: ``profiles/models/*.json`` plus resolution of any model reference to a config.
+
+Each catalog file holds the architecture fields of the model's hub ``config.json`` (verbatim), the
+published parameter count and where it comes from.  Parameter counts are never taken from the
+file: :meth:`ResolvedModel.num_params` instantiates the architecture on the ``meta`` device (which
+allocates no memory) and sums ``p.numel()`` over ``model.parameters()`` (tied weights once); the test
+suite checks that against ``published_params``.
+
+:func:`resolve_model` accepts, in this order:
+
+1. a catalog id or alias, case-insensitive; the part after ``/`` of a catalog id also works
+   (``"llama-2-7b-hf"``);
+2. a local directory containing ``config.json`` (or the path of a ``config.json`` file itself); the
+   kind is ``seq2seq`` when the config says ``is_encoder_decoder``, else ``causal_lm``;
+3. a dict, either
+   a. a full config dict with ``"model_type"`` (what ``config.json`` holds), or
+   b. an explicit *architecture object* describing a Llama-style decoder, built as a ``LlamaConfig``::
+
+        {"hidden_size": 4096, "num_hidden_layers": 32,      # required
+         "num_attention_heads": 32,      # default hidden_size // 128 (// 64 if that does not divide)
+         "num_key_value_heads": 8,       # default num_attention_heads (no GQA)
+         "intermediate_size": 14336,     # default Llama rule: 8/3 * hidden rounded up to 256
+         "vocab_size": 32000,            # default 32000
+         "max_position_embeddings": 4096,  # default 4096
+         "head_dim": 128,                # default hidden_size // num_attention_heads
+         "tie_word_embeddings": false,   # default false
+         "params_b": 7,                  # optional claimed size in billions; must be within 25% of the
+                                         # count computed from the shape, else an error
+         "name": "my-model"}             # optional display id
+
+4. any other string that looks like a Hub id: unless ``HF_HUB_OFFLINE=1`` its ``config.json`` is
+   fetched with transformers (no ``trust_remote_code``).
+
+Every failure raises :class:`advisor.errors.AdvisorInputError` on field ``model`` (or
+``model.<key>`` for a bad architecture field).
+
+Note on the T5 family under transformers 5: ``T5Config``/``MT5Config`` force
+``tie_word_embeddings=True``, but T5 v1.1-derived checkpoints (flan-t5, T0, mT0) ship a separate
+``lm_head`` (their ``config.json`` says ``"tie_word_embeddings": false``), which transformers keeps
+untied when it loads the weights.  :meth:`ResolvedModel.build_meta` mirrors that by giving the output
+embedding its own parameter when the raw config asked for untied embeddings but the config class
+ignored it.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import hashlib
+import json
+import math
+import os
+import re
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import pydantic
+
+from advisor.catalog.gpus import profiles_dir
+from advisor.errors import AdvisorInputError
+
+Kind = Literal["causal_lm", "seq2seq"]
+
+# Families whose position handling has no fixed table limit (relative attention / ALiBi).
+_NO_ABSOLUTE_POSITIONS = {"t5", "mt5", "umt5", "longt5", "switch_transformers", "bloom"}
+# Keys of config.json that describe the checkpoint, not the architecture; dropped before building.
+_NON_ARCH_KEYS = {"architectures", "torch_dtype", "dtype", "transformers_version", "auto_map", "_name_or_path"}
+_ARCH_OBJECT_KEYS = {
+    "params_b", "name", "id", "hidden_size", "num_hidden_layers", "num_attention_heads",
+    "num_key_value_heads", "intermediate_size", "vocab_size", "max_position_embeddings", "head_dim",
+    "tie_word_embeddings",
+}
+_HUB_ID_RE = re.compile(r"^[A-Za-z0-9][\w.\-]*(/[A-Za-z0-9][\w.\-]*)?$")
+
+
+class ModelEntry(pydantic.BaseModel):
+    """One ``profiles/models/<slug>.json`` file."""
+
+    model_config = pydantic.ConfigDict(extra="forbid", frozen=True)
+
+    id: str
+    aliases: list[str] = []
+    family: str
+    kind: Kind
+    published_params: int = pydantic.Field(gt=0)
+    published_params_exact: bool = True
+    published_params_source: str | None = None
+    license: str | None = None
+    source: str
+    notes: str | None = None
+    config: dict[str, Any]
+
+    @pydantic.field_validator("config")
+    @classmethod
+    def _has_model_type(cls, v: dict) -> dict:
+        if not isinstance(v.get("model_type"), str):
+            raise ValueError("config must contain a string 'model_type'")
+        return v
+
+    def keys(self) -> list[str]:
+        """Lookup keys (lowercased): id, aliases, and the id's part after '/'."""
+        names = [self.id, *self.aliases, self.id.rsplit("/", 1)[-1]]
+        return list(dict.fromkeys(_norm(n) for n in names))
+
+
+def _norm(ref: str) -> str:
+    return ref.strip().lower()
+
+
+def _mapping_names() -> tuple[dict, dict]:
+    from transformers.models.auto.modeling_auto import (
+        MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+        MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES,
+    )
+
+    return MODEL_FOR_CAUSAL_LM_MAPPING_NAMES, MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES
+
+
+# --------------------------------------------------------------------------------------- catalog
+
+
+@functools.lru_cache(maxsize=8)
+def _load(directory: str) -> tuple[tuple[ModelEntry, ...], dict[str, str]]:
+    files = sorted(Path(directory).glob("*.json"))
+    entries: list[ModelEntry] = []
+    for f in files:
+        try:
+            entries.append(ModelEntry.model_validate_json(f.read_text(encoding="utf-8")))
+        except pydantic.ValidationError as e:
+            raise ValueError(f"{f}: invalid model entry: {e}") from e
+    index: dict[str, str] = {}
+    for e in entries:
+        for key in e.keys():
+            other = index.setdefault(key, e.id)
+            if other != e.id:
+                raise ValueError(f"{directory}: model key {key!r} is claimed by both {other} and {e.id}")
+    return tuple(entries), index
+
+
+def _catalog() -> tuple[tuple[ModelEntry, ...], dict[str, str]]:
+    return _load(str(profiles_dir() / "models"))
+
+
+def load_models() -> list[ModelEntry]:
+    """All catalog entries (parsed once per directory and cached)."""
+    return list(_catalog()[0])
+
+
+def model_ids() -> list[str]:
+    return [e.id for e in _catalog()[0]]
+
+
+def find_model(ref: str) -> ModelEntry | None:
+    """Catalog lookup only; None if ``ref`` is not a catalog id/alias."""
+    entries, index = _catalog()
+    mid = index.get(_norm(ref))
+    return next((e for e in entries if e.id == mid), None) if mid else None
+
+
+def clear_cache() -> None:
+    """Forget parsed catalogs and computed parameter counts."""
+    _load.cache_clear()
+    _PARAM_CACHE.clear()
+
+
+# --------------------------------------------------------------------------------------- configs
+
+
+def config_from_dict(raw: dict, field_name: str = "model"):
+    """Build a ``PretrainedConfig`` from a config.json-style dict (needs ``model_type``)."""
+    import transformers
+    from transformers import CONFIG_MAPPING
+
+    d = {k: v for k, v in raw.items() if k not in _NON_ARCH_KEYS}
+    model_type = d.pop("model_type", None)
+    if not isinstance(model_type, str):
+        raise AdvisorInputError(field_name, "config has no 'model_type'")
+    if model_type not in CONFIG_MAPPING:
+        raise AdvisorInputError(
+            field_name,
+            f"model_type {model_type!r} is not supported by transformers {transformers.__version__} "
+            "(custom code models are not loaded)",
+        )
+    try:
+        return CONFIG_MAPPING[model_type].from_dict(d)
+    except Exception as e:  # transformers raises ValueError/TypeError/StrictDataclass errors
+        raise AdvisorInputError(field_name, f"invalid {model_type} config: {e}") from e
+
+
+def _infer_kind(config, field_name: str = "model") -> Kind:
+    causal, seq2seq = _mapping_names()
+    mt = config.model_type
+    if getattr(config, "is_encoder_decoder", False):
+        if mt not in seq2seq:
+            raise AdvisorInputError(
+                field_name, f"encoder-decoder model_type {mt!r} has no seq2seq LM head in transformers"
+            )
+        return "seq2seq"
+    if mt not in causal:
+        raise AdvisorInputError(
+            field_name,
+            f"model_type {mt!r} has no causal LM head in transformers "
+            "(only causal LMs and seq2seq models are supported)",
+        )
+    return "causal_lm"
+
+
+def _canonical_json(obj: Any) -> str:
+    return json.dumps(obj, sort_keys=True, default=str, separators=(",", ":"))
+
+
+def _short_hash(obj: Any) -> str:
+    return hashlib.sha256(_canonical_json(obj).encode()).hexdigest()[:10]
+
+
+# --------------------------------------------------------------------------------------- resolved
+
+_PARAM_CACHE: dict[str, int] = {}
+_PARAM_LOCK = threading.Lock()
+
+
+@dataclass(eq=False)
+class ResolvedModel:
+    """A model reference turned into a transformers config.
+
+    ``raw_config`` is the config dict as given (catalog file, config.json, dict); it is kept because
+    some config classes drop information (see the T5 note in the module docstring).
+    """
+
+    id: str
+    kind: Kind
+    config: Any  # transformers.PretrainedConfig
+    entry: ModelEntry | None = None
+    path: str | None = None
+    origin: Literal["catalog", "local", "dict", "hub"] = "catalog"
+    raw_config: dict | None = field(default=None, repr=False)
+    declared_params: int | None = None
+
+    # ---- building
+    def _untied_output_requested(self) -> bool:
+        return bool(
+            self.raw_config is not None
+            and self.raw_config.get("tie_word_embeddings") is False
+            and getattr(self.config, "tie_word_embeddings", False)
+        )
+
+    def build_meta(self):
+        """The model instantiated on the meta device (no memory); a fresh module each call."""
+        import torch
+        from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM
+
+        auto = AutoModelForSeq2SeqLM if self.kind == "seq2seq" else AutoModelForCausalLM
+        with torch.device("meta"):
+            model = auto.from_config(copy.deepcopy(self.config))
+            if self._untied_output_requested():
+                _untie_output_embeddings(model)
+        return model
+
+    def cache_key(self) -> str:
+        basis = self.raw_config if self.raw_config is not None else self.config.to_dict()
+        return hashlib.sha256(_canonical_json({"kind": self.kind, "config": basis}).encode()).hexdigest()
+
+    def num_params(self) -> int:
+        """Total parameter count (tied weights counted once); cached by config hash."""
+        key = self.cache_key()
+        n = _PARAM_CACHE.get(key)
+        if n is None:
+            model = self.build_meta()
+            n = sum(p.numel() for p in model.parameters())
+            with _PARAM_LOCK:
+                _PARAM_CACHE[key] = n
+        return n
+
+    # ---- shape summary
+    @property
+    def model_type(self) -> str:
+        return self.config.model_type
+
+    @property
+    def family(self) -> str:
+        return self.entry.family if self.entry else self.config.model_type
+
+    @property
+    def max_positions(self) -> int | None:
+        """Longest position the embedding table / rope setup is configured for; None when the family has
+        no absolute limit (T5 relative attention, BLOOM ALiBi)."""
+        if self.config.model_type in _NO_ABSOLUTE_POSITIONS:
+            return None
+        for attr in ("max_position_embeddings", "n_positions"):
+            v = getattr(self.config, attr, None)
+            if isinstance(v, int) and v > 0:
+                return v
+        return None
+
+    @property
+    def num_layers(self) -> int | None:
+        return getattr(self.config, "num_hidden_layers", None)
+
+    @property
+    def hidden_size(self) -> int | None:
+        return getattr(self.config, "hidden_size", None)
+
+    @property
+    def vocab_size(self) -> int | None:
+        return getattr(self.config, "vocab_size", None)
+
+    def to_public(self) -> dict:
+        n = self.num_params()
+        out = {
+            "id": self.id,
+            "origin": self.origin,
+            "path": self.path,
+            "family": self.family,
+            "kind": self.kind,
+            "model_type": self.model_type,
+            "params": n,
+            "params_b": round(n / 1e9, 3),
+            "layers": self.num_layers,
+            "hidden": self.hidden_size,
+            "vocab": self.vocab_size,
+            "max_positions": self.max_positions,
+        }
+        if self.kind == "seq2seq":
+            out["decoder_layers"] = getattr(self.config, "num_decoder_layers", self.num_layers)
+        if self.entry is not None:
+            out["published_params"] = self.entry.published_params
+            out["published_params_exact"] = self.entry.published_params_exact
+            out["license"] = self.entry.license
+            out["source"] = self.entry.source
+        if self.declared_params is not None:
+            out["declared_params"] = self.declared_params
+        return out
+
+
+def _untie_output_embeddings(model) -> None:
+    import torch
+    from torch import nn
+
+    out, inp = model.get_output_embeddings(), model.get_input_embeddings()
+    if out is None or inp is None or out.weight is not inp.weight:
+        return
+    name = next(n for n, m in model.named_modules() if m is out)
+    out.weight = nn.Parameter(torch.empty_like(out.weight), requires_grad=out.weight.requires_grad)
+    tied = getattr(model, "all_tied_weights_keys", None)
+    if isinstance(tied, dict):
+        tied.pop(f"{name}.weight", None)
+
+
+# --------------------------------------------------------------------------------------- resolve
+
+
+def resolve_model(ref: str | dict | os.PathLike | ResolvedModel) -> ResolvedModel:
+    """Turn a catalog id/alias, local directory, config dict, architecture object or Hub id into a
+    :class:`ResolvedModel` (see the module docstring for the accepted forms)."""
+    if isinstance(ref, ResolvedModel):
+        return ref
+    if isinstance(ref, dict):
+        return _resolve_dict(ref)
+    if isinstance(ref, os.PathLike):
+        ref = os.fspath(ref)
+    if not isinstance(ref, str) or not ref.strip():
+        raise AdvisorInputError(
+            "model", "expected a model id, a local directory with config.json, or an architecture object",
+            allowed=model_ids(),
+        )
+    ref = ref.strip()
+
+    entry = find_model(ref)
+    if entry is not None:
+        return _from_entry(entry)
+
+    p = Path(ref).expanduser()
+    if p.is_dir():
+        cfg_file = p / "config.json"
+        if not cfg_file.is_file():
+            raise AdvisorInputError("model", f"local directory {str(p)!r} has no config.json")
+        return _from_file(cfg_file, p)
+    if p.is_file():
+        if p.name.endswith(".json"):
+            return _from_file(p, p.parent)
+        raise AdvisorInputError("model", f"{str(p)!r} is a file, not a model directory or config.json")
+    if ref.startswith(("/", "./", "../", "~", ".\\")) or not _HUB_ID_RE.match(ref):
+        raise AdvisorInputError(
+            "model", f"unknown model {ref!r}: not in the catalog and no such local directory", allowed=model_ids()
+        )
+    return _from_hub(ref)
+
+
+def _from_entry(entry: ModelEntry) -> ResolvedModel:
+    # A fresh ResolvedModel (and config) per call, so callers may modify it; the expensive part,
+    # the parameter count, is cached by config hash.
+    config = config_from_dict(entry.config)
+    return ResolvedModel(id=entry.id, kind=entry.kind, config=config, entry=entry, origin="catalog",
+                         raw_config=entry.config)
+
+
+def _from_file(cfg_file: Path, directory: Path) -> ResolvedModel:
+    try:
+        raw = json.loads(cfg_file.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise AdvisorInputError("model", f"cannot read {str(cfg_file)!r}: {e}") from e
+    if not isinstance(raw, dict):
+        raise AdvisorInputError("model", f"{str(cfg_file)!r} does not hold a JSON object")
+    config = config_from_dict(raw)
+    kind = _infer_kind(config)
+    mid = raw.get("_name_or_path") or str(directory.resolve())
+    return ResolvedModel(id=str(mid), kind=kind, config=config, path=str(directory.resolve()), origin="local",
+                         raw_config=raw)
+
+
+def _from_hub(ref: str) -> ResolvedModel:
+    offline = os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in {"1", "true", "yes", "on"}
+    reason = "HF_HUB_OFFLINE=1"
+    raw = None
+    if not offline:
+        try:
+            from transformers import PretrainedConfig
+
+            raw, _ = PretrainedConfig.get_config_dict(ref)
+        except Exception as e:  # network errors, 404, gated repos, ...
+            reason = f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
+    if raw is None:
+        raise AdvisorInputError(
+            "model",
+            f"unknown model {ref!r}: not in the catalog, not a local directory with config.json, "
+            f"and the Hub could not be reached ({reason})",
+            allowed=model_ids(),
+        )
+    config = config_from_dict(raw)
+    return ResolvedModel(id=ref, kind=_infer_kind(config), config=config, origin="hub", raw_config=raw)
+
+
+def _resolve_dict(d: dict) -> ResolvedModel:
+    if "model_type" in d:
+        config = config_from_dict(d)
+        kind = _infer_kind(config)
+        mid = d.get("_name_or_path") or f"custom-{config.model_type}-{_short_hash(d)}"
+        return ResolvedModel(id=str(mid), kind=kind, config=config, origin="dict", raw_config=dict(d))
+    return _from_architecture(d)
+
+
+def _pos_int(d: dict, key: str, default: int | None = None) -> int:
+    v = d.get(key, default)
+    if v is None:
+        raise AdvisorInputError(
+            f"model.{key}",
+            f"architecture object needs {key!r} (required: hidden_size, num_hidden_layers); "
+            "or pass a catalog id, a local directory, or a full config dict with 'model_type'",
+        )
+    if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
+        raise AdvisorInputError(f"model.{key}", f"must be a positive integer, got {v!r}")
+    return v
+
+
+def _from_architecture(d: dict) -> ResolvedModel:
+    unknown = sorted(set(d) - _ARCH_OBJECT_KEYS)
+    if unknown:
+        raise AdvisorInputError(
+            f"model.{unknown[0]}",
+            f"unknown architecture field(s) {unknown}; give 'model_type' for a full config dict",
+            allowed=sorted(_ARCH_OBJECT_KEYS),
+        )
+    hidden = _pos_int(d, "hidden_size")
+    layers = _pos_int(d, "num_hidden_layers")
+    default_heads = hidden // 128 if hidden % 128 == 0 else max(1, hidden // 64)
+    heads = _pos_int(d, "num_attention_heads", default_heads)
+    kv = _pos_int(d, "num_key_value_heads", heads)
+    if heads % kv:
+        raise AdvisorInputError("model.num_key_value_heads", f"{kv} does not divide num_attention_heads={heads}")
+    if "head_dim" in d:
+        head_dim = _pos_int(d, "head_dim")
+    else:
+        if hidden % heads:
+            raise AdvisorInputError(
+                "model.num_attention_heads", f"{heads} does not divide hidden_size={hidden}; give head_dim"
+            )
+        head_dim = hidden // heads
+    inter = _pos_int(d, "intermediate_size", 256 * math.ceil(8 * hidden / 3 / 256))
+    vocab = _pos_int(d, "vocab_size", 32000)
+    max_pos = _pos_int(d, "max_position_embeddings", 4096)
+    tie = d.get("tie_word_embeddings", False)
+    if not isinstance(tie, bool):
+        raise AdvisorInputError("model.tie_word_embeddings", f"must be true or false, got {tie!r}")
+    raw = {
+        "model_type": "llama", "architectures": ["LlamaForCausalLM"], "hidden_size": hidden,
+        "num_hidden_layers": layers, "num_attention_heads": heads, "num_key_value_heads": kv,
+        "head_dim": head_dim, "intermediate_size": inter, "vocab_size": vocab,
+        "max_position_embeddings": max_pos, "tie_word_embeddings": tie, "hidden_act": "silu",
+        "rms_norm_eps": 1e-05, "rope_theta": 10000.0,
+    }
+    config = config_from_dict(raw)
+    name = d.get("name") or d.get("id") or f"custom-llama-{layers}x{hidden}"
+    declared = None
+    if d.get("params_b") is not None:
+        pb = d["params_b"]
+        if isinstance(pb, bool) or not isinstance(pb, (int, float)) or pb <= 0:
+            raise AdvisorInputError("model.params_b", f"must be a positive number (billions), got {pb!r}")
+        declared = int(round(pb * 1e9))
+    rm = ResolvedModel(id=str(name), kind="causal_lm", config=config, origin="dict", raw_config=raw,
+                       declared_params=declared)
+    if declared is not None:
+        n = rm.num_params()
+        if abs(n - declared) > 0.25 * declared:
+            raise AdvisorInputError(
+                "model.params_b",
+                f"params_b={d['params_b']} does not match the given shape, which has {n / 1e9:.2f}B parameters "
+                "as a Llama-style decoder (allowed difference 25%)",
+            )
+    return rm
+
+
+# --------------------------------------------------------------------------------------- table
+
+
+def model_table() -> list[dict]:
+    """One summary row per catalog model (computed parameter count)."""
+    rows = []
+    for e in load_models():
+        r = resolve_model(e.id)
+        rows.append({
+            "id": e.id,
+            "family": e.family,
+            "kind": e.kind,
+            "params": r.num_params(),
+            "params_b": round(r.num_params() / 1e9, 3),
+            "published_params": e.published_params,
+            "layers": r.num_layers,
+            "hidden": r.hidden_size,
+            "vocab": r.vocab_size,
+            "max_positions": r.max_positions,
+        })
+    return rows

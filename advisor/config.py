@@ -1,0 +1,117 @@
+"""The training configuration shape shared by recommendations, estimates and jobs (CONTRACT.md `config`).
+
+``{"method": ..., "peft": {...}, "quantization": {...} | null, "training": {...}}``
+
+`peft` holds the method's own knobs (validated by the method spec, which fills in its seed-derived defaults);
+`training` is validated here once, with messages that name the field and what is allowed.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from advisor.errors import AdvisorInputError
+
+OPTIMIZERS = (
+    "adamw_torch_fused",
+    "adamw_torch",
+    "adamw_8bit",
+    "paged_adamw_8bit",
+    "paged_adamw_32bit",
+    "sgd",
+    "adafactor",
+    "galore_adamw",
+    "galore_adamw_8bit",
+    "galore_adafactor",
+)
+ATTENTION = ("sdpa", "flash_attention_2", "eager")
+DTYPES = ("bfloat16", "float16", "float32")
+LR_SCHEDULERS = ("cosine", "linear", "constant", "constant_with_warmup")
+
+
+class TrainingConfig(BaseModel):
+    """Training arguments, named as in transformers' `TrainingArguments` where one exists."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    learning_rate: float = Field(2e-4, gt=0, le=1.0, description="Peak learning rate.")
+    num_train_epochs: float = Field(3, gt=0, le=1000)
+    per_device_train_batch_size: int = Field(4, ge=1, le=65536, description="Micro-batch per device.")
+    gradient_accumulation_steps: int = Field(4, ge=1, le=65536)
+    max_seq_length: int = Field(1024, ge=8, le=2_097_152, description="Tokens per example after truncation.")
+    warmup_ratio: float = Field(0.03, ge=0, lt=1)
+    weight_decay: float = Field(0.0, ge=0, le=1)
+    lr_scheduler_type: Literal["cosine", "linear", "constant", "constant_with_warmup"] = "cosine"
+    max_grad_norm: float = Field(1.0, ge=0)
+    gradient_checkpointing: bool = False
+    bf16: bool = Field(True, description="bfloat16 compute (autocast); weights follow `torch_dtype`.")
+    fp16: bool = Field(False, description="float16 compute with loss scaling (GPUs without bf16, e.g. T4).")
+    torch_dtype: Literal["bfloat16", "float16", "float32"] | None = Field(
+        None, description="dtype the base weights are loaded in; default: bfloat16 if bf16, float16 if fp16, else float32."
+    )
+    optim: str = Field("adamw_torch_fused", description=f"Optimizer; one of {', '.join(OPTIMIZERS)}.")
+    attn_implementation: Literal["sdpa", "flash_attention_2", "eager"] = "sdpa"
+    packing: bool = False
+    seed: int = 42
+    logging_steps: int = Field(10, ge=1)
+    save_steps: int = Field(200, ge=1)
+    eval_steps: int = Field(200, ge=1)
+
+    @field_validator("optim")
+    @classmethod
+    def _known_optimizer(cls, v: str) -> str:
+        if v not in OPTIMIZERS:
+            raise ValueError(f"unknown optimizer {v!r}; allowed: {', '.join(OPTIMIZERS)}")
+        return v
+
+    @model_validator(mode="after")
+    def _precision(self) -> TrainingConfig:
+        if self.bf16 and self.fp16:
+            raise ValueError("bf16 and fp16 cannot both be true; choose one")
+        if self.torch_dtype is None:
+            self.torch_dtype = "bfloat16" if self.bf16 else "float16" if self.fp16 else "float32"
+        return self
+
+    @property
+    def effective_batch_size(self) -> int:
+        return self.per_device_train_batch_size * self.gradient_accumulation_steps
+
+
+class QuantizationConfig(BaseModel):
+    """bitsandbytes 4-bit settings (QLoRA), named as in `transformers.BitsAndBytesConfig`."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    load_in_4bit: bool = True
+    bnb_4bit_quant_type: Literal["nf4", "fp4"] = "nf4"
+    bnb_4bit_use_double_quant: bool = True
+    bnb_4bit_compute_dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"
+
+
+class MethodConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    method: str
+    peft: dict[str, Any] = Field(default_factory=dict)
+    quantization: QuantizationConfig | None = None
+    training: TrainingConfig = Field(default_factory=TrainingConfig)
+
+
+def pydantic_to_input_error(err: ValidationError, prefix: str) -> AdvisorInputError:
+    """The first validation problem as an AdvisorInputError whose field is the dotted path."""
+    first = err.errors()[0]
+    loc = ".".join(str(p) for p in first["loc"])
+    field = f"{prefix}.{loc}" if loc else prefix
+    msg = first["msg"]
+    if first["type"] == "extra_forbidden":
+        msg = "unknown field"
+    return AdvisorInputError(field, msg)
+
+
+def parse_training(data: dict | None, prefix: str = "config.training") -> TrainingConfig:
+    try:
+        return TrainingConfig.model_validate(data or {})
+    except ValidationError as err:
+        raise pydantic_to_input_error(err, prefix) from None

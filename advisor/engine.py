@@ -1,0 +1,316 @@
+"""Load a base model, apply a method, make its optimizer, run one training step.
+
+The simulator (meta → fake tensors), the calibration probes (real tensors on the local device) and the
+executor all go through these functions, so what is estimated is what is trained.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from advisor.config import MethodConfig, TrainingConfig
+from advisor.methods import BuildContext, Prepared, get_method
+
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
+# --------------------------------------------------------------------------- 4-bit stand-in (simulation)
+class _Dequant4bitMatmul(torch.autograd.Function):
+    """Mirrors bitsandbytes' MatMul4Bit: dequantize to the compute dtype in forward and again in backward."""
+
+    @staticmethod
+    def forward(ctx, x, packed, shape, dtype):
+        ctx.shape, ctx.dtype = shape, dtype
+        w = torch.empty(shape, dtype=dtype, device=x.device)  # the dequantized weight, a temporary
+        ctx.save_for_backward(packed)
+        return torch.nn.functional.linear(x, w)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        w = torch.empty(ctx.shape, dtype=ctx.dtype, device=grad_out.device)
+        return torch.matmul(grad_out, w), None, None, None
+
+
+class SimLinear4bit(nn.Module):
+    """Same storage as a bitsandbytes NF4 `Linear4bit`: packed uint8 weight + block absmax (+ double quant)."""
+
+    def __init__(self, linear: nn.Linear, compute_dtype: torch.dtype, blocksize: int = 64, double_quant: bool = True):
+        super().__init__()
+        out_f, in_f = linear.weight.shape
+        n = out_f * in_f
+        dev = linear.weight.device
+        self.in_features, self.out_features = in_f, out_f
+        self.compute_dtype = compute_dtype
+        self.weight = nn.Parameter(torch.empty(((n + 1) // 2, 1), dtype=torch.uint8, device=dev), requires_grad=False)
+        self.weight.quant_shape = (out_f, in_f)
+        blocks = math.ceil(n / blocksize)
+        if double_quant:  # 8-bit absmax per block, fp32 absmax per 256 of those, two 256-entry code tables
+            self.register_buffer("absmax", torch.empty(blocks, dtype=torch.uint8, device=dev))
+            self.register_buffer("absmax2", torch.empty(math.ceil(blocks / 256), dtype=torch.float32, device=dev))
+            self.register_buffer("code", torch.empty(512, dtype=torch.float32, device=dev))
+        else:
+            self.register_buffer("absmax", torch.empty(blocks, dtype=torch.float32, device=dev))
+            self.register_buffer("code", torch.empty(16, dtype=torch.float32, device=dev))
+        self.bias = linear.bias
+
+    def forward(self, x):
+        inp_dtype = x.dtype
+        x = x.to(self.compute_dtype)
+        out = _Dequant4bitMatmul.apply(x, self.weight, (self.out_features, self.in_features), self.compute_dtype)
+        if self.bias is not None:
+            out = out + self.bias.to(self.compute_dtype)
+        return out.to(inp_dtype)
+
+
+def quantize_meta_4bit(model: nn.Module, compute_dtype: torch.dtype, double_quant: bool) -> int:
+    """Swap every Linear except the output head for the 4-bit stand-in (what bnb's loader quantizes)."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    swaps = []
+    for name, mod in model.named_modules():
+        for child_name, child in mod.named_children():
+            if isinstance(child, nn.Linear) and child is not head:
+                swaps.append((mod, child_name, child))
+    for parent, child_name, child in swaps:
+        setattr(parent, child_name, SimLinear4bit(child, compute_dtype, double_quant=double_quant))
+    model.is_loaded_in_4bit = True
+    return len(swaps)
+
+
+# --------------------------------------------------------------------------- loading
+def _auto_class(kind: str):
+    from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM
+
+    return AutoModelForSeq2SeqLM if kind == "seq2seq" else AutoModelForCausalLM
+
+
+def _attn(cfg: MethodConfig, on_meta: bool) -> str:
+    impl = cfg.training.attn_implementation
+    if on_meta and impl in ("sdpa", "flash_attention_2"):
+        from advisor.memory.simattn import register_sim_sdpa
+
+        return register_sim_sdpa()
+    if impl == "flash_attention_2" and not torch.cuda.is_available():
+        return "sdpa"
+    return impl
+
+
+def load_base_model(
+    resolved,
+    cfg: MethodConfig,
+    *,
+    on_meta: bool,
+    random_init: bool = False,
+    device: str | torch.device | None = None,
+) -> nn.Module:
+    """The base model for `cfg` on meta (simulation) or real tensors.
+
+    `resolved` is an `advisor.catalog.models.ResolvedModel`. Real loads read weights from its local path or
+    the Hub; `random_init=True` builds random weights from the config instead (probes, tests).
+    """
+    spec = get_method(cfg.method)
+    dtype = DTYPES[cfg.training.torch_dtype]
+    config = _copy_config(resolved.config)
+    auto = _auto_class(resolved.kind)
+    attn = _attn(cfg, on_meta)
+    if on_meta:
+        with torch.device("meta"), _default_dtype(dtype):
+            model = _from_config(auto, config, attn)
+            _untie_if_requested(resolved, model)
+        if spec.quantized:
+            q = cfg.quantization
+            quantize_meta_4bit(model, DTYPES[q.bnb_4bit_compute_dtype], q.bnb_4bit_use_double_quant)
+        return model
+    source = resolved.path or resolved.id
+    if spec.quantized:
+        from transformers import BitsAndBytesConfig
+
+        q = cfg.quantization
+        bnb = BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type=q.bnb_4bit_quant_type,
+            bnb_4bit_use_double_quant=q.bnb_4bit_use_double_quant,
+            bnb_4bit_compute_dtype=DTYPES[q.bnb_4bit_compute_dtype],
+        )
+        dev = str(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        return auto.from_pretrained(
+            source, quantization_config=bnb, dtype=dtype, device_map={"": dev}, attn_implementation=attn
+        )
+    if random_init:
+        with _default_dtype(dtype):
+            model = _from_config(auto, config, attn)
+            _untie_if_requested(resolved, model)
+    else:
+        model = auto.from_pretrained(source, dtype=dtype, attn_implementation=attn)
+    return model.to(device) if device is not None else model
+
+
+def _from_config(auto, config, attn: str) -> nn.Module:
+    """Build from a config in the default dtype (set by the caller), which overrides the config's own dtype.
+
+    Architectures without SDPA support fall back to eager attention.
+    """
+    dtype = torch.get_default_dtype()
+    try:
+        return auto.from_config(config, attn_implementation=attn, dtype=dtype)
+    except (ValueError, ImportError) as err:
+        if attn == "eager" or "attn" not in str(err).lower() and "attention" not in str(err).lower():
+            raise
+        return auto.from_config(config, attn_implementation="eager", dtype=dtype)
+
+
+def _untie_if_requested(resolved, model) -> None:
+    """T5 v1.1-style checkpoints keep a separate lm_head that transformers 5's config class would tie."""
+    requested = getattr(resolved, "_untied_output_requested", None)
+    if requested is not None and requested():
+        from advisor.catalog.models import _untie_output_embeddings
+
+        _untie_output_embeddings(model)
+
+
+def _copy_config(config):
+    import copy
+
+    c = copy.deepcopy(config)
+    c.use_cache = False
+    return c
+
+
+@contextlib.contextmanager
+def _default_dtype(dtype: torch.dtype):
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(old)
+
+
+def prepare(
+    model: nn.Module, resolved, cfg: MethodConfig, *, on_meta: bool, total_steps: int = 100
+) -> Prepared:
+    """Apply the method to a loaded base model; enable gradient checkpointing if the plan asks for it."""
+    spec = get_method(cfg.method)
+    ctx = BuildContext(
+        kind=resolved.kind,
+        model_type=resolved.config.model_type,
+        on_meta=on_meta,
+        training=cfg.training,
+        total_steps=total_steps,
+        quantization=cfg.quantization,
+    )
+    if resolved.kind not in spec.kinds:
+        from advisor.errors import AdvisorInputError
+
+        raise AdvisorInputError("method", f"{spec.id} does not apply to {resolved.kind} models", allowed=list(spec.kinds))
+    if cfg.training.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if not spec.full_weights:  # frozen embeddings: checkpointed blocks need an input that requires grad
+            model.enable_input_require_grads()
+    prepared = spec.build(model, dict(cfg.peft), ctx)
+    prepared.model.train()
+    return prepared
+
+
+# --------------------------------------------------------------------------- optimizer and step
+def make_optimizer(prepared: Prepared, training: TrainingConfig) -> torch.optim.Optimizer:
+    groups = prepared.optimizer_params or [{"params": prepared.trainable_parameters()}]
+    lr, wd = training.learning_rate, training.weight_decay
+    name = training.optim
+    if name.startswith("galore_"):
+        from galore_torch import GaLoreAdafactor, GaLoreAdamW, GaLoreAdamW8bit
+
+        cls = {"galore_adamw": GaLoreAdamW, "galore_adamw_8bit": GaLoreAdamW8bit, "galore_adafactor": GaLoreAdafactor}[name]
+        if cls is GaLoreAdafactor:
+            return cls(groups, lr=lr, weight_decay=wd, relative_step=False, scale_parameter=False)
+        return cls(groups, lr=lr, weight_decay=wd)
+    if name == "adamw_torch_fused":
+        return torch.optim.AdamW(groups, lr=lr, weight_decay=wd, fused=True)
+    if name == "adamw_torch":
+        return torch.optim.AdamW(groups, lr=lr, weight_decay=wd, foreach=True)
+    if name == "sgd":
+        return torch.optim.SGD(groups, lr=lr, weight_decay=wd, momentum=0.9)
+    if name == "adafactor":
+        from transformers.optimization import Adafactor
+
+        return Adafactor(groups, lr=lr, weight_decay=wd, relative_step=False, scale_parameter=False)
+    import bitsandbytes as bnb
+
+    cls = {"adamw_8bit": bnb.optim.AdamW8bit, "paged_adamw_8bit": bnb.optim.PagedAdamW8bit,
+           "paged_adamw_32bit": bnb.optim.PagedAdamW32bit}[name]
+    return cls(groups, lr=lr, weight_decay=wd)
+
+
+def autocast_context(training: TrainingConfig, device_type: str):
+    if training.bf16 and training.torch_dtype != "bfloat16" or training.fp16 and training.torch_dtype != "float16":
+        return torch.autocast(device_type, dtype=torch.bfloat16 if training.bf16 else torch.float16)
+    return contextlib.nullcontext()
+
+
+@dataclass
+class StepResult:
+    loss: float | None
+
+
+def train_step(
+    prepared: Prepared,
+    optimizer: torch.optim.Optimizer,
+    batch: dict[str, torch.Tensor],
+    training: TrainingConfig,
+    step: int,
+    counter=None,
+    compute_loss_value: bool = True,
+) -> StepResult:
+    """forward → backward → optimizer step → method hook → zero_grad, phases tagged for the counter.
+
+    Autocast is used only when the weights are stored in a wider dtype than the compute dtype (mixed precision);
+    weights loaded in bf16/fp16 compute in that dtype directly, as transformers' Trainer does.
+    """
+    phase = counter.phase if counter is not None else (lambda _name: contextlib.nullcontext())
+    device_type = next(iter(batch.values())).device.type
+    with phase("forward"), autocast_context(training, device_type):
+        out = prepared.model(**batch, **prepared.forward_kwargs)
+        loss = out.loss
+        extra = prepared.extra_loss() if prepared.extra_loss else None
+        if extra is not None:
+            loss = loss + extra
+        del out
+    with phase("backward"):
+        loss.backward()
+    with phase("optimizer"):
+        if training.max_grad_norm:
+            torch.nn.utils.clip_grad_norm_(prepared.trainable_parameters(), training.max_grad_norm)
+        optimizer.step()
+        if prepared.after_optimizer_step is not None:
+            prepared.after_optimizer_step(step)
+        optimizer.zero_grad(set_to_none=True)
+    value = float(loss.detach()) if compute_loss_value and not _is_fake(loss) and loss.device.type != "meta" else None
+    return StepResult(loss=value)
+
+
+def _is_fake(t: torch.Tensor) -> bool:
+    from torch._subclasses.fake_tensor import FakeTensor
+
+    return isinstance(t, FakeTensor) or t.device.type == "meta"
+
+
+def make_batch(
+    kind: str, batch_size: int, seq_len: int, vocab_size: int, *, device="cpu", generator=None, fake=False
+) -> dict[str, torch.Tensor]:
+    """A training batch of the given shape: random ids (real) or empty tensors (fake/meta)."""
+    shape = (batch_size, seq_len)
+    if fake:
+        ids = torch.empty(shape, dtype=torch.long, device=device)
+        labels = torch.empty(shape, dtype=torch.long, device=device)
+    else:
+        ids = torch.randint(4, vocab_size, shape, generator=generator, device=device)
+        labels = ids.clone()
+    batch: dict[str, Any] = {"input_ids": ids, "labels": labels}
+    if kind == "seq2seq":
+        batch["labels"] = labels
+    return batch

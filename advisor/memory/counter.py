@@ -1,0 +1,311 @@
+"""Exact live-bytes accounting of a training step.
+
+`LiveBytes` is a `TorchDispatchMode` that sees every tensor an ATen op returns, tracks each distinct
+storage once through a weak reference (its bytes leave the count when the storage is freed), and keeps
+the running total and its peak per category. It works unchanged on real, fake and meta tensors, which is
+what makes the simulator (fake tensors) and a real run directly comparable.
+
+Categories (the breakdown users see):
+
+* ``weights``      frozen parameters and buffers
+* ``trainable``    parameters with ``requires_grad``
+* ``gradients``    ``.grad`` of trainable parameters (reclassified when accumulated)
+* ``optimizer``    optimizer state (exp_avg, exp_avg_sq, GaLore projectors ...)
+* ``activations``  tensors created in the forward pass up to the output head
+* ``logits``       tensors created in the forward pass from the output head on (logits, fp32 upcast, loss)
+* ``temporaries``  tensors created in backward or by the optimizer step that are not state
+* ``inputs``       the batch
+
+Storages created before the counter started and never registered are not counted; register the model,
+the optimizer and the batch so the totals are complete.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import weakref
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_map_only
+from torch.utils.weak import WeakIdKeyDictionary
+
+CATEGORIES = (
+    "weights",
+    "trainable",
+    "gradients",
+    "optimizer",
+    "activations",
+    "logits",
+    "temporaries",
+    "inputs",
+)
+PHASES = ("setup", "forward", "backward", "optimizer")
+
+_PHASE_DEFAULT_CATEGORY = {
+    "setup": "temporaries",
+    "forward": "activations",
+    "backward": "temporaries",
+    "optimizer": "temporaries",
+}
+
+
+def _storages(t: torch.Tensor) -> list[torch.UntypedStorage]:
+    try:
+        return [t.untyped_storage()]
+    except (RuntimeError, NotImplementedError):  # sparse or opaque tensors own no plain storage
+        return []
+
+
+@dataclass
+class _Entry:
+    nbytes: int
+    category: str
+
+
+@dataclass
+class PhasePeak:
+    """The highest total reached within one phase, with the breakdown at that moment."""
+
+    peak_bytes: int = 0
+    breakdown: dict[str, int] = field(default_factory=dict)
+
+
+@dataclass
+class MemoryReport:
+    peak_bytes: int
+    peak_phase: str
+    breakdown_at_peak: dict[str, int]
+    phases: dict[str, PhasePeak]
+    end_bytes: int
+    cuda: dict[str, int] | None = None
+
+    def to_dict(self) -> dict:
+        return {
+            "peak_bytes": self.peak_bytes,
+            "peak_gib": self.peak_bytes / 2**30,
+            "peak_phase": self.peak_phase,
+            "breakdown_at_peak_bytes": dict(self.breakdown_at_peak),
+            "phases": {
+                name: {"peak_bytes": p.peak_bytes, "breakdown_bytes": dict(p.breakdown)}
+                for name, p in self.phases.items()
+            },
+            "end_bytes": self.end_bytes,
+            "cuda": self.cuda,
+        }
+
+
+class LiveBytes(TorchDispatchMode):
+    """Counts live tensor storage bytes, with a per-category breakdown and per-phase peaks.
+
+    Usage::
+
+        counter = LiveBytes()
+        counter.register_model(model); counter.register_batch(batch)
+        with counter:
+            with counter.phase("forward"):  loss = model(**batch).loss
+            with counter.phase("backward"): loss.backward()
+            with counter.phase("optimizer"): opt.step(); opt.zero_grad()
+        report = counter.report()
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._entries: WeakIdKeyDictionary = WeakIdKeyDictionary()
+        self._refs: list[weakref.ref] = []
+        self._current: dict[str, int] = dict.fromkeys(CATEGORIES, 0)
+        self._total = 0
+        self._peak = 0
+        self._peak_phase = "setup"
+        self._peak_breakdown: dict[str, int] = dict(self._current)
+        self._phase = "setup"
+        self._phase_peaks: dict[str, PhasePeak] = {}
+        self._in_head = 0
+        self._past_head = False
+        self._hook_handles: list = []
+        self._optimizers: list[torch.optim.Optimizer] = []
+
+    # ------------------------------------------------------------------ bookkeeping
+    def _on_free(self, entry: _Entry, _ref: weakref.ref) -> None:
+        self._current[entry.category] -= entry.nbytes
+        self._total -= entry.nbytes
+
+    def _track(self, t: torch.Tensor, category: str) -> None:
+        for st in _storages(t):
+            entry = self._entries.get(st)
+            if entry is not None:
+                nbytes = st.nbytes()
+                if nbytes != entry.nbytes:  # resized in place
+                    self._current[entry.category] += nbytes - entry.nbytes
+                    self._total += nbytes - entry.nbytes
+                    entry.nbytes = nbytes
+                continue
+            entry = _Entry(st.nbytes(), category)
+            self._entries[st] = entry
+            self._refs.append(weakref.ref(st, lambda ref, e=entry: self._on_free(e, ref)))
+            self._current[category] += entry.nbytes
+            self._total += entry.nbytes
+        self._update_peak()
+
+    def _reclassify(self, t: torch.Tensor | None, category: str) -> None:
+        if t is None:
+            return
+        for st in _storages(t):
+            entry = self._entries.get(st)
+            if entry is None:
+                self._track(t, category)
+                return
+            if entry.category != category:
+                self._current[entry.category] -= entry.nbytes
+                self._current[category] += entry.nbytes
+                entry.category = category
+
+    def _update_peak(self) -> None:
+        pp = self._phase_peaks.setdefault(self._phase, PhasePeak())
+        if self._total > pp.peak_bytes:
+            pp.peak_bytes = self._total
+            pp.breakdown = {k: v for k, v in self._current.items() if v}
+        if self._total > self._peak:
+            self._peak = self._total
+            self._peak_phase = self._phase
+            self._peak_breakdown = {k: v for k, v in self._current.items() if v}
+
+    # ------------------------------------------------------------------ registration
+    def register(self, tensors: Iterable[torch.Tensor], category: str) -> None:
+        if category not in CATEGORIES:
+            raise ValueError(f"category must be one of {CATEGORIES}, got {category!r}")
+        for t in tensors:
+            if isinstance(t, torch.Tensor):
+                self._track(t, category)
+
+    def register_model(self, model: torch.nn.Module) -> None:
+        """Count the model's parameters and buffers; tag the output head so logits are separated."""
+        for p in model.parameters():
+            self._track(p, "trainable" if p.requires_grad else "weights")
+            if p.requires_grad:
+                self._hook_handles.append(
+                    p.register_post_accumulate_grad_hook(lambda q: self._reclassify(q.grad, "gradients"))
+                )
+        for b in model.buffers():
+            self._track(b, "weights")
+        head = _output_head(model)
+        if head is not None:
+            self._hook_handles.append(head.register_forward_pre_hook(self._enter_head))
+            self._hook_handles.append(head.register_forward_hook(self._leave_head))
+
+    def register_batch(self, batch: dict) -> None:
+        self.register([v for v in batch.values() if isinstance(v, torch.Tensor)], "inputs")
+
+    def register_optimizer(self, optimizer: torch.optim.Optimizer) -> None:
+        """State tensors are reclassified as ``optimizer`` after each step (they are created inside it)."""
+        self._optimizers.append(optimizer)
+
+    def _enter_head(self, *_args) -> None:
+        if self._phase == "forward":
+            self._in_head += 1
+            self._past_head = True
+
+    def _leave_head(self, *_args) -> None:
+        if self._phase == "forward":
+            self._in_head -= 1
+
+    def _classify_optimizer_state(self) -> None:
+        for opt in self._optimizers:
+            for state in opt.state.values():
+                for v in state.values() if isinstance(state, dict) else ():
+                    if isinstance(v, torch.Tensor):
+                        self._reclassify(v, "optimizer")
+                    elif hasattr(v, "ortho_matrix"):  # GaLore projector objects
+                        m = v.ortho_matrix
+                        for t in m if isinstance(m, (list, tuple)) else [m]:
+                            if isinstance(t, torch.Tensor):
+                                self._reclassify(t, "optimizer")
+
+    # ------------------------------------------------------------------ phases
+    @contextlib.contextmanager
+    def phase(self, name: str) -> Iterator[None]:
+        if name not in PHASES:
+            raise ValueError(f"phase must be one of {PHASES}, got {name!r}")
+        previous, self._phase = self._phase, name
+        self._past_head = False
+        try:
+            yield
+        finally:
+            if name == "optimizer":
+                self._classify_optimizer_state()
+            if name == "backward":
+                for opt in self._optimizers:
+                    for group in opt.param_groups:
+                        for p in group["params"]:
+                            self._reclassify(p.grad, "gradients")
+            self._phase = previous
+            self._past_head = False
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        category = _PHASE_DEFAULT_CATEGORY[self._phase]
+        if self._phase == "forward" and self._past_head:
+            category = "logits"
+        tree_map_only(torch.Tensor, lambda t: self._track(t, category), out)
+        return out
+
+    # ------------------------------------------------------------------ results
+    @property
+    def current_bytes(self) -> int:
+        return self._total
+
+    @property
+    def peak_bytes(self) -> int:
+        return self._peak
+
+    def current_breakdown(self) -> dict[str, int]:
+        return {k: v for k, v in self._current.items() if v}
+
+    def reset_peak(self) -> None:
+        """Start a new peak window from the current live total (e.g. after a warm-up step)."""
+        self._peak = self._total
+        self._peak_phase = self._phase
+        self._peak_breakdown = self.current_breakdown()
+        self._phase_peaks = {}
+
+    def report(self) -> MemoryReport:
+        return MemoryReport(
+            peak_bytes=self._peak,
+            peak_phase=self._peak_phase,
+            breakdown_at_peak=dict(self._peak_breakdown),
+            phases=dict(self._phase_peaks),
+            end_bytes=self._total,
+        )
+
+    def close(self) -> None:
+        for h in self._hook_handles:
+            h.remove()
+        self._hook_handles.clear()
+
+
+def _output_head(model: torch.nn.Module) -> torch.nn.Module | None:
+    getter = getattr(model, "get_output_embeddings", None)
+    try:
+        head = getter() if getter else None
+    except (AttributeError, NotImplementedError):
+        head = None
+    return head if isinstance(head, torch.nn.Module) else None
+
+
+def cuda_memory_stats(device: int | None = None) -> dict[str, int] | None:
+    """Allocator statistics to store next to the counter's figures on CUDA; None elsewhere."""
+    if not torch.cuda.is_available():
+        return None
+    free, total = torch.cuda.mem_get_info(device)
+    return {
+        "max_allocated_bytes": torch.cuda.max_memory_allocated(device),
+        "max_reserved_bytes": torch.cuda.max_memory_reserved(device),
+        "allocated_bytes": torch.cuda.memory_allocated(device),
+        "reserved_bytes": torch.cuda.memory_reserved(device),
+        "device_used_bytes": total - free,
+        "device_total_bytes": total,
+        # what the process holds beyond the caching allocator: CUDA context, cuBLAS/cuDNN workspaces
+        "context_bytes": max(0, (total - free) - torch.cuda.memory_reserved(device)),
+    }

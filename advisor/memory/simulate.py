@@ -1,0 +1,254 @@
+"""Exact memory of a training step without the hardware, and the same measurement on a real run.
+
+`simulate_in_process` builds the real architecture and the real method on the meta device, turns every
+tensor into a fake CPU tensor, runs training steps under `LiveBytes`, and reports the peak a device would
+see. `measure_real` runs the identical steps on real tensors. The two agree to the byte on CPU (tested),
+which is what lets the simulation stand in for hardware we do not have.
+
+`simulate` runs the simulation in a subprocess (a fake-tensor mistake can abort a process) and caches the
+result on disk, keyed by the request and the library versions.
+
+GPU-side differences are explicit: the optimizer mirrors CUDA's default (fused AdamW; `adamw_torch` is
+foreach), attention uses the SDPA path a real run takes when there is no padding (flash / memory-efficient
+on CUDA, which save the same output and log-sum-exp), 4-bit layers use a stand-in with bitsandbytes' bytes,
+and the CUDA context and allocator overhead are not counted here (the calibration profile adds them).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from advisor.config import MethodConfig
+from advisor.engine import train_step
+from advisor.memory.counter import LiveBytes, cuda_memory_stats
+
+SIM_VERSION = 1
+
+
+def _versions() -> dict[str, str]:
+    import peft
+    import transformers
+
+    return {"torch": torch.__version__, "transformers": transformers.__version__, "peft": peft.__version__,
+            "advisor_sim": str(SIM_VERSION)}
+
+
+def _measure(prepared, optimizer, batch, training, steps: int, register_extra=None) -> dict:
+    counter = LiveBytes()
+    counter.register_model(prepared.model)
+    counter.register_batch(batch)
+    counter.register_optimizer(optimizer)
+    if register_extra:
+        register_extra(counter)
+    best = {"peak": -1}
+    per_step = []
+    with counter:
+        for step in range(steps):
+            start = time.perf_counter()
+            counter.reset_peak()
+            res = train_step(prepared, optimizer, batch, training, step, counter=counter)
+            rep = counter.report()
+            per_step.append({"peak_bytes": rep.peak_bytes, "peak_phase": rep.peak_phase, "loss": res.loss,
+                             "seconds": time.perf_counter() - start})
+            if rep.peak_bytes > best["peak"]:
+                best = {"peak": rep.peak_bytes, "peak_phase": rep.peak_phase, "breakdown": rep.breakdown_at_peak,
+                        "phases": {k: {"peak_bytes": v.peak_bytes, "breakdown_bytes": v.breakdown} for k, v in rep.phases.items()}}
+    counter.close()
+    return {
+        "peak_bytes": best["peak"],
+        "peak_gib": best["peak"] / 2**30,
+        "peak_phase": best["peak_phase"],
+        "breakdown_bytes": best["breakdown"],
+        "phases": best["phases"],
+        "steps": per_step,
+        "end_bytes": counter.current_bytes,
+    }
+
+
+def _quant_state_tensors(model) -> list[torch.Tensor]:
+    """bitsandbytes keeps absmax/code tensors on a QuantState, outside parameters and buffers."""
+    out = []
+    for mod in model.modules():
+        qs = getattr(getattr(mod, "weight", None), "quant_state", None)
+        if qs is None:
+            continue
+        for t in (qs.absmax, qs.code, getattr(qs, "offset", None)):
+            if isinstance(t, torch.Tensor):
+                out.append(t)
+        if getattr(qs, "state2", None) is not None:
+            out += [t for t in (qs.state2.absmax, qs.state2.code) if isinstance(t, torch.Tensor)]
+    return out
+
+
+def _to_fake(prepared) -> None:
+    """Turn the meta model into fake CPU tensors (inside an active FakeTensorMode).
+
+    `Module._apply` may create new Parameter objects, so method-made optimizer groups (GaLore) are re-pointed
+    by parameter name, and weights tied before the conversion are tied again after it.
+    """
+    model = prepared.model
+    names = {}
+    for n, p in model.named_parameters(remove_duplicate=False):
+        names.setdefault(id(p), []).append(n)
+    groups = None
+    if prepared.optimizer_params:
+        groups = [[names[id(p)][0] for p in g["params"]] for g in prepared.optimizer_params]
+    tied = [ns for ns in names.values() if len(ns) > 1]
+    model._apply(lambda t: torch.empty(t.shape, dtype=t.dtype, device="cpu"))
+    for ns in tied:
+        first = model.get_parameter(ns[0])
+        for other in ns[1:]:
+            owner, _, leaf = other.rpartition(".")
+            setattr(model.get_submodule(owner) if owner else model, leaf, first)
+    if groups is not None:
+        params = dict(model.named_parameters(remove_duplicate=False))
+        prepared.optimizer_params = [
+            {**g, "params": [params[n] for n in group_names]} for g, group_names in zip(prepared.optimizer_params, groups)
+        ]
+
+
+def simulate_in_process(resolved, cfg: MethodConfig, batch_size: int, seq_len: int, steps: int = 2,
+                        total_steps: int = 100) -> dict:
+    """Fake-tensor simulation of `steps` training steps; returns the peak and its breakdown (bytes)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from advisor.engine import load_base_model, make_batch, make_optimizer, prepare
+
+    t0 = time.perf_counter()
+    model = load_base_model(resolved, cfg, on_meta=True)
+    prepared = prepare(model, resolved, cfg, on_meta=True, total_steps=total_steps)
+    trainable, total = prepared.param_counts()
+    # constants kept outside parameters/buffers (PEFT's virtual-token indices) are few bytes: let them in
+    fake_mode = FakeTensorMode(allow_non_fake_inputs=True)
+    with fake_mode:
+        _to_fake(prepared)
+        optimizer = make_optimizer(prepared, cfg.training)
+        vocab = _vocab_size(resolved.config)
+        batch = make_batch(resolved.kind, batch_size, seq_len, vocab, fake=True)
+        result = _measure(prepared, optimizer, batch, cfg.training, steps)
+    result.update(trainable_params=trainable, total_params=total, seconds=time.perf_counter() - t0,
+                  mode="simulated", device="fake-cpu", notes=prepared.notes)
+    return result
+
+
+def measure_real(resolved, cfg: MethodConfig, batch_size: int, seq_len: int, steps: int = 2,
+                 total_steps: int = 100, device: str | None = None, seed: int = 0) -> dict:
+    """The same steps on real tensors (random init), measured by the same counter (+ CUDA allocator stats)."""
+    from advisor.engine import load_base_model, make_batch, make_optimizer, prepare
+
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    torch.manual_seed(seed)
+    t0 = time.perf_counter()
+    model = load_base_model(resolved, cfg, on_meta=False, random_init=resolved.path is None, device=device)
+    prepared = prepare(model, resolved, cfg, on_meta=False, total_steps=total_steps)
+    trainable, total = prepared.param_counts()
+    optimizer = make_optimizer(prepared, cfg.training)
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    batch = {k: v.to(device) for k, v in make_batch(resolved.kind, batch_size, seq_len, _vocab_size(resolved.config), generator=gen).items()}
+    if device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
+    result = _measure(prepared, optimizer, batch, cfg.training, steps,
+                      register_extra=lambda c: c.register(_quant_state_tensors(prepared.model), "weights"))
+    result.update(trainable_params=trainable, total_params=total, seconds=time.perf_counter() - t0,
+                  mode="measured", device=device, cuda=cuda_memory_stats() if device.startswith("cuda") else None,
+                  notes=prepared.notes)
+    return result
+
+
+def _vocab_size(config) -> int:
+    return int(getattr(config, "vocab_size", None) or config.get_text_config().vocab_size)
+
+
+# --------------------------------------------------------------------------- subprocess + cache
+def _request_payload(resolved, cfg: MethodConfig, batch_size: int, seq_len: int, steps: int, total_steps: int) -> dict:
+    return {
+        "model": {"id": resolved.id, "kind": resolved.kind,
+                  "config": resolved.raw_config if resolved.raw_config is not None else resolved.config.to_dict()},
+        "config": cfg.model_dump(mode="json"),
+        "batch_size": batch_size,
+        "seq_len": seq_len,
+        "steps": steps,
+        "total_steps": total_steps,
+    }
+
+
+def cache_dir() -> Path:
+    from advisor.settings import get_settings
+
+    path = get_settings().cache_dir / "simulations"
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def cache_key(payload: dict) -> str:
+    keyed = {k: v for k, v in payload.items()}
+    keyed["model"] = {k: v for k, v in payload["model"].items() if k != "id"}
+    keyed["model"]["config"] = {k: v for k, v in keyed["model"]["config"].items()
+                                if k not in ("_name_or_path", "transformers_version", "architectures")}
+    blob = json.dumps({"request": keyed, "versions": _versions()}, sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:32]
+
+
+def simulate(resolved, cfg: MethodConfig, batch_size: int, seq_len: int, steps: int = 2, total_steps: int = 100,
+             use_cache: bool = True, timeout_s: float = 900) -> dict:
+    """Simulate in a subprocess, with an on-disk cache. Raises RuntimeError with the child's error text."""
+    payload = _request_payload(resolved, cfg, batch_size, seq_len, steps, total_steps)
+    key = cache_key(payload)
+    path = cache_dir() / f"{key}.json"
+    if use_cache and path.exists():
+        try:
+            result = json.loads(path.read_text())
+            result["cached"] = True
+            return result
+        except (OSError, json.JSONDecodeError):
+            path.unlink(missing_ok=True)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "advisor.memory.simulate"],
+        input=json.dumps(payload), capture_output=True, text=True, timeout=timeout_s, env=env,
+    )
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
+    if proc.returncode != 0 or not lines:
+        tail = (proc.stderr or proc.stdout).strip().splitlines()[-5:]
+        raise RuntimeError(f"simulation failed (exit {proc.returncode}): " + " | ".join(tail))
+    result = json.loads(lines[-1])
+    if "error" in result:
+        raise RuntimeError(result["error"])
+    result["model_id"] = resolved.id
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(result))
+    tmp.replace(path)
+    result["cached"] = False
+    return result
+
+
+def _child_main() -> None:
+    import warnings
+
+    warnings.filterwarnings("ignore")
+    payload = json.loads(sys.stdin.read())
+    try:
+        from advisor.catalog.models import resolve_model
+
+        m = payload["model"]
+        resolved = resolve_model(m["config"])
+        resolved.id, resolved.kind = m["id"], m["kind"]
+        cfg = MethodConfig.model_validate(payload["config"])
+        result = simulate_in_process(resolved, cfg, payload["batch_size"], payload["seq_len"], payload["steps"],
+                                     payload["total_steps"])
+    except Exception as err:  # reported to the parent as data, not a traceback on stdout
+        result = {"error": f"{type(err).__name__}: {err}"}
+    print(json.dumps(result, default=str), flush=True)
+
+
+if __name__ == "__main__":
+    _child_main()

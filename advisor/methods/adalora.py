@@ -1,0 +1,76 @@
+"""AdaLoRA through PEFT: SVD-shaped LoRA whose rank budget is reallocated during training.
+
+`update_and_allocate(step)` must run after every optimizer step (before zero_grad); transformers' Trainer does
+not call it, so `Prepared.after_optimizer_step` carries it into every training loop we run.
+"""
+
+from peft import AdaLoraConfig, get_peft_model
+
+from advisor.methods._targets import resolve_targets
+from advisor.methods.base import MethodSpec, Prepared, peft_task_type, register_method
+
+
+def schedule(peft: dict, total_steps: int) -> tuple[int, int, list[str]]:
+    """tinit/tfinal that leave a budgeting phase; PEFT refuses tinit + tfinal >= total_step."""
+    tinit, tfinal = int(peft["tinit"]), int(peft["tfinal"])
+    notes = []
+    if tinit + tfinal >= total_steps:
+        tinit, tfinal = max(0, total_steps // 10), max(1, total_steps // 5)
+        if tinit + tfinal >= total_steps:
+            tinit, tfinal = 0, max(0, total_steps - 2)
+        notes.append(
+            f"AdaLoRA schedule scaled to {total_steps} steps: tinit={tinit}, tfinal={tfinal} "
+            f"(requested {peft['tinit']}/{peft['tfinal']} leaves no budgeting phase)"
+        )
+    return tinit, tfinal, notes
+
+
+def build(model, peft, ctx):
+    total = max(int(ctx.total_steps), 3)
+    tinit, tfinal, notes = schedule(peft, total)
+    targets = resolve_targets(model, peft["target_modules"], ctx.model_type, "config.peft.target_modules")
+    cfg = AdaLoraConfig(
+        task_type="SEQ_2_SEQ_LM" if ctx.kind == "seq2seq" else "CAUSAL_LM",
+        init_r=int(peft["init_r"]),
+        target_r=int(peft["target_r"]),
+        tinit=tinit,
+        tfinal=tfinal,
+        deltaT=int(peft["deltaT"]),
+        beta1=peft["beta1"],
+        beta2=peft["beta2"],
+        orth_reg_weight=peft["orth_reg_weight"],
+        lora_alpha=peft["lora_alpha"],
+        lora_dropout=peft["lora_dropout"],
+        target_modules=targets,
+        total_step=total,
+    )
+    model = get_peft_model(model, cfg)
+
+    def after_optimizer_step(step: int) -> None:
+        model.base_model.update_and_allocate(step)
+
+    return Prepared(model=model, method="adalora", peft=peft, after_optimizer_step=after_optimizer_step, notes=notes)
+
+
+SPEC = register_method(
+    MethodSpec(
+        id="adalora",
+        name="AdaLoRA",
+        summary="LoRA with importance-based rank allocation across layers under a total budget.",
+        build=build,
+        knobs={
+            "init_r": 12,
+            "target_r": 8,
+            "tinit": 200,
+            "tfinal": 1000,
+            "deltaT": 10,
+            "beta1": 0.85,
+            "beta2": 0.85,
+            "orth_reg_weight": 0.5,
+            "lora_alpha": 32,
+            "lora_dropout": 0.05,
+            "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"],
+        },
+        paper="Zhang et al. 2023, AdaLoRA: Adaptive Budget Allocation for Parameter-Efficient Fine-Tuning, arXiv:2303.10512",
+    )
+)

@@ -1,0 +1,76 @@
+"""LoRA through PEFT: frozen base, trainable low-rank A·B beside the target linear layers."""
+
+from peft import LoraConfig, get_peft_model
+
+from advisor.methods._targets import resolve_targets
+from advisor.methods.base import MethodSpec, Prepared, linear_module_names, peft_task_type, register_method
+
+LORA_KNOBS = {
+    "r": 16,
+    "lora_alpha": 32,
+    "lora_dropout": 0.05,
+    "target_modules": ["q_proj", "v_proj"],
+    "bias": "none",
+    "use_rslora": False,
+    "use_dora": False,
+}
+
+
+def lora_config(model, peft, ctx, **extra) -> LoraConfig:
+    targets = resolve_targets(model, peft["target_modules"], ctx.model_type, "config.peft.target_modules")
+    standin = _sim_4bit_class(model)
+    if standin is not None and targets == "all-linear":
+        targets = linear_module_names(model)  # PEFT's expansion knows only real bnb layers
+    cfg = LoraConfig(
+        task_type=peft_task_type(ctx),
+        r=int(peft["r"]),
+        lora_alpha=peft["lora_alpha"],
+        lora_dropout=peft["lora_dropout"],
+        target_modules=targets,
+        bias=peft.get("bias", "none"),
+        use_rslora=peft.get("use_rslora", False),
+        use_dora=peft.get("use_dora", False),
+        **extra,
+    )
+    if standin is not None:  # simulate with PEFT's own 4-bit LoRA layer around the stand-in
+        from peft.tuners.lora.bnb import Linear4bit as LoraLinear4bit
+
+        cfg._register_custom_module({standin: LoraLinear4bit})
+    return cfg
+
+
+def _sim_4bit_class(model):
+    for mod in model.modules():
+        if type(mod).__name__ == "SimLinear4bit":
+            return type(mod)
+    return None
+
+
+def validate_lora(peft, ctx):
+    from advisor.errors import AdvisorInputError
+
+    if not isinstance(peft["r"], int) or not 1 <= peft["r"] <= 4096:
+        raise AdvisorInputError("config.peft.r", f"rank must be an integer in 1..4096, got {peft['r']!r}")
+    if not 0 <= float(peft["lora_dropout"]) < 1:
+        raise AdvisorInputError("config.peft.lora_dropout", "must be in [0, 1)")
+    if peft.get("bias", "none") not in ("none", "all", "lora_only"):
+        raise AdvisorInputError("config.peft.bias", "unknown bias mode", allowed=["none", "all", "lora_only"])
+
+
+def build(model, peft, ctx):
+    validate_lora(peft, ctx)
+    model = get_peft_model(model, lora_config(model, peft, ctx))
+    return Prepared(model=model, method="lora", peft=peft)
+
+
+SPEC = register_method(
+    MethodSpec(
+        id="lora",
+        name="LoRA",
+        summary="Frozen base weights with trainable low-rank updates on chosen linear layers.",
+        build=build,
+        knobs=LORA_KNOBS,
+        paper="Hu et al. 2021, LoRA: Low-Rank Adaptation of Large Language Models, arXiv:2106.09685",
+        validate=validate_lora,
+    )
+)

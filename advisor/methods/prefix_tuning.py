@@ -1,0 +1,36 @@
+"""Prefix tuning through PEFT: trainable key/value prefixes in every attention layer."""
+
+from peft import PrefixTuningConfig, get_peft_model
+
+from advisor.errors import AdvisorInputError
+from advisor.methods.base import MethodSpec, Prepared, peft_task_type, register_method
+from advisor.methods.prompt_tuning import validate
+
+
+def build(model, peft, ctx):
+    validate(peft, ctx)
+    if ctx.training.gradient_checkpointing:
+        raise AdvisorInputError(
+            "config.training.gradient_checkpointing",
+            "prefix_tuning does not work with gradient checkpointing (PEFT refuses it); set it to false",
+        )
+    cfg = PrefixTuningConfig(
+        task_type=peft_task_type(ctx),
+        num_virtual_tokens=peft["num_virtual_tokens"],
+        prefix_projection=bool(peft["prefix_projection"]),
+    )
+    return Prepared(model=get_peft_model(model, cfg), method="prefix_tuning", peft=peft)
+
+
+SPEC = register_method(
+    MethodSpec(
+        id="prefix_tuning",
+        name="Prefix tuning",
+        summary="Learn key/value prefixes for every layer's attention; good for generation tasks.",
+        build=build,
+        knobs={"num_virtual_tokens": 20, "prefix_projection": False},
+        mergeable=False,
+        paper="Li & Liang 2021, Prefix-Tuning: Optimizing Continuous Prompts for Generation, arXiv:2101.00190",
+        validate=validate,
+    )
+)

@@ -1,0 +1,34 @@
+"""Prompt tuning through PEFT: trainable soft-prompt embeddings prepended to the input."""
+
+from peft import PromptTuningConfig, PromptTuningInit, get_peft_model
+
+from advisor.errors import AdvisorInputError
+from advisor.methods.base import MethodSpec, Prepared, peft_task_type, register_method
+
+
+def validate(peft, ctx):
+    n = peft["num_virtual_tokens"]
+    if not isinstance(n, int) or not 1 <= n <= 1024:
+        raise AdvisorInputError("config.peft.num_virtual_tokens", f"must be an integer in 1..1024, got {n!r}")
+
+
+def build(model, peft, ctx):
+    validate(peft, ctx)
+    cfg = PromptTuningConfig(
+        task_type=peft_task_type(ctx), num_virtual_tokens=peft["num_virtual_tokens"], prompt_tuning_init=PromptTuningInit.RANDOM
+    )
+    return Prepared(model=get_peft_model(model, cfg), method="prompt_tuning", peft=peft)
+
+
+SPEC = register_method(
+    MethodSpec(
+        id="prompt_tuning",
+        name="Prompt tuning",
+        summary="Learn a few virtual token embeddings in front of every input; tiny adapters, best on large models.",
+        build=build,
+        knobs={"num_virtual_tokens": 20},
+        mergeable=False,
+        paper="Lester et al. 2021, The Power of Scale for Parameter-Efficient Prompt Tuning, arXiv:2104.08691",
+        validate=validate,
+    )
+)

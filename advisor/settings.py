@@ -1,0 +1,34 @@
+"""Settings in one place: environment variables (prefix ADVISOR_) or a `.env` file."""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="ADVISOR_", env_file=".env", extra="ignore")
+
+    data_root: Path = Field(Path("./var"), description="The only tree datasets, uploads and job outputs may live in.")
+    db_url: str | None = Field(None, description="SQLAlchemy URL; default a SQLite file under the data root.")
+    api_token: str | None = Field(None, description="When set, mutating endpoints need 'Authorization: Bearer <token>'.")
+    profile: Path | None = Field(None, description="Calibration profile to use instead of the best match for the device.")
+    cache_dir_override: Path | None = Field(None, alias="ADVISOR_CACHE_DIR")
+    host: str = "127.0.0.1"
+    port: int = 8000
+
+    @property
+    def cache_dir(self) -> Path:
+        return (self.cache_dir_override or self.data_root / "cache").resolve()
+
+    @property
+    def database_url(self) -> str:
+        return self.db_url or f"sqlite:///{(self.data_root / 'advisor.db').resolve()}"
+
+
+@functools.lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    return Settings()

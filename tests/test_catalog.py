@@ -1,0 +1,307 @@
+"""Hardware and model catalogs: data integrity, name resolution, and parameter counts on meta."""
+
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+
+import pytest
+
+from advisor.catalog import gpus as gpu_cat
+from advisor.catalog import models as model_cat
+from advisor.catalog.gpus import GPU, gpu_table, load_gpus, normalize_gpu_name, resolve_gpu
+from advisor.catalog.models import ResolvedModel, load_models, model_table, resolve_model
+from advisor.errors import AdvisorInputError
+
+# ----------------------------------------------------------------------------------------- GPUs
+
+REQUIRED_GPUS = {
+    "rtx-3060", "rtx-3080", "rtx-3090", "rtx-4080", "rtx-4090", "rtx-5090", "a10g", "l4", "t4",
+    "rtx-a5000", "rtx-a6000", "rtx-6000-ada", "l40s", "v100-16gb", "v100-32gb", "a100-40gb",
+    "a100-80gb", "h100-sxm", "h100-pcie", "h200", "b200", "mi300x", "apple-m2-max-96gb",
+    "apple-m3-max-128gb",
+}
+
+
+def test_gpu_catalog_has_required_entries():
+    gpus = load_gpus()
+    ids = [g.id for g in gpus]
+    assert len(gpus) >= 24
+    assert len(ids) == len(set(ids))
+    assert REQUIRED_GPUS <= set(ids)
+
+
+def test_every_gpu_name_resolves_to_its_own_entry():
+    for gpu in load_gpus():
+        for name in gpu.names():
+            assert resolve_gpu(name).id == gpu.id, name
+            assert resolve_gpu(name.upper()).id == gpu.id, name
+
+
+def test_no_two_gpus_share_a_normalized_name():
+    owners: dict[str, set[str]] = defaultdict(set)
+    for gpu in load_gpus():
+        for name in gpu.names():
+            owners[normalize_gpu_name(name)].add(gpu.id)
+    clashes = {k: v for k, v in owners.items() if len(v) > 1}
+    assert not clashes
+
+
+@pytest.mark.parametrize(
+    "name, gpu_id",
+    [
+        ("4090", "rtx-4090"), ("rtx-4090", "rtx-4090"), ("RTX 4090", "rtx-4090"), ("RTX4090", "rtx-4090"),
+        ("NVIDIA GeForce RTX 4090", "rtx-4090"), ("geforce_rtx_4090", "rtx-4090"),
+        ("A100-80GB", "a100-80gb"), ("a100 80gb", "a100-80gb"), ("NVIDIA A100-SXM4-80GB", "a100-80gb"),
+        ("a100-40gb", "a100-40gb"), ("h100", "h100-sxm"), ("H100", "h100-sxm"),
+        ("NVIDIA H100 80GB HBM3", "h100-sxm"), ("h100 pcie", "h100-pcie"), ("Tesla T4", "t4"),
+        ("t4", "t4"), ("a6000", "rtx-a6000"), ("L40S", "l40s"), ("mi300x", "mi300x"),
+        ("m3 max", "apple-m3-max-128gb"), ("v100", "v100-16gb"),
+    ],
+)
+def test_common_gpu_names(name, gpu_id):
+    assert resolve_gpu(name).id == gpu_id
+
+
+@pytest.mark.parametrize("name", ["gtx 1080", "", "h1000", "nvidia"])
+def test_unknown_gpu_is_an_input_error(name):
+    with pytest.raises(AdvisorInputError) as info:
+        resolve_gpu(name)
+    err = info.value
+    assert err.field == "hardware.gpu"
+    assert err.allowed == [g.id for g in load_gpus()]
+    assert "unknown GPU" in str(err)
+
+
+def test_gpu_fields_are_consistent():
+    reserve = {"datacenter": 0.5, "workstation": 0.75, "consumer": 1.0}
+    for g in load_gpus():
+        assert 0 < g.usable_memory_gib < g.memory_gib
+        if g.tier == "unified-memory":
+            assert g.usable_memory_gib == pytest.approx(g.memory_gib * 0.75, abs=0.01)
+        else:
+            assert g.usable_memory_gib == pytest.approx(g.memory_gib - reserve[g.tier], abs=0.01)
+        assert g.fp32_tflops <= g.fp16_tflops or g.vendor == "apple"
+        if g.usd_per_hour is not None:
+            assert g.price_date and g.price_source
+    by_id = {g.id: g for g in load_gpus()}
+    for gid in ("t4", "v100-16gb", "v100-32gb"):
+        assert by_id[gid].bf16_supported is False and by_id[gid].bf16_tflops is None
+    assert by_id["rtx-4090"].bf16_tflops == 165.2  # FP32-accumulate dense, not the 330.3 FP16-acc figure
+    assert by_id["h100-sxm"].bf16_tflops == pytest.approx(989.4)
+
+
+def test_gpu_table_rows():
+    rows = gpu_table()
+    assert len(rows) == len(load_gpus())
+    assert {"id", "name", "memory_gib", "usable_memory_gib", "bf16_tflops", "usd_per_hour"} <= set(rows[0])
+    GPU.model_validate(rows[0])
+
+
+def test_profiles_dir_override(tmp_path, monkeypatch):
+    (tmp_path / "gpus.yaml").write_text(
+        "gpus:\n"
+        "  - {id: toy, name: Toy GPU, aliases: [toy1], vendor: nvidia, architecture: Ampere, tier: datacenter,\n"
+        "     memory_gib: 8.0, memory_basis: estimated, usable_memory_gib: 7.5, bf16_tflops: 10, fp16_tflops: 10,\n"
+        "     fp32_tflops: 5, memory_bandwidth_gbs: 100, bf16_supported: true, source: test}\n"
+    )
+    monkeypatch.setenv(gpu_cat.PROFILES_ENV, str(tmp_path))
+    assert [g.id for g in load_gpus()] == ["toy"]
+    assert resolve_gpu("TOY-1").id == "toy"
+    monkeypatch.delenv(gpu_cat.PROFILES_ENV)
+    assert len(load_gpus()) >= 24
+
+
+# --------------------------------------------------------------------------------------- models
+
+REQUIRED_MODELS = {
+    "meta-llama/Llama-2-7b-hf", "meta-llama/Llama-2-13b-hf", "meta-llama/Llama-2-70b-hf",
+    "meta-llama/Meta-Llama-3-8B", "meta-llama/Meta-Llama-3-70B", "meta-llama/Llama-3.1-8B",
+    "meta-llama/Llama-3.1-70B", "meta-llama/Llama-3.1-405B", "meta-llama/Llama-3.2-1B",
+    "meta-llama/Llama-3.2-3B", "mistralai/Mistral-7B-v0.1", "mistralai/Mixtral-8x7B-v0.1",
+    "Qwen/Qwen2.5-0.5B", "Qwen/Qwen2.5-1.5B", "Qwen/Qwen2.5-3B", "Qwen/Qwen2.5-7B", "Qwen/Qwen2.5-14B",
+    "Qwen/Qwen2.5-32B", "Qwen/Qwen2.5-72B", "microsoft/phi-1_5", "microsoft/phi-2",
+    "microsoft/Phi-3-mini-4k-instruct", "google/gemma-2b", "google/gemma-7b", "google/gemma-2-9b",
+    "google/gemma-2-27b", "TinyLlama/TinyLlama-1.1B-intermediate-step-1431k-3T", "openai-community/gpt2",
+    "tiiuae/falcon-7b", "stabilityai/stablelm-base-alpha-3b", "stabilityai/stablelm-3b-4e1t",
+    "google-t5/t5-base", "google/flan-t5-base", "google/flan-t5-large", "google/flan-t5-xl",
+    "bigscience/T0_3B", "bigscience/mt0-xxl", "bigscience/bloomz-7b1",
+}
+
+
+def test_model_catalog_has_required_entries():
+    ids = [m.id for m in load_models()]
+    assert len(ids) == len(set(ids))
+    assert REQUIRED_MODELS <= set(ids)
+
+
+def test_model_keys_are_unambiguous():
+    owners: dict[str, set[str]] = defaultdict(set)
+    for m in load_models():
+        for key in m.keys():
+            owners[key].add(m.id)
+    assert not {k: v for k, v in owners.items() if len(v) > 1}
+    for m in load_models():
+        for key in m.keys():
+            assert model_cat.find_model(key).id == m.id
+
+
+@pytest.mark.parametrize("model_id", sorted(m.id for m in load_models()))
+def test_computed_params_match_published(model_id):
+    resolved = resolve_model(model_id)
+    entry = resolved.entry
+    assert entry is not None and resolved.origin == "catalog"
+    assert resolved.kind == entry.kind
+    assert resolved.config.model_type == entry.config["model_type"]
+    n = resolved.num_params()
+    if entry.published_params_exact:
+        assert n == entry.published_params
+    else:
+        assert abs(n - entry.published_params) <= 0.01 * entry.published_params
+
+
+def test_catalog_resolution_forms():
+    for ref in ("meta-llama/Llama-2-7b-hf", "META-LLAMA/llama-2-7b-HF", "llama-2-7b-hf", "Llama-2-7B", "llama2-7b"):
+        assert resolve_model(ref).id == "meta-llama/Llama-2-7b-hf"
+    assert resolve_model("gpt2").id == "openai-community/gpt2"
+    assert resolve_model("  flan-t5-base ").kind == "seq2seq"
+
+
+def test_t5_lm_head_tying_follows_the_checkpoint():
+    # t5-base ties lm_head to the shared embedding; flan-t5 (T5 v1.1) ships a separate lm_head.
+    t5 = resolve_model("t5-base").build_meta()
+    assert t5.lm_head.weight is t5.shared.weight
+    flan = resolve_model("flan-t5-base").build_meta()
+    assert flan.lm_head.weight is not flan.shared.weight
+    assert flan.encoder.embed_tokens.weight is flan.shared.weight
+    assert all(p.device.type == "meta" for p in flan.parameters())
+
+
+def test_max_positions():
+    assert resolve_model("llama-2-7b").max_positions == 4096
+    assert resolve_model("gpt2").max_positions == 1024
+    assert resolve_model("llama-3.1-8b").max_positions == 131072
+    assert resolve_model("t5-base").max_positions is None
+    assert resolve_model("bloomz-7b1").max_positions is None
+
+
+def test_model_table_and_public_dict():
+    rows = model_table()
+    assert len(rows) == len(load_models())
+    row = next(r for r in rows if r["id"] == "meta-llama/Llama-2-7b-hf")
+    assert row["params"] == 6738415616 and row["layers"] == 32 and row["hidden"] == 4096
+    assert row["vocab"] == 32000 and row["max_positions"] == 4096 and row["kind"] == "causal_lm"
+    pub = resolve_model("flan-t5-xl").to_public()
+    assert pub["kind"] == "seq2seq" and pub["layers"] == 24 and pub["decoder_layers"] == 24
+    assert pub["params"] == 2849757184 and pub["max_positions"] is None
+    json.dumps(pub)
+
+
+def _tiny_llama_config():
+    from transformers import LlamaConfig
+
+    return LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                       num_key_value_heads=2, vocab_size=1000, max_position_embeddings=256)
+
+
+def _llama_params(h, inter, layers, heads, kv, vocab, tie=False):
+    head_dim = h // heads
+    attn = h * heads * head_dim * 2 + h * kv * head_dim * 2
+    mlp = 3 * h * inter
+    return vocab * h * (1 if tie else 2) + layers * (attn + mlp + 2 * h) + h
+
+
+def test_local_directory_with_config(tmp_path):
+    _tiny_llama_config().save_pretrained(tmp_path)
+    r = resolve_model(str(tmp_path))
+    assert r.origin == "local" and r.path == str(tmp_path.resolve()) and r.entry is None
+    assert r.kind == "causal_lm" and r.max_positions == 256
+    assert r.num_params() == _llama_params(64, 128, 2, 4, 2, 1000)
+    # the config.json file itself works too
+    assert resolve_model(str(tmp_path / "config.json")).num_params() == r.num_params()
+
+
+def test_local_seq2seq_directory(tmp_path):
+    from transformers import T5Config
+
+    T5Config(d_model=32, d_ff=64, num_layers=2, num_heads=2, d_kv=16, vocab_size=100).save_pretrained(tmp_path)
+    r = resolve_model(tmp_path)
+    assert r.kind == "seq2seq" and r.max_positions is None
+    assert r.num_params() > 0
+
+
+def test_directory_without_config_json(tmp_path):
+    with pytest.raises(AdvisorInputError) as info:
+        resolve_model(str(tmp_path))
+    assert info.value.field == "model"
+    assert "config.json" in str(info.value)
+
+
+def test_architecture_dict():
+    r = resolve_model({"params_b": 7, "hidden_size": 4096, "num_hidden_layers": 32})
+    assert r.origin == "dict" and r.kind == "causal_lm" and r.config.model_type == "llama"
+    # Llama defaults (32 heads, 11008 = 8/3*4096 rounded up to 256, vocab 32000) reproduce Llama-2-7B
+    assert r.num_params() == 6738415616
+    assert r.declared_params == 7_000_000_000
+    gqa = resolve_model({"name": "gqa", "hidden_size": 4096, "num_hidden_layers": 32, "num_attention_heads": 32,
+                         "num_key_value_heads": 8, "intermediate_size": 14336, "vocab_size": 128256})
+    assert gqa.id == "gqa" and gqa.num_params() == 8030261248  # Llama-3-8B shape
+    assert gqa.to_public()["params"] == 8030261248
+
+
+@pytest.mark.parametrize(
+    "ref, field",
+    [
+        ({"params_b": 7}, "model.hidden_size"),
+        ({"hidden_size": 4096}, "model.num_hidden_layers"),
+        ({"hidden_size": 4096, "num_hidden_layers": 32, "params_b": 70}, "model.params_b"),
+        ({"hidden_size": 4096, "num_hidden_layers": -1}, "model.num_hidden_layers"),
+        ({"hidden_size": 4096, "num_hidden_layers": 2, "n_layer": 3}, "model.n_layer"),
+        ({"hidden_size": 4096, "num_hidden_layers": 2, "num_attention_heads": 32, "num_key_value_heads": 5},
+         "model.num_key_value_heads"),
+        ({"model_type": "no-such-architecture"}, "model"),
+    ],
+)
+def test_bad_architecture_dict(ref, field):
+    with pytest.raises(AdvisorInputError) as info:
+        resolve_model(ref)
+    assert info.value.field == field
+
+
+def test_full_config_dict():
+    entry = model_cat.find_model("gpt2")
+    r = resolve_model(dict(entry.config))
+    assert r.origin == "dict" and r.kind == "causal_lm" and r.entry is None
+    assert r.num_params() == entry.published_params
+    cfg = _tiny_llama_config().to_dict()
+    assert resolve_model(cfg).num_params() == _llama_params(64, 128, 2, 4, 2, 1000)
+
+
+def test_encoder_only_model_is_rejected():
+    with pytest.raises(AdvisorInputError) as info:
+        resolve_model({"model_type": "distilbert", "dim": 64, "n_layers": 2,
+                       "n_heads": 2, "hidden_dim": 128})
+    assert info.value.field == "model" and "causal LM" in str(info.value)
+
+
+def test_unknown_hub_id_offline(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(AdvisorInputError) as info:
+        resolve_model("some-org/definitely-not-a-real-model-xyz")
+    err = info.value
+    assert err.field == "model"
+    assert "unknown model" in str(err) and "HF_HUB_OFFLINE" in str(err)
+    assert "meta-llama/Llama-2-7b-hf" in err.allowed
+
+
+def test_missing_local_path_is_an_input_error(tmp_path):
+    with pytest.raises(AdvisorInputError) as info:
+        resolve_model(str(tmp_path / "nope" / "deeper"))
+    assert info.value.field == "model"
+
+
+def test_param_count_cache_and_fresh_objects():
+    a, b = resolve_model("llama-2-7b"), resolve_model("llama-2-7b")
+    assert a is not b and a.cache_key() == b.cache_key()
+    assert a.num_params() == b.num_params()
+    assert isinstance(a, ResolvedModel)
