@@ -22,19 +22,35 @@ DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch
 
 # --------------------------------------------------------------------------- 4-bit stand-in (simulation)
 class _Dequant4bitMatmul(torch.autograd.Function):
-    """Mirrors bitsandbytes' MatMul4Bit: dequantize to the compute dtype in forward and again in backward."""
+    """Mirrors bitsandbytes' MatMul4Bit with its default kernel: in forward and again in backward, the block
+    scales are dequantized to fp32 (double quantization), then the weight to the compute dtype, then one matmul."""
 
     @staticmethod
-    def forward(ctx, x, packed, shape, dtype):
+    def forward(ctx, x, packed, absmax, shape, dtype):
         ctx.shape, ctx.dtype = shape, dtype
-        w = torch.empty(shape, dtype=dtype, device=x.device)  # the dequantized weight, a temporary
-        ctx.save_for_backward(packed)
-        return torch.nn.functional.linear(x, w)
+        ctx.save_for_backward(packed, absmax)
+        scales = _dequant_scales(absmax)
+        w = torch.empty(shape, dtype=dtype, device=x.device)
+        out = torch.nn.functional.linear(x, w)
+        del scales, w
+        return out
 
     @staticmethod
     def backward(ctx, grad_out):
+        _packed, absmax = ctx.saved_tensors
+        scales = _dequant_scales(absmax)
         w = torch.empty(ctx.shape, dtype=ctx.dtype, device=grad_out.device)
-        return torch.matmul(grad_out, w), None, None, None
+        grad = torch.matmul(grad_out, w)
+        del scales, w
+        return grad, None, None, None, None
+
+
+def _dequant_scales(absmax: torch.Tensor) -> torch.Tensor | None:
+    """8-bit block scales → fp32 (dequantize_blockwise, then + offset: two fp32 buffers, the first freed)."""
+    if absmax.dtype != torch.uint8:
+        return None
+    tmp = torch.empty(absmax.shape, dtype=torch.float32, device=absmax.device)
+    return tmp + 0.0
 
 
 class SimLinear4bit(nn.Module):
@@ -62,7 +78,7 @@ class SimLinear4bit(nn.Module):
     def forward(self, x):
         inp_dtype = x.dtype
         x = x.to(self.compute_dtype)
-        out = _Dequant4bitMatmul.apply(x, self.weight, (self.out_features, self.in_features), self.compute_dtype)
+        out = _Dequant4bitMatmul.apply(x, self.weight, self.absmax, (self.out_features, self.in_features), self.compute_dtype)
         if self.bias is not None:
             out = out + self.bias.to(self.compute_dtype)
         return out.to(inp_dtype)

@@ -111,8 +111,11 @@ class LiveBytes(TorchDispatchMode):
         report = counter.report()
     """
 
-    def __init__(self) -> None:
+    def __init__(self, see_inside: dict | None = None) -> None:
+        """`see_inside` maps an op name ("ns::op") to its Python kernel, run under the counter so that the
+        temporaries it allocates internally are counted (a custom op is otherwise opaque to a dispatch mode)."""
         super().__init__()
+        self._see_inside = see_inside or {}
         self._entries: WeakIdKeyDictionary = WeakIdKeyDictionary()
         self._refs: list[weakref.ref] = []
         self._current: dict[str, int] = dict.fromkeys(CATEGORIES, 0)
@@ -199,8 +202,9 @@ class LiveBytes(TorchDispatchMode):
         self.register([v for v in batch.values() if isinstance(v, torch.Tensor)], "inputs")
 
     def register_optimizer(self, optimizer: torch.optim.Optimizer) -> None:
-        """State tensors are reclassified as ``optimizer`` after each step (they are created inside it)."""
+        """Count existing state now; state created inside a step is reclassified as ``optimizer`` after it."""
         self._optimizers.append(optimizer)
+        self._classify_optimizer_state()
 
     def _enter_head(self, *_args) -> None:
         if self._phase == "forward":
@@ -244,6 +248,10 @@ class LiveBytes(TorchDispatchMode):
             self._past_head = False
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kernel = self._see_inside.get(func._schema.name) if self._see_inside else None
+        if kernel is not None:
+            with self:
+                return kernel(*args, **(kwargs or {}))
         out = func(*args, **(kwargs or {}))
         category = _PHASE_DEFAULT_CATEGORY[self._phase]
         if self._phase == "forward" and self._past_head:

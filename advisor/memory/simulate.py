@@ -42,8 +42,8 @@ def _versions() -> dict[str, str]:
             "advisor_sim": str(SIM_VERSION)}
 
 
-def _measure(prepared, optimizer, batch, training, steps: int, register_extra=None) -> dict:
-    counter = LiveBytes()
+def _measure(prepared, optimizer, batch, training, steps: int, register_extra=None, see_inside=None) -> dict:
+    counter = LiveBytes(see_inside=see_inside)
     counter.register_model(prepared.model)
     counter.register_batch(batch)
     counter.register_optimizer(optimizer)
@@ -157,11 +157,22 @@ def measure_real(resolved, cfg: MethodConfig, batch_size: int, seq_len: int, ste
     if device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
     result = _measure(prepared, optimizer, batch, cfg.training, steps,
-                      register_extra=lambda c: c.register(_quant_state_tensors(prepared.model), "weights"))
+                      register_extra=lambda c: c.register(_quant_state_tensors(prepared.model), "weights"),
+                      see_inside=_bnb_kernels(device) if cfg.quantization is not None else None)
     result.update(trainable_params=trainable, total_params=total, seconds=time.perf_counter() - t0,
                   mode="measured", device=device, cuda=cuda_memory_stats() if device.startswith("cuda") else None,
                   notes=prepared.notes)
     return result
+
+
+def _bnb_kernels(device: str) -> dict | None:
+    """On CPU, bitsandbytes' 4-bit matmul is a custom op whose default kernel dequantizes internally; run that
+    kernel (bitsandbytes' own code) under the counter so its temporaries are measured, as a GPU's allocator would."""
+    if not device.startswith("cpu"):
+        return None
+    from bitsandbytes.backends.default.ops import _gemm_4bit_default_impl
+
+    return {"bitsandbytes::gemm_4bit": _gemm_4bit_default_impl}
 
 
 def _vocab_size(config) -> int:
@@ -222,6 +233,10 @@ def simulate(resolved, cfg: MethodConfig, batch_size: int, seq_len: int, steps: 
         raise RuntimeError(f"simulation failed (exit {proc.returncode}): " + " | ".join(tail))
     result = json.loads(lines[-1])
     if "error" in result:
+        if result.get("field"):
+            from advisor.errors import AdvisorInputError
+
+            raise AdvisorInputError(result["field"], result["error"].split(": ", 2)[-1])
         raise RuntimeError(result["error"])
     result["model_id"] = resolved.id
     tmp = path.with_suffix(".tmp")
@@ -246,7 +261,7 @@ def _child_main() -> None:
         result = simulate_in_process(resolved, cfg, payload["batch_size"], payload["seq_len"], payload["steps"],
                                      payload["total_steps"])
     except Exception as err:  # reported to the parent as data, not a traceback on stdout
-        result = {"error": f"{type(err).__name__}: {err}"}
+        result = {"error": f"{type(err).__name__}: {err}", "field": getattr(err, "field", None)}
     print(json.dumps(result, default=str), flush=True)
 
 

@@ -13,7 +13,7 @@ PROJ_TYPES = ("std", "reverse_std", "right", "left", "full")
 
 
 def galore_param_groups(model, peft):
-    pattern = re.compile("|".join(f"(?:{p})" for p in peft["target_modules"]))
+    pattern = re.compile("|".join(f"(?:{p})" for p in peft["target_modules"]), re.IGNORECASE)
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     head_ids = {id(p) for p in head.parameters()} if head is not None else set()
     low_rank, rest = [], []
@@ -58,7 +58,7 @@ SPEC = register_method(
         name="GaLore",
         summary="Train all weights with gradients projected to a low-rank subspace; full-FT quality, far less optimizer memory.",
         build=build,
-        knobs={"rank": 128, "update_proj_gap": 200, "scale": 0.25, "proj_type": "std", "target_modules": ["attn", "mlp"]},
+        knobs={"rank": 128, "update_proj_gap": 200, "scale": 0.25, "proj_type": "std", "target_modules": ["attn", "attention", "mlp", "DenseReluDense"]},
         full_weights=True,
         requires=("galore-torch optimizer",),
         paper="Zhao et al. 2024, GaLore: Memory-Efficient LLM Training by Gradient Low-Rank Projection, arXiv:2403.03507",

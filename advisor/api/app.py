@@ -1,0 +1,38 @@
+"""FastAPI application: thin routes over the core; the core never imports FastAPI."""
+
+from __future__ import annotations
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+
+from advisor import __version__
+from advisor.errors import AdvisorInputError
+
+
+def create_app() -> FastAPI:
+    from advisor.api.routes import catalog, estimate
+
+    app = FastAPI(
+        title="Fine-tuning advisor",
+        version=__version__,
+        description="Which fine-tuning method, what config, how much memory, time and money.",
+    )
+
+    @app.exception_handler(AdvisorInputError)
+    async def _input_error(_request: Request, err: AdvisorInputError):
+        return JSONResponse(status_code=422, content={"detail": err.message, "field": err.field, "allowed": err.allowed})
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(_request: Request, err: RequestValidationError):
+        first = err.errors()[0] if err.errors() else {"loc": ("body",), "msg": "invalid request"}
+        loc = ".".join(str(p) for p in first["loc"] if p != "body") or "body"
+        return JSONResponse(status_code=422, content={"detail": f"{loc}: {first['msg']}", "field": loc, "allowed": None})
+
+    @app.get("/healthz", tags=["service"])
+    def healthz() -> dict:
+        return {"status": "ok", "version": __version__}
+
+    app.include_router(catalog.router)
+    app.include_router(estimate.router)
+    return app

@@ -1,0 +1,216 @@
+"""The `advisor` command line (Typer + rich). Bad input exits with code 2 and names the field."""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from advisor.errors import AdvisorInputError
+
+app = typer.Typer(no_args_is_help=True, add_completion=False, help="The fine-tuning advisor.")
+console = Console()
+err_console = Console(stderr=True)
+
+
+def _guard(fn):
+    """Turn AdvisorInputError into exit code 2 with the message on stderr."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except AdvisorInputError as err:
+            err_console.print(f"[bold red]error:[/] {err.message}", markup=True, highlight=False)
+            raise typer.Exit(code=2) from None
+
+    return wrapper
+
+
+def _print_json(data: Any) -> None:
+    sys.stdout.write(json.dumps(data, indent=2, default=str) + "\n")
+
+
+def _read_json_file(path: Path, field: str) -> dict:
+    try:
+        data = json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise AdvisorInputError(field, f"file not found: {path}") from None
+    except json.JSONDecodeError as err:
+        raise AdvisorInputError(field, f"{path} is not valid JSON ({err.msg} at line {err.lineno})") from None
+    if not isinstance(data, dict):
+        raise AdvisorInputError(field, f"{path} must hold a JSON object")
+    return data
+
+
+# ----------------------------------------------------------------------------- service
+@app.command()
+def serve(
+    host: Annotated[str, typer.Option(help="Interface to bind (127.0.0.1 keeps it local).")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="TCP port.")] = 8000,
+    log_level: Annotated[str, typer.Option(help="uvicorn log level.")] = "info",
+) -> None:
+    """Start the REST API (OpenAPI docs at /docs)."""
+    import uvicorn
+
+    uvicorn.run("advisor.api.app:create_app", factory=True, host=host, port=port, log_level=log_level)
+
+
+# ----------------------------------------------------------------------------- catalogs
+@app.command()
+def hardware(as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False) -> None:
+    """List the GPU catalog."""
+    from advisor.catalog.gpus import gpu_table
+
+    rows = gpu_table()
+    if as_json:
+        return _print_json(rows)
+    table = Table(title=f"GPU catalog ({len(rows)})")
+    for col in ("id", "name", "tier", "usable GiB", "bf16 TFLOPS", "GB/s", "$/h"):
+        table.add_column(col, justify="right" if col[0].isdigit() or col in ("usable GiB", "bf16 TFLOPS", "GB/s", "$/h") else "left")
+    for r in rows:
+        table.add_row(r["id"], r["name"], r["tier"], f"{r['usable_memory_gib']:.1f}",
+                      "-" if r.get("bf16_tflops") is None else f"{r['bf16_tflops']:g}",
+                      f"{r['memory_bandwidth_gbs']:g}", "-" if r.get("usd_per_hour") is None else f"{r['usd_per_hour']:.2f}")
+    console.print(table)
+
+
+@app.command()
+def models(as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False) -> None:
+    """List the model catalog (parameter counts computed from each architecture)."""
+    from advisor.catalog.models import model_table
+
+    rows = model_table()
+    if as_json:
+        return _print_json(rows)
+    table = Table(title=f"Model catalog ({len(rows)})")
+    for col in ("id", "family", "kind", "params", "layers", "hidden", "vocab", "max pos"):
+        table.add_column(col)
+    for r in rows:
+        table.add_row(r["id"], str(r["family"]), r["kind"], f"{r['params'] / 1e9:.2f}B", str(r["layers"]),
+                      str(r["hidden"]), str(r["vocab"]), str(r.get("max_positions") or "-"))
+    console.print(table)
+
+
+@app.command()
+def methods(as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False) -> None:
+    """Describe the twelve fine-tuning methods with their seed-derived defaults."""
+    from advisor.methods import all_methods
+
+    rows = [m.describe() for m in all_methods()]
+    if as_json:
+        return _print_json(rows)
+    table = Table(title="Fine-tuning methods")
+    for col in ("id", "name", "applies to", "defaults", "summary"):
+        table.add_column(col, overflow="fold")
+    for r in rows:
+        defaults = ", ".join(f"{k}={v}" for k, v in r["defaults"]["peft"].items() if v is not None)
+        table.add_row(r["id"], r["name"], ", ".join(r["applies_to"]), defaults, r["summary"])
+    console.print(table)
+
+
+@app.command("demo-assets")
+@_guard
+def demo_assets(directory: Annotated[Path, typer.Argument(help="Where to write the tiny models and datasets.")]) -> None:
+    """Write tiny local models (random weights, local tokenizer) and sample datasets for offline use."""
+    from advisor.demo import write_demo_assets
+
+    written = write_demo_assets(directory)
+    for name, path in written.items():
+        console.print(f"[green]wrote[/] {name}: {path}")
+
+
+# ----------------------------------------------------------------------------- estimate
+@app.command()
+@_guard
+def estimate(
+    file: Annotated[Path | None, typer.Option("--file", "-f", help="Estimate request JSON (CONTRACT.md).")] = None,
+    model: Annotated[str | None, typer.Option(help="Model id, alias or local directory.")] = None,
+    method: Annotated[str | None, typer.Option(help="Method id.")] = None,
+    gpu: Annotated[str | None, typer.Option(help="GPU name, 'none' or 'auto'.")] = None,
+    count: Annotated[int, typer.Option(help="Number of GPUs.")] = 1,
+    batch: Annotated[int | None, typer.Option(help="Micro-batch per device.")] = None,
+    seq: Annotated[int | None, typer.Option(help="Sequence length (tokens).")] = None,
+    checkpointing: Annotated[bool | None, typer.Option("--checkpointing/--no-checkpointing")] = None,
+    exact: Annotated[bool, typer.Option("--exact", help="Simulate the real step on fake tensors (seconds).")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the API's JSON.")] = False,
+) -> None:
+    """Peak memory (with breakdown), fit and, when calibrated, time and cost of a training config."""
+    from advisor.schemas import EstimateRequest, parse
+
+    body: dict[str, Any] = _read_json_file(file, "--file") if file else {}
+    if model:
+        body["model"] = model
+    if method:
+        body["method"] = method
+    if gpu:
+        body["hardware"] = {**body.get("hardware", {}), "gpu": gpu}
+    if count != 1 or "hardware" in body:
+        body.setdefault("hardware", {})
+        if count != 1:
+            body["hardware"]["count"] = count
+    training = dict((body.get("config") or {}).get("training") or {})
+    for key, value in (("per_device_train_batch_size", batch), ("max_seq_length", seq),
+                       ("gradient_checkpointing", checkpointing)):
+        if value is not None:
+            training[key] = value
+    if training:
+        body["config"] = {**(body.get("config") or {}), "training": training}
+    if exact:
+        body["exact"] = True
+    req = parse(EstimateRequest, body)
+    if req.exact:
+        from advisor.estimator.exact import exact_estimate
+
+        with console.status("simulating the training step on fake tensors..."):
+            result = exact_estimate(req)
+    else:
+        from advisor.estimator.fast import fast_estimate
+
+        result = fast_estimate(req)
+    if as_json:
+        return _print_json(result)
+    _render_estimate(result)
+
+
+def _render_estimate(result: dict) -> None:
+    hw = result.get("hardware", {})
+    fits = result.get("fits")
+    verdict = "[green]fits[/]" if fits else ("[red]does not fit[/]" if hw.get("usable_memory_gib") else "[yellow]no GPU[/]")
+    console.print(
+        f"[bold]{result['model']}[/] · [bold]{result['method']}[/] · micro-batch {result['micro_batch']} × "
+        f"{result['seq_len']} tokens on {hw.get('name')} ×{hw.get('count', 1)}"
+    )
+    console.print(f"peak [bold]{result['peak_vram_gib']:.2f} GiB[/] — {verdict}"
+                  + (f", headroom {result['headroom_gib']:.2f} GiB" if result.get("headroom_gib") is not None else ""))
+    table = Table(show_header=True)
+    table.add_column("component")
+    table.add_column("GiB", justify="right")
+    table.add_column("")
+    peak = max(result["peak_vram_gib"], 1e-9)
+    for key, value in result["breakdown_gib"].items():
+        table.add_row(key, f"{value:.3f}", "█" * int(round(30 * value / peak)))
+    console.print(table)
+    for key in ("max_micro_batch", "tokens_per_s", "train_hours", "cost_usd"):
+        if result.get(key) is not None:
+            console.print(f"{key}: {result[key]}")
+    for key, value in result.get("provenance", {}).items():
+        console.print(f"[dim]{key}: {value}[/]")
+    for note in result.get("notes", []):
+        console.print(f"[yellow]note:[/] {note}")
+
+
+def main() -> None:  # pragma: no cover - console entry point
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    app()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

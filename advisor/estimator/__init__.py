@@ -1,0 +1,1 @@
+"""Memory, time and cost estimates: exact (simulated) and fast (closed form, calibrated)."""

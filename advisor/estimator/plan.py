@@ -1,0 +1,72 @@
+"""What every estimate starts from: the resolved model, method config, hardware and the shape of the peak batch."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from advisor.catalog.models import ResolvedModel, resolve_model
+from advisor.config import MethodConfig
+from advisor.errors import AdvisorInputError
+from advisor.hardware import HardwareTarget, resolve_hardware
+from advisor.methods import MethodSpec, get_method
+from advisor.schemas import BREAKDOWN_KEYS, EstimateRequest
+
+
+@dataclass
+class Plan:
+    model: ResolvedModel
+    spec: MethodSpec
+    config: MethodConfig
+    hardware: HardwareTarget
+    batch_size: int
+    seq_len: int  # tokens of the longest batch (sets the peak)
+    request: EstimateRequest
+
+    @property
+    def training(self):
+        return self.config.training
+
+
+def build_plan(req: EstimateRequest) -> Plan:
+    model = resolve_model(req.model)
+    spec = get_method(req.method)
+    if model.kind not in spec.kinds:
+        raise AdvisorInputError("method", f"{spec.id} does not apply to {model.kind} models ({model.id})",
+                                allowed=[m for m in _methods_for(model.kind)])
+    cfg = spec.resolve_config(req.config)
+    hardware = resolve_hardware(req.hardware)
+    seq = cfg.training.max_seq_length
+    if req.dataset is not None and req.dataset.max_tokens is not None:
+        seq = min(seq, req.dataset.max_tokens)
+    limit = model.max_positions
+    rope_scaled = getattr(model.config, "rope_scaling", None) not in (None, {})
+    if limit is not None and seq > limit and not rope_scaled:
+        raise AdvisorInputError(
+            "config.training.max_seq_length",
+            f"{seq} tokens exceeds {model.id}'s max_position_embeddings ({limit}); lower it, or use a model "
+            "with rope_scaling (LongLoRA extends context that way)",
+        )
+    return Plan(model, spec, cfg, hardware, cfg.training.per_device_train_batch_size, seq, req)
+
+
+def _methods_for(kind: str) -> list[str]:
+    from advisor.methods import all_methods
+
+    return [m.id for m in all_methods() if kind in m.kinds]
+
+
+def breakdown_from_counter(raw: dict[str, int], overhead_bytes: int = 0) -> dict[str, float]:
+    """Counter categories → the public breakdown (temporaries and the batch count as activations)."""
+    out = dict.fromkeys(BREAKDOWN_KEYS, 0.0)
+    for key, value in raw.items():
+        target = key if key in out else "activations"
+        out[target] += value / 2**30
+    out["overhead"] = overhead_bytes / 2**30
+    return {k: round(v, 4) for k, v in out.items()}
+
+
+def fit_fields(peak_bytes: int, hardware: HardwareTarget) -> dict:
+    peak_gib = peak_bytes / 2**30
+    if hardware.memory_gib is None:
+        return {"fits": False, "headroom_gib": None}
+    return {"fits": peak_gib <= hardware.memory_gib, "headroom_gib": round(hardware.memory_gib - peak_gib, 3)}
