@@ -263,14 +263,18 @@ class ResolvedModel:
         return hashlib.sha256(_canonical_json({"kind": self.kind, "config": basis}).encode()).hexdigest()
 
     def num_params(self) -> int:
-        """Total parameter count (tied weights counted once); cached by config hash."""
+        """Total parameter count (tied weights counted once), computed on meta; cached by config hash in
+        memory and on disk (the computation is exact but takes ~0.1 s per architecture)."""
         key = self.cache_key()
         n = _PARAM_CACHE.get(key)
         if n is None:
+            n = _disk_param_cache().get(key)
+        if n is None:
             model = self.build_meta()
             n = sum(p.numel() for p in model.parameters())
-            with _PARAM_LOCK:
-                _PARAM_CACHE[key] = n
+            _store_param_count(key, n)
+        with _PARAM_LOCK:
+            _PARAM_CACHE[key] = n
         return n
 
     # ---- shape summary
@@ -332,6 +336,34 @@ class ResolvedModel:
         if self.declared_params is not None:
             out["declared_params"] = self.declared_params
         return out
+
+
+def _param_cache_path() -> Path:
+    from advisor.settings import get_settings
+
+    return get_settings().cache_dir / "param_counts.json"
+
+
+def _disk_param_cache() -> dict[str, int]:
+    try:
+        data = json.loads(_param_cache_path().read_text())
+        return data if isinstance(data, dict) else {}
+    except (OSError, ValueError):
+        return {}
+
+
+def _store_param_count(key: str, n: int) -> None:
+    path = _param_cache_path()
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with _PARAM_LOCK:
+            data = _disk_param_cache()
+            data[key] = n
+            tmp = path.with_suffix(f".{os.getpid()}.tmp")
+            tmp.write_text(json.dumps(data))
+            tmp.replace(path)
+    except OSError:
+        pass  # a read-only cache dir only costs recomputation
 
 
 def _untie_output_embeddings(model) -> None:

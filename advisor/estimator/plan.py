@@ -39,7 +39,8 @@ def build_plan(req: EstimateRequest) -> Plan:
     if req.dataset is not None and req.dataset.max_tokens is not None:
         seq = min(seq, req.dataset.max_tokens)
     limit = model.max_positions
-    rope_scaled = getattr(model.config, "rope_scaling", None) not in (None, {})
+    rope = getattr(model.config, "rope_parameters", None) or getattr(model.config, "rope_scaling", None) or {}
+    rope_scaled = isinstance(rope, dict) and rope.get("rope_type", rope.get("type", "default")) not in (None, "default")
     if limit is not None and seq > limit and not rope_scaled:
         raise AdvisorInputError(
             "config.training.max_seq_length",

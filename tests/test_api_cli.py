@@ -1,0 +1,146 @@
+"""The service as users run it: a real uvicorn server on 127.0.0.1, and the `advisor` command."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+ADVISOR = [sys.executable, "-m", "advisor.cli"]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    port = _free_port()
+    env = {**os.environ, "ADVISOR_DATA_ROOT": str(tmp_path_factory.mktemp("srv") / "var"), "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.Popen([*ADVISOR, "serve", "--port", str(port), "--log-level", "warning"], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 60
+    while time.time() < deadline:
+        try:
+            if httpx.get(f"{base}/healthz", timeout=1).status_code == 200:
+                break
+        except httpx.HTTPError:
+            time.sleep(0.2)
+    else:
+        proc.kill()
+        pytest.fail("server did not start: " + proc.stdout.read().decode()[-2000:])
+    yield base
+    proc.terminate()
+    proc.wait(timeout=10)
+
+
+def test_health_docs_and_catalogs(server):
+    assert httpx.get(f"{server}/healthz").json()["status"] == "ok"
+    assert httpx.get(f"{server}/docs").status_code == 200
+    spec = httpx.get(f"{server}/openapi.json").json()
+    assert "/v1/estimate" in spec["paths"] and "/v1/methods" in spec["paths"]
+    gpus = httpx.get(f"{server}/v1/hardware", timeout=30).json()
+    assert len(gpus) >= 20 and {"id", "usable_memory_gib", "bf16_tflops", "usd_per_hour", "tier"} <= set(gpus[0])
+    models = httpx.get(f"{server}/v1/models", timeout=120).json()  # cold: 42 architectures built on meta
+    llama7 = next(m for m in models if m["id"] == "meta-llama/Llama-2-7b-hf")
+    assert llama7["params"] == 6_738_415_616
+    methods = httpx.get(f"{server}/v1/methods", timeout=30).json()
+    assert [m["id"] for m in methods][:3] == ["full", "lora", "qlora"] and len(methods) == 12
+
+
+def test_exact_estimate_over_http(server, tiny_dirs):
+    body = {"model": str(tiny_dirs["llama"]), "hardware": {"gpu": "a100 80gb"}, "method": "lora",
+            "config": {"training": {"per_device_train_batch_size": 2, "max_seq_length": 64}}, "exact": True}
+    r = httpx.post(f"{server}/v1/estimate", json=body, timeout=120)
+    assert r.status_code == 200, r.text
+    est = r.json()
+    assert est["fits"] is True and est["peak_bytes"] > 0
+    assert set(est["breakdown_gib"]) == {"weights", "trainable", "gradients", "optimizer", "activations", "logits", "overhead"}
+    assert abs(sum(est["breakdown_gib"].values()) - est["peak_vram_gib"]) < 0.01
+    assert "simulated" in est["provenance"]["memory"]
+
+
+@pytest.mark.parametrize(
+    "body,field",
+    [
+        ({"model": "llama-2-7b", "hardware": {"gpu": "RTX 9999"}, "method": "lora", "exact": True}, "hardware.gpu"),
+        ({"model": "no-such/model-xyz", "hardware": {"gpu": "4090"}, "method": "lora", "exact": True}, "model"),
+        ({"model": "llama-2-7b", "hardware": {"gpu": "4090"}, "method": "dora", "exact": True}, "method"),
+        ({"model": "llama-2-7b", "hardware": {"gpu": "4090", "count": 0}, "method": "lora"}, "hardware.count"),
+        ({"model": "llama-2-7b", "hardware": {"gpu": "4090", "count": 2000}, "method": "lora"}, "hardware.count"),
+        ({"model": "llama-2-7b", "hardware": {"gpu": "4090"}, "method": "lora", "exact": True,
+          "config": {"training": {"per_device_train_batch_size": 0}}}, "config.training.per_device_train_batch_size"),
+        ({"model": "llama-2-7b", "hardware": {"gpu": "4090"}, "method": "lora", "exact": True,
+          "config": {"training": {"max_seq_length": 100000}}}, "config.training.max_seq_length"),
+        ({"model": "google/flan-t5-base", "hardware": {"gpu": "4090"}, "method": "longlora", "exact": True}, "method"),
+        ({"model": "gpt2", "hardware": {"gpu": "4090"}, "method": "lora", "exact": True, "colour": "red"}, "colour"),
+        ({"model": "gpt2", "hardware": {"gpu": "4090"}, "method": "lora", "exact": True,
+          "dataset": {"num_examples": 10, "avg_tokens": 900, "max_tokens": 100}}, "dataset"),
+    ],
+)
+def test_bad_input_is_422_naming_the_field(server, body, field):
+    r = httpx.post(f"{server}/v1/estimate", json=body, timeout=60)
+    assert r.status_code == 422, r.text
+    assert r.json()["field"] == field, r.json()
+    assert httpx.get(f"{server}/healthz").status_code == 200  # the service is unaffected
+
+
+def test_model_directory_without_config_is_422(server, tmp_path):
+    empty = tmp_path / "empty-model"
+    empty.mkdir()
+    r = httpx.post(f"{server}/v1/estimate", json={"model": str(empty), "hardware": {"gpu": "4090"}, "method": "lora",
+                                                 "exact": True})
+    assert r.status_code == 422 and r.json()["field"] == "model" and "config.json" in r.json()["detail"]
+
+
+def _cli(*args, env_extra=None) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "COLUMNS": "200", **(env_extra or {})}
+    return subprocess.run([*ADVISOR, *args], capture_output=True, text=True, timeout=300, env=env)
+
+
+def test_cli_lists_catalogs_as_json():
+    gpus = json.loads(_cli("hardware", "--json").stdout)
+    models = json.loads(_cli("models", "--json").stdout)
+    methods = json.loads(_cli("methods", "--json").stdout)
+    assert len(gpus) >= 20 and len(models) >= 25 and len(methods) == 12
+    table = _cli("models")
+    assert table.returncode == 0 and "Llama-2-70b-hf" in table.stdout
+
+
+def test_cli_demo_assets_and_exact_estimate(tmp_path):
+    out = _cli("demo-assets", str(tmp_path / "demo"))
+    assert out.returncode == 0, out.stderr
+    for name in ("alpaca", "chat", "completion", "text"):
+        rows = (tmp_path / "demo" / "data" / f"{name}.jsonl").read_text().splitlines()
+        assert len(rows) >= 32 and json.loads(rows[0])
+    assert (tmp_path / "demo" / "tiny-llama" / "config.json").exists()
+    req = tmp_path / "req.json"
+    req.write_text(json.dumps({"model": str(tmp_path / "demo" / "tiny-llama"), "hardware": {"gpu": "T4"},
+                               "method": "qlora", "config": {"training": {"max_seq_length": 64}}}))
+    res = _cli("estimate", "--file", str(req), "--exact", "--json")
+    assert res.returncode == 0, res.stderr
+    est = json.loads(res.stdout)
+    assert est["method"] == "qlora" and est["fits"] and est["breakdown_gib"]["weights"] > 0
+    pretty = _cli("estimate", "--file", str(req), "--exact")
+    assert pretty.returncode == 0 and "peak" in pretty.stdout and "weights" in pretty.stdout
+
+
+def test_cli_bad_input_exits_2_naming_the_field(tmp_path):
+    res = _cli("estimate", "--model", "llama-2-7b", "--method", "lora", "--gpu", "RTX 9999", "--exact")
+    assert res.returncode == 2 and "hardware.gpu" in res.stderr
+    bad = tmp_path / "bad.json"
+    bad.write_text("{not json")
+    res = _cli("estimate", "--file", str(bad))
+    assert res.returncode == 2 and "--file" in res.stderr
+    res = _cli("estimate", "--model", "llama-2-7b", "--method", "lora", "--gpu", "4090", "--batch", "0", "--exact")
+    assert res.returncode == 2 and "per_device_train_batch_size" in res.stderr
