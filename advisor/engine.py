@@ -87,11 +87,18 @@ class SimLinear4bit(nn.Module):
 def quantize_meta_4bit(model: nn.Module, compute_dtype: torch.dtype, double_quant: bool) -> int:
     """Swap every Linear except the output head for the 4-bit stand-in (what bnb's loader quantizes)."""
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    # what transformers' bitsandbytes quantizer leaves unconverted: modules the model keeps in fp32 (T5's `wo`)
+    keep = list(getattr(model, "_keep_in_fp32_modules", None) or []) + list(
+        getattr(model, "_keep_in_fp32_modules_strict", None) or [])
     swaps = []
     for name, mod in model.named_modules():
         for child_name, child in mod.named_children():
-            if isinstance(child, nn.Linear) and child is not head:
+            full = f"{name}.{child_name}" if name else child_name
+            if isinstance(child, nn.Linear) and child is not head and not any(k in full.split(".") for k in keep):
                 swaps.append((mod, child_name, child))
+                continue
+            if isinstance(child, nn.Linear) and any(k in full.split(".") for k in keep):
+                child.float()
     for parent, child_name, child in swaps:
         setattr(parent, child_name, SimLinear4bit(child, compute_dtype, double_quant=double_quant))
     model.is_loaded_in_4bit = True

@@ -103,7 +103,10 @@ def _to_fake(prepared) -> None:
     if prepared.optimizer_params:
         groups = [[names[id(p)][0] for p in g["params"]] for g in prepared.optimizer_params]
     tied = [ns for ns in names.values() if len(ns) > 1]
-    model._apply(lambda t: torch.empty(t.shape, dtype=t.dtype, device="cpu"))
+    # module by module over the de-duplicated tree: PEFT registers some modules twice (prompt learning's
+    # `word_embeddings`), and a recursive _apply would convert them twice
+    for _, module in model.named_modules():
+        module._apply(lambda t: torch.empty(t.shape, dtype=t.dtype, device="cpu"), recurse=False)
     for ns in tied:
         first = model.get_parameter(ns[0])
         for other in ns[1:]:

@@ -28,6 +28,18 @@ import torch
 from torch import nn
 
 
+def _is_linear(m: nn.Module) -> bool:
+    """nn.Linear, or transformers' Conv1D (GPT-2), which is a linear layer with a transposed weight."""
+    return isinstance(m, nn.Linear) or type(m).__name__ == "Conv1D"
+
+
+def linear_features(m: nn.Module) -> tuple[int, int]:
+    if isinstance(m, nn.Linear):
+        return m.in_features, m.out_features
+    in_f, out_f = m.weight.shape  # Conv1D stores (in, out)
+    return int(in_f), int(out_f)
+
+
 class MoLoRALinear(nn.Module):
     """Frozen ``nn.Linear`` plus a top-k routed mixture of LoRA experts (see module docstring)."""
 
@@ -46,7 +58,7 @@ class MoLoRALinear(nn.Module):
         self.base_layer = base_layer.requires_grad_(False)
         self.num_experts, self.top_k, self.r = num_experts, top_k, r
         self.scaling = alpha / r
-        in_f, out_f = base_layer.in_features, base_layer.out_features
+        in_f, out_f = linear_features(base_layer)
         factory = {"device": base_layer.weight.device, "dtype": base_layer.weight.dtype}
         self.router = nn.Linear(in_f, num_experts, bias=False, **factory)
         self.lora_A = nn.Parameter(torch.empty(num_experts, in_f, r, **factory))
@@ -102,7 +114,7 @@ def apply_molora(
     target_modules = tuple(target_modules)
     wrapped = tuple(f"{name}." for name, m in model.named_modules() if isinstance(m, MoLoRALinear))
     linears = [  # skip layers inside existing MoLoRA wrappers (their base layer and router)
-        (name, m) for name, m in model.named_modules() if isinstance(m, nn.Linear) and not name.startswith(wrapped)
+        (name, m) for name, m in model.named_modules() if _is_linear(m) and not name.startswith(wrapped)
     ]
     chosen = [(name, m) for name, m in linears if name and _matches(name, target_modules)]
     if not chosen:

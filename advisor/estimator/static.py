@@ -1,0 +1,218 @@
+"""Exact static memory of a (model, method) pair: weights, trainable parameters, gradients, optimizer state.
+
+The real method is applied to the real architecture cut to 1 and 2 layers on the meta device (no memory, no
+simulation); parameters are counted by dtype and role, and the per-layer difference extrapolates to the full
+depth, which is exact for models whose blocks are identical (all catalog architectures). The result also
+carries the architecture's widths that the activation model uses as features. Cached in memory and on disk.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import hashlib
+import json
+import math
+import threading
+from dataclasses import asdict, dataclass
+
+import torch
+
+from advisor.config import MethodConfig
+
+_LAYER_FIELDS = ("num_hidden_layers", "n_layer", "num_layers", "num_decoder_layers")
+_LOCK = threading.Lock()
+
+
+@dataclass
+class StaticTerms:
+    """Bytes and counts for the whole model (already extrapolated to its depth)."""
+
+    weights_bytes: int  # frozen parameters and buffers
+    trainable_bytes: int
+    trainable_params: int
+    total_params: int
+    gradient_bytes: int
+    optimizer_bytes: int  # state after the first step
+    optimizer_temp_bytes: int  # transient bytes inside optimizer.step (foreach copies)
+    layers: int
+    hidden: int
+    intermediate: int
+    q_dim: int
+    kv_dim: int
+    heads: int
+    vocab: int
+    family: str
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _layers(config) -> int:
+    for f in ("num_hidden_layers", "n_layer", "num_layers"):
+        v = getattr(config, f, None)
+        if isinstance(v, int):
+            return v
+    raise ValueError("cannot find the layer count in the config")
+
+
+def sliced_config(config, layers: int):
+    """The same architecture with `layers` blocks in every stack (encoder and decoder for T5)."""
+    c = copy.deepcopy(config)
+    for f in _LAYER_FIELDS:
+        if isinstance(getattr(c, f, None), int):
+            setattr(c, f, layers)
+    for attr in ("layer_types",):  # gemma2 / qwen2 alternate per-layer settings
+        v = getattr(c, attr, None)
+        if isinstance(v, list) and v:
+            setattr(c, attr, (v * layers)[:layers])
+    return c
+
+
+def widths(config) -> dict[str, int]:
+    cfg = config.get_text_config() if hasattr(config, "get_text_config") else config
+    h = getattr(cfg, "hidden_size", None) or getattr(cfg, "n_embd", None) or getattr(cfg, "d_model")
+    heads = getattr(cfg, "num_attention_heads", None) or getattr(cfg, "n_head", None) or getattr(cfg, "num_heads")
+    kv = getattr(cfg, "num_key_value_heads", None) or getattr(cfg, "multi_query", False) and 1 or heads
+    if getattr(cfg, "model_type", "") == "falcon" and not getattr(cfg, "new_decoder_architecture", False):
+        kv = 1 if getattr(cfg, "multi_query", True) else heads
+    hd = getattr(cfg, "head_dim", None) or getattr(cfg, "d_kv", None) or h // heads
+    inter = (getattr(cfg, "intermediate_size", None) or getattr(cfg, "n_inner", None) or getattr(cfg, "d_ff", None)
+             or getattr(cfg, "ffn_hidden_size", None) or 4 * h)
+    experts_per_token = getattr(cfg, "num_experts_per_tok", None) or 1
+    return {"hidden": int(h), "intermediate": int(inter) * int(experts_per_token), "q_dim": int(heads * hd),
+            "kv_dim": int(kv * hd), "heads": int(heads), "vocab": int(cfg.vocab_size)}
+
+
+def _count(resolved, cfg: MethodConfig, layers: int) -> dict[str, int]:
+    from advisor.engine import load_base_model, make_optimizer, prepare
+
+    sliced = copy.copy(resolved)
+    sliced.config = sliced_config(resolved.config, layers)
+    model = load_base_model(sliced, cfg, on_meta=True)
+    prepared = prepare(model, sliced, cfg, on_meta=True, total_steps=100)
+    out = {"weights": 0, "trainable": 0, "trainable_params": 0, "total_params": 0}
+    seen = set()
+    for p in prepared.model.parameters():
+        if id(p) in seen:
+            continue
+        seen.add(id(p))
+        nbytes = p.numel() * p.element_size()
+        if p.requires_grad:
+            out["trainable"] += nbytes
+            out["trainable_params"] += p.numel()
+        else:
+            out["weights"] += nbytes
+    trainable, total = prepared.param_counts()
+    out["total_params"] = total
+    for b in prepared.model.buffers():
+        if id(b) not in seen:
+            seen.add(id(b))
+            out["weights"] += b.numel() * b.element_size()
+    opt_bytes, temp_bytes = optimizer_bytes(prepared, cfg)
+    out["optimizer"], out["optimizer_temp"] = opt_bytes, temp_bytes
+    return out
+
+
+def optimizer_bytes(prepared, cfg: MethodConfig) -> tuple[int, int]:
+    """State bytes after a step, and the largest transient inside a step, from each parameter's shape and group.
+
+    AdamW keeps exp_avg and exp_avg_sq in the parameter's dtype (fused and foreach alike); foreach AdamW also
+    holds one update-sized copy of every parameter at once; GaLore projects each 2-D gradient to rank r
+    (states r x max(m, n), projector r x min(m, n)) and briefly holds the full-rank update of one matrix;
+    bitsandbytes' 8-bit states are one byte per element plus fp32 block scales (tensors under 4096 elements stay
+    32-bit); Adafactor factors the second moment into row and column vectors (fp32).
+    """
+    name = cfg.training.optim
+    groups = prepared.optimizer_params or [{"params": prepared.trainable_parameters()}]
+    state = foreach_temp = largest_temp = 0
+    eight_bit = name in ("adamw_8bit", "paged_adamw_8bit", "galore_adamw_8bit")
+    for group in groups:
+        rank = group.get("rank")
+        for p in group["params"]:
+            n, es = p.numel(), p.element_size()
+            if name.startswith("galore") and rank is not None and p.dim() == 2:
+                m, k = p.shape
+                r = min(rank, m, k)
+                low = r * max(m, k)
+                moments = 2 * low + 2 * math.ceil(low / 256) * 4 if eight_bit else 2 * low * es
+                state += moments + r * min(m, k) * es + 4
+                largest_temp = max(largest_temp, (m * k + low) * es)
+            elif eight_bit:
+                state += 2 * n + 2 * math.ceil(n / 256) * 4 + 4 if n >= 4096 else 2 * n * 4 + 4
+            elif name == "sgd":
+                state += n * es
+            elif name in ("adafactor", "galore_adafactor"):
+                state += (p.shape[0] + n // p.shape[0]) * 4 if p.dim() > 1 else n * 4
+            else:
+                state += 2 * n * es + 4
+                if name == "adamw_torch":
+                    foreach_temp += n * es
+    return state, max(foreach_temp, largest_temp)
+
+
+def _key(resolved, cfg: MethodConfig) -> str:
+    basis = {"config": resolved.config.to_dict(), "kind": resolved.kind,
+             "method": cfg.model_dump(mode="json", include={"method", "peft", "quantization"}),
+             "training": cfg.training.model_dump(mode="json", include={"torch_dtype", "optim", "bf16", "fp16"}),
+             "v": 1}
+    basis["config"].pop("_name_or_path", None)
+    basis["config"].pop("transformers_version", None)
+    return hashlib.sha256(json.dumps(basis, sort_keys=True, default=str).encode()).hexdigest()[:32]
+
+
+@functools.lru_cache(maxsize=4096)
+def _cached(key: str) -> dict | None:
+    path = _cache_path(key)
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _cache_path(key: str):
+    from advisor.settings import get_settings
+
+    return get_settings().cache_dir / "static" / f"{key}.json"
+
+
+def static_terms(resolved, cfg: MethodConfig) -> StaticTerms:
+    key = _key(resolved, cfg)
+    data = _cached(key)
+    if data is None:
+        data = _compute(resolved, cfg)
+        path = _cache_path(key)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(".tmp")
+            tmp.write_text(json.dumps(data))
+            tmp.replace(path)
+        except OSError:
+            pass
+        _cached.cache_clear()
+    return StaticTerms(**data)
+
+
+def _compute(resolved, cfg: MethodConfig) -> dict:
+    with _LOCK, torch.no_grad():
+        one, two = _count(resolved, cfg, 1), _count(resolved, cfg, 2)
+    depth = _layers(resolved.config)
+
+    def extrapolate(key: str) -> int:
+        return int(one[key] + (depth - 1) * (two[key] - one[key]))
+
+    trainable = extrapolate("trainable")
+    w = widths(resolved.config)
+    return {
+        "weights_bytes": extrapolate("weights"),
+        "trainable_bytes": trainable,
+        "trainable_params": extrapolate("trainable_params"),
+        "total_params": extrapolate("total_params"),
+        "gradient_bytes": trainable,
+        "optimizer_bytes": extrapolate("optimizer"),
+        "optimizer_temp_bytes": extrapolate("optimizer_temp") if cfg.training.optim == "adamw_torch"
+        else two["optimizer_temp"],
+        "layers": depth,
+        **w,
+        "family": resolved.config.model_type,
+    }
