@@ -14,7 +14,7 @@ def exact_estimate(req: EstimateRequest, use_cache: bool = True) -> dict:
 
 def exact_from_plan(plan: Plan, use_cache: bool = True) -> dict:
     sim = simulate(plan.model, plan.config, plan.batch_size, plan.seq_len, use_cache=use_cache)
-    overhead_bytes, overhead_source = device_overhead(plan)
+    overhead_bytes, overhead_source = exact_overhead(plan, sim["peak_bytes"])
     peak = sim["peak_bytes"] + overhead_bytes
     notes = list(sim.get("notes", []))
     if plan.hardware.count > 1:
@@ -43,10 +43,8 @@ def exact_from_plan(plan: Plan, use_cache: bool = True) -> dict:
     }
 
 
-def device_overhead(plan: Plan) -> tuple[int, str]:
-    """CUDA context and allocator overhead come from a calibration profile; none is measured yet."""
-    try:
-        from advisor.estimator.profile import device_overhead_bytes
-    except ImportError:
-        return 0, "not included: no CUDA calibration profile yet (the counter measures tensors only)"
-    return device_overhead_bytes(plan)
+def exact_overhead(plan: Plan, tensor_bytes: int) -> tuple[int, str]:
+    from advisor.estimator.profile import load_profile
+
+    profile = load_profile("cuda" if plan.hardware.has_gpu else "cpu")
+    return int(profile.overhead_bytes(tensor_bytes)), profile.overhead_source()

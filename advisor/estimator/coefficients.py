@@ -1,0 +1,146 @@
+"""Memory coefficients of one (architecture, method config, sequence length): fitted from exact slice simulations.
+
+The real method is applied to the real architecture cut to L ∈ {1, 2} blocks and simulated on fake tensors at
+micro-batch b ∈ {1, 2} (fake tensors do no arithmetic, so a slice of a 70B model costs ~0.3 s). For every phase
+(forward, backward, optimizer) and every memory category, the four runs determine exactly the coefficients of
+
+    bytes(L, b) = k0 + kL·(L-1) + kb·(b-1) + kLb·(L-1)·(b-1)
+
+which is exact when the model's blocks are identical and memory is linear in the batch (SDPA/flash attention;
+eager attention's s² term is per sequence, so it is linear in b too at a fixed sequence length). The closed form
+then answers for the real depth and any micro-batch in microseconds. Fits are cached in memory and on disk.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import hashlib
+import json
+import threading
+from dataclasses import dataclass
+
+from advisor.config import MethodConfig
+from advisor.memory.counter import CATEGORIES
+from advisor.settings import get_settings
+
+FIT_VERSION = 1
+PHASES = ("forward", "backward", "optimizer")
+_LOCK = threading.Lock()
+
+
+@dataclass
+class PhaseCoefficients:
+    """category → (k0, kL, kb, kLb) for one phase."""
+
+    terms: dict[str, tuple[float, float, float, float]]
+
+    def bytes_by_category(self, layers: int, batch: int) -> dict[str, float]:
+        dl, db = layers - 1, batch - 1
+        return {c: k0 + kl * dl + kb * db + klb * dl * db for c, (k0, kl, kb, klb) in self.terms.items()}
+
+
+@dataclass
+class MemoryCoefficients:
+    phases: dict[str, PhaseCoefficients]
+    seq_len: int
+    key: str
+    seconds: float = 0.0
+
+    def to_dict(self) -> dict:
+        return {"phases": {p: {c: list(v) for c, v in pc.terms.items()} for p, pc in self.phases.items()},
+                "seq_len": self.seq_len, "key": self.key, "seconds": self.seconds, "version": FIT_VERSION}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> MemoryCoefficients:
+        return cls({p: PhaseCoefficients({c: tuple(v) for c, v in terms.items()}) for p, terms in d["phases"].items()},
+                   d["seq_len"], d["key"], d.get("seconds", 0.0))
+
+
+def _simulation_config(cfg: MethodConfig) -> MethodConfig:
+    """Optimizers that cannot run on fake tensors (bitsandbytes 8-bit/paged) are simulated as fused AdamW;
+    their state is replaced by the exact analytic bytes afterwards."""
+    if cfg.training.optim in ("adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit"):
+        cfg = cfg.model_copy(deep=True)
+        cfg.training.optim = "adamw_torch_fused"
+    return cfg
+
+
+def coefficient_key(resolved, cfg: MethodConfig, seq_len: int) -> str:
+    basis = {
+        "config": {k: v for k, v in resolved.config.to_dict().items()
+                   if k not in ("_name_or_path", "transformers_version", "architectures", "num_hidden_layers",
+                                "n_layer", "num_layers", "num_decoder_layers", "layer_types")},
+        "kind": resolved.kind,
+        "method": _simulation_config(cfg).model_dump(
+            mode="json", include={"method", "peft", "quantization"}),
+        "training": cfg.training.model_dump(mode="json", include={"torch_dtype", "bf16", "fp16", "gradient_checkpointing",
+                                                                  "attn_implementation", "max_grad_norm"}),
+        "optim_family": "galore" if cfg.training.optim.startswith("galore") else _simulation_config(cfg).training.optim,
+        "seq_len": seq_len,
+        "v": FIT_VERSION,
+    }
+    return hashlib.sha256(json.dumps(basis, sort_keys=True, default=str).encode()).hexdigest()[:32]
+
+
+def _cache_path(key: str):
+    return get_settings().cache_dir / "coefficients" / f"{key}.json"
+
+
+@functools.lru_cache(maxsize=8192)
+def _load(key: str) -> MemoryCoefficients | None:
+    try:
+        return MemoryCoefficients.from_dict(json.loads(_cache_path(key).read_text()))
+    except (OSError, ValueError, KeyError):
+        return None
+
+
+def fit_coefficients(resolved, cfg: MethodConfig, seq_len: int) -> MemoryCoefficients:
+    """Fitted coefficients for this architecture/method/sequence length, from the cache or four slice runs."""
+    key = coefficient_key(resolved, cfg, seq_len)
+    found = _load(key)
+    if found is not None:
+        return found
+    with _LOCK:
+        found = _load(key)
+        if found is not None:
+            return found
+        fitted = _fit(resolved, _simulation_config(cfg), seq_len, key)
+        path = _cache_path(key)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(".tmp")
+            tmp.write_text(json.dumps(fitted.to_dict()))
+            tmp.replace(path)
+        except OSError:
+            pass
+        _load.cache_clear()
+        return fitted
+
+
+def _fit(resolved, cfg: MethodConfig, seq_len: int, key: str) -> MemoryCoefficients:
+    import time
+
+    from advisor.estimator.static import sliced_config
+    from advisor.memory.simulate import simulate_in_process
+
+    start = time.perf_counter()
+    runs: dict[tuple[int, int], dict] = {}
+    for layers in (1, 2):
+        sliced = copy.copy(resolved)
+        sliced.config = sliced_config(resolved.config, layers)
+        for batch in (1, 2):
+            runs[(layers, batch)] = simulate_in_process(sliced, cfg, batch, seq_len)["phases"]
+    phases = {}
+    for phase in PHASES:
+        terms = {}
+        for cat in CATEGORIES:
+            v = {lb: runs[lb].get(phase, {}).get("breakdown_bytes", {}).get(cat, 0) for lb in runs}
+            k0 = v[(1, 1)]
+            kl = v[(2, 1)] - v[(1, 1)]
+            kb = v[(1, 2)] - v[(1, 1)]
+            klb = v[(2, 2)] - v[(2, 1)] - v[(1, 2)] + v[(1, 1)]
+            if any((k0, kl, kb, klb)):
+                terms[cat] = (k0, kl, kb, klb)
+        phases[phase] = PhaseCoefficients(terms)
+    return MemoryCoefficients(phases, seq_len, key, time.perf_counter() - start)

@@ -1,0 +1,239 @@
+"""The fast estimator: peak memory with breakdown, fit, largest micro-batch, multi-GPU sharding, time and cost.
+
+Memory = the closed form of `coefficients.py` (fitted from exact slice simulations of the real architecture and
+method) evaluated at the model's depth and the micro-batch, with the optimizer state replaced by its exact
+analytic size (`static.py`), the device overhead of the calibration profile added, and sharding applied per
+category for multi-GPU strategies. Time = training FLOPs / achieved FLOP/s (profile). Everything after the
+first call for an (architecture, method config, sequence length) is arithmetic on cached coefficients.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from advisor.estimator.coefficients import MemoryCoefficients, fit_coefficients
+from advisor.estimator.plan import Plan, build_plan
+from advisor.estimator.profile import Profile, load_profile
+from advisor.estimator.static import StaticTerms, static_terms
+from advisor.schemas import BREAKDOWN_KEYS, EstimateRequest
+
+GIB = 2**30
+
+# Multi-GPU strategies: which categories are divided by the device count.
+#   ddp: nothing (replicas); zero2 / fsdp_grad_op: gradients and optimizer state; zero3 / fsdp_full: everything
+#   that is a parameter, gradient or optimizer state. Frozen weights are sharded only by zero3/fsdp_full, which is
+#   why LoRA on 8 GPUs under DDP or ZeRO-2 still holds the whole base model on every GPU.
+STRATEGIES = {
+    "ddp": {"weights": False, "trainable": False, "gradients": False, "optimizer": False, "offload": False},
+    "zero2": {"weights": False, "trainable": False, "gradients": True, "optimizer": True, "offload": False},
+    "zero2_offload": {"weights": False, "trainable": False, "gradients": True, "optimizer": "cpu", "offload": True},
+    "zero3": {"weights": True, "trainable": True, "gradients": True, "optimizer": True, "offload": False},
+    "zero3_offload": {"weights": True, "trainable": True, "gradients": True, "optimizer": "cpu", "offload": True},
+}
+STRATEGY_ALIASES = {"fsdp_grad_op": "zero2", "fsdp_full_shard": "zero3", "fsdp_offload": "zero3_offload"}
+
+
+@dataclass
+class MemoryModel:
+    plan: Plan
+    static: StaticTerms
+    coefficients: MemoryCoefficients
+    profile: Profile
+
+    def peak(self, batch: int, strategy: str = "ddp", devices: int = 1) -> tuple[int, dict[str, float], str]:
+        """(peak bytes per device, categories at the peak, phase) for a micro-batch and strategy."""
+        shard = STRATEGIES[strategy]
+        layers = self.static.layers
+        best: tuple[float, dict[str, float], str] | None = None
+        phase_values = {}
+        for phase, coeffs in self.coefficients.phases.items():
+            cats = coeffs.bytes_by_category(layers, batch)
+            if cats.get("optimizer", 0) > 0:
+                cats["optimizer"] = float(self.static.optimizer_bytes)
+            phase_values[phase] = cats
+        # backward can peak at its start (all activations + logit gradients) even when the slices saw it peak at its
+        # end (all gradients, full fine-tuning): keep the forward total plus the logits' gradient as a candidate
+        fwd = phase_values.get("forward")
+        if fwd is not None:
+            logits_grad = batch * self.plan.seq_len * self.static.vocab * 4
+            start = dict(fwd)
+            start["temporaries"] = start.get("temporaries", 0) + logits_grad
+            phase_values["backward_start"] = start
+        for phase, cats in phase_values.items():
+            cats = _shard(cats, shard, devices, self.static)
+            total = sum(cats.values())
+            if best is None or total > best[0]:
+                best = (total, cats, phase.replace("_start", ""))
+        total, cats, phase = best
+        overhead = self.profile.overhead_bytes(total)
+        cats["overhead"] = overhead
+        return int(total + overhead), cats, phase
+
+    def max_micro_batch(self, memory_bytes: float, strategy: str = "ddp", devices: int = 1, limit: int = 4096) -> int:
+        """Largest micro-batch whose peak fits in `memory_bytes` (0 if even 1 does not fit)."""
+        if self.peak(1, strategy, devices)[0] > memory_bytes:
+            return 0
+        lo, hi = 1, 2
+        while hi <= limit and self.peak(hi, strategy, devices)[0] <= memory_bytes:
+            lo, hi = hi, hi * 2
+        hi = min(hi, limit + 1)
+        while hi - lo > 1:
+            mid = (lo + hi) // 2
+            if self.peak(mid, strategy, devices)[0] <= memory_bytes:
+                lo = mid
+            else:
+                hi = mid
+        return lo
+
+
+def _shard(cats: dict[str, float], shard: dict, devices: int, static: StaticTerms) -> dict[str, float]:
+    if devices <= 1:
+        return dict(cats)
+    out = dict(cats)
+    for key in ("weights", "trainable", "gradients", "optimizer"):
+        rule = shard[key]
+        if rule == "cpu":
+            out[key] = 0.0
+        elif rule:
+            out[key] = cats.get(key, 0.0) / devices
+    if shard["weights"]:  # ZeRO-3/FSDP gather one block's parameters (and prefetch the next) at a time
+        per_layer = (static.weights_bytes + static.trainable_bytes) / max(static.layers, 1)
+        out["temporaries"] = out.get("temporaries", 0.0) + 2 * per_layer
+    return out
+
+
+def memory_model(plan: Plan, profile: Profile | None = None) -> MemoryModel:
+    profile = profile or load_profile("cuda" if plan.hardware.has_gpu else "cpu")
+    return MemoryModel(plan, static_terms(plan.model, plan.config), fit_coefficients(plan.model, plan.config, plan.seq_len),
+                       profile)
+
+
+def public_breakdown(cats: dict[str, float]) -> dict[str, float]:
+    out = dict.fromkeys(BREAKDOWN_KEYS, 0.0)
+    for key, value in cats.items():
+        out[key if key in out else "activations"] += value
+    return {k: round(v / GIB, 4) for k, v in out.items()}
+
+
+# --------------------------------------------------------------------------- time and cost
+def training_flops_per_token(mm: MemoryModel) -> float:
+    """≈ 2N forward + 2N input-gradient backward + 2N_trainable weight-gradient backward (+ 2N recompute with
+    checkpointing) + attention's QKᵀ/AV (4·L·s·q_dim per token forward, ×2 backward)."""
+    st, plan = mm.static, mm.plan
+    n = st.total_params
+    trained = st.trainable_params
+    forward = 2 * n
+    flops = forward + 2 * n + 2 * trained
+    if plan.training.gradient_checkpointing:
+        flops += forward
+    attention = 4 * st.layers * plan.seq_len * st.q_dim
+    flops += attention * (3 + (1 if plan.training.gradient_checkpointing else 0))
+    return float(flops)
+
+
+def time_and_cost(mm: MemoryModel, batch: int, strategy: str, devices: int) -> dict:
+    plan = mm.plan
+    per_token = training_flops_per_token(mm)
+    rate, rate_source = mm.profile.achieved_flops(plan.spec.id, plan.hardware)
+    if rate is None:
+        return {"tokens_per_s": None, "train_hours": None, "cost_usd": None, "time_source": rate_source}
+    rate *= mm.profile.method_speed_factor(plan.spec.id)
+    scaling = mm.profile.multi_gpu_efficiency(strategy) if devices > 1 else 1.0
+    tokens_per_s = rate / per_token * devices * scaling
+    out = {"tokens_per_s": round(tokens_per_s, 1), "train_hours": None, "cost_usd": None, "time_source": rate_source,
+           "flops_per_token": per_token}
+    ds = plan.request.dataset
+    if ds is not None and ds.num_examples:
+        avg = ds.avg_tokens or (ds.max_tokens or plan.seq_len)
+        tokens = ds.num_examples * min(avg, plan.seq_len) * plan.training.num_train_epochs
+        hours = tokens / tokens_per_s / 3600
+        out["train_hours"] = round(hours, 3)
+        price = plan.hardware.gpu.usd_per_hour if plan.hardware.gpu is not None else None
+        if price is not None:
+            out["cost_usd"] = round(hours * price * devices, 2)
+    return out
+
+
+# --------------------------------------------------------------------------- the answer
+def choose_strategy(mm: MemoryModel, memory_bytes: float | None, batch: int, devices: int) -> str:
+    if devices <= 1:
+        return "ddp"
+    for strategy in ("ddp", "zero2", "zero3", "zero2_offload", "zero3_offload"):
+        if memory_bytes is None or mm.peak(batch, strategy, devices)[0] <= memory_bytes:
+            return strategy
+    return "zero3_offload"
+
+
+def fast_estimate(req: EstimateRequest, strategy: str | None = None) -> dict:
+    return estimate_plan(build_plan(req), strategy=strategy)
+
+
+def estimate_plan(plan: Plan, strategy: str | None = None, mm: MemoryModel | None = None) -> dict:
+    mm = mm or memory_model(plan)
+    hw = plan.hardware
+    devices = hw.count
+    memory_bytes = hw.memory_gib * GIB if hw.memory_gib is not None else None
+    batch = plan.batch_size
+    strategy = STRATEGY_ALIASES.get(strategy, strategy) if strategy else choose_strategy(mm, memory_bytes, batch, devices)
+    peak, cats, phase = mm.peak(batch, strategy, devices)
+    band_low, band_high = mm.profile.band()
+    result = {
+        "peak_vram_gib": round(peak / GIB, 3),
+        "peak_bytes": peak,
+        "peak_vram_low_gib": round(peak * (1 + band_low) / GIB, 3),
+        "peak_vram_high_gib": round(peak * (1 + band_high) / GIB, 3),
+        "fits": None if memory_bytes is None else peak <= memory_bytes,
+        "headroom_gib": None if memory_bytes is None else round((memory_bytes - peak) / GIB, 3),
+        "breakdown_gib": public_breakdown(cats),
+        "peak_phase": phase,
+        "micro_batch": batch,
+        "seq_len": plan.seq_len,
+        "max_micro_batch": None if memory_bytes is None else mm.max_micro_batch(memory_bytes, strategy, devices),
+        "trainable_params": mm.static.trainable_params,
+        "total_params": mm.static.total_params,
+        "method": plan.spec.id,
+        "model": plan.model.id,
+        "hardware": hw.to_public(),
+        "strategy": strategy if devices > 1 else "single",
+        "config": plan.config.model_dump(mode="json"),
+    }
+    if devices > 1:
+        result["per_strategy_gib"] = {s: round(mm.peak(batch, s, devices)[0] / GIB, 3) for s in STRATEGIES}
+    timing = time_and_cost(mm, batch, strategy, devices)
+    result.update({k: timing[k] for k in ("tokens_per_s", "train_hours", "cost_usd")})
+    result["provenance"] = {
+        "memory": f"fitted:{mm.coefficients.key} (exact slice simulations of this architecture and method) "
+                  f"+ exact parameter/optimizer bytes",
+        "overhead": mm.profile.overhead_source(),
+        "band": mm.profile.band_source(),
+        "time": timing["time_source"],
+        "profile": mm.profile.id,
+    }
+    notes = list(mm.profile.notes)
+    if memory_bytes is None:
+        notes.append("no GPU given: memory is reported, fit is not judged")
+    result["notes"] = notes
+    return result
+
+
+def compare_gpus(req: EstimateRequest, counts=(1, 2, 4, 8)) -> list[dict]:
+    """Every catalog GPU × count, ranked by cost for the job (those that do not fit last)."""
+    from advisor.catalog.gpus import load_gpus
+    from advisor.hardware import HardwareTarget
+
+    plan = build_plan(req)
+    mm = memory_model(plan)
+    rows = []
+    for gpu in load_gpus():
+        for count in counts:
+            plan.hardware = HardwareTarget(gpu.name, count, float(gpu.usable_memory_gib), gpu)
+            mm.plan = plan
+            est = estimate_plan(plan, mm=mm)
+            rows.append({"gpu": gpu.id, "count": count, "fits": est["fits"], "peak_vram_gib": est["peak_vram_gib"],
+                         "strategy": est["strategy"], "max_micro_batch": est["max_micro_batch"],
+                         "tokens_per_s": est["tokens_per_s"], "train_hours": est["train_hours"],
+                         "cost_usd": est["cost_usd"], "usd_per_hour": gpu.usd_per_hour})
+    rows.sort(key=lambda r: (not r["fits"], math.inf if r["cost_usd"] is None else r["cost_usd"],
+                             math.inf if r["train_hours"] is None else r["train_hours"]))
+    return rows

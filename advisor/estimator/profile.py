@@ -1,0 +1,131 @@
+"""Calibration profiles (`profiles/calibration/<device>.json`): the per-device terms of the estimator.
+
+A profile holds what only a run on the device can tell: the overhead a device adds to the tensor bytes (CUDA
+context, caching-allocator slack), the achieved FLOP/s of each method, and the error band from held-out probes.
+`advisor calibrate` writes one for the machine it runs on. Estimates for a GPU use the CUDA profile; estimates
+for "no GPU" use the CPU profile. A corrupt profile or one from another format version never breaks estimates:
+the shipped profile is used instead, with a warning in the answer's notes.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+PROFILE_FORMAT = 1
+
+
+def calibration_dir() -> Path:
+    from advisor.catalog.gpus import profiles_dir
+
+    return profiles_dir() / "calibration"
+
+
+@dataclass
+class Profile:
+    id: str
+    device_kind: str  # "cuda" | "cpu"
+    data: dict[str, Any]
+    path: Path | None = None
+    notes: list[str] = field(default_factory=list)
+
+    # -- memory -----------------------------------------------------------------------------------
+    def overhead_bytes(self, tensor_bytes: float) -> float:
+        o = self.data.get("overhead", {})
+        return float(o.get("context_bytes", 0)) + float(o.get("allocator_fraction", 0.0)) * tensor_bytes
+
+    def overhead_source(self) -> str:
+        o = self.data.get("overhead", {})
+        return f"{self.id}: {o.get('source', 'no overhead terms')}"
+
+    def band(self) -> tuple[float, float]:
+        b = self.data.get("band", {})
+        return float(b.get("low", -0.02)), float(b.get("high", 0.02))
+
+    def band_source(self) -> str:
+        return f"{self.id}: {self.data.get('band', {}).get('source', 'default ±2%')}"
+
+    # -- time ---------------------------------------------------------------------------------------
+    def achieved_flops(self, method: str, hardware) -> tuple[float | None, str]:
+        t = self.data.get("throughput", {})
+        if self.device_kind == "cpu":
+            rate = (t.get("achieved_flops") or {}).get(method)
+            if rate is None:
+                return None, f"{self.id}: no CPU probe of {method} yet (run `advisor calibrate`)"
+            return float(rate), f"calibrated:{self.id} (median of CPU probes of {method})"
+        gpu = getattr(hardware, "gpu", None)
+        if gpu is None:
+            return None, "unknown GPU: no peak FLOP/s to scale"
+        measured = (t.get("mfu_measured") or {}).get(method)
+        peak = gpu.bf16_tflops or gpu.fp16_tflops
+        if peak is None:
+            return None, f"{gpu.id}: no tensor-core FLOP/s in the catalog"
+        if measured is not None:
+            return peak * 1e12 * float(measured), f"calibrated:{self.id} (measured MFU of {method})"
+        mfu = float(t.get("default_mfu", 0.4))
+        return peak * 1e12 * mfu, f"{gpu.id} peak {peak} TFLOPS × default MFU {mfu} ({t.get('default_mfu_source', '')})"
+
+    def method_speed_factor(self, method: str) -> float:
+        return float((self.data.get("throughput", {}).get("method_speed_factor") or {}).get(method, 1.0))
+
+    def multi_gpu_efficiency(self, strategy: str) -> float:
+        return float((self.data.get("multi_gpu_efficiency") or {}).get(strategy, 0.9))
+
+
+class ProfileError(ValueError):
+    pass
+
+
+def read_profile(path: Path) -> Profile:
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as err:
+        raise ProfileError(f"cannot read calibration profile {path}: {err}") from None
+    if not isinstance(data, dict) or data.get("format") != PROFILE_FORMAT:
+        raise ProfileError(f"{path} is not a calibration profile of format {PROFILE_FORMAT}")
+    kind = data.get("device", {}).get("kind")
+    if kind not in ("cpu", "cuda"):
+        raise ProfileError(f"{path}: device.kind must be 'cpu' or 'cuda'")
+    return Profile(data.get("id", Path(path).stem), kind, data, Path(path))
+
+
+@functools.lru_cache(maxsize=16)
+def _load(kind: str, override: str | None) -> Profile:
+    shipped = calibration_dir() / f"{kind}-default.json"
+    notes = []
+    candidates = []
+    if override:
+        candidates.append(Path(override))
+    candidates += sorted(calibration_dir().glob(f"{kind}-*.json"), key=lambda p: p.name.endswith("-default.json"))
+    for path in candidates:
+        try:
+            profile = read_profile(path)
+        except ProfileError as err:
+            notes.append(f"{err}; using the shipped profile")
+            continue
+        if profile.device_kind != kind:
+            if path == Path(override or ""):
+                notes.append(f"ADVISOR_PROFILE {path} is a {profile.device_kind} profile; a {kind} target needs {kind}")
+            continue
+        profile.notes = notes
+        return profile
+    try:
+        profile = read_profile(shipped)
+    except ProfileError as err:
+        notes.append(f"{err}; no calibration terms applied")
+        profile = Profile("none", kind, {}, None)
+    profile.notes = notes
+    return profile
+
+
+def load_profile(target_kind: str = "cuda") -> Profile:
+    """The profile for estimates on `target_kind` hardware ("cuda" for any GPU, "cpu" for none)."""
+    return _load(target_kind, os.environ.get("ADVISOR_PROFILE"))
+
+
+def clear_cache() -> None:
+    _load.cache_clear()
