@@ -140,6 +140,9 @@ def estimate(
     seq: Annotated[int | None, typer.Option(help="Sequence length (tokens).")] = None,
     checkpointing: Annotated[bool | None, typer.Option("--checkpointing/--no-checkpointing")] = None,
     exact: Annotated[bool, typer.Option("--exact", help="Simulate the real step on fake tensors (seconds).")] = False,
+    strategy: Annotated[str | None, typer.Option(help="Multi-GPU strategy: ddp, zero2, zero3, zero2_offload, "
+                                                       "zero3_offload (fsdp_grad_op, fsdp_full_shard).")] = None,
+    compare_gpus: Annotated[bool, typer.Option("--compare-gpus", help="Rank every catalog GPU × 1/2/4/8 by cost.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print the API's JSON.")] = False,
 ) -> None:
     """Peak memory (with breakdown), fit and, when calibrated, time and cost of a training config."""
@@ -165,19 +168,36 @@ def estimate(
         body["config"] = {**(body.get("config") or {}), "training": training}
     if exact:
         body["exact"] = True
+    if "hardware" not in body and compare_gpus:
+        body["hardware"] = {"gpu": "h100-sxm"}
     req = parse(EstimateRequest, body)
-    if req.exact:
-        from advisor.estimator.exact import exact_estimate
+    if compare_gpus:
+        from advisor.estimator.fast import compare_gpus as rank_gpus
 
-        with console.status("simulating the training step on fake tensors..."):
-            result = exact_estimate(req)
-    else:
-        from advisor.estimator.fast import fast_estimate
+        with console.status("fitting the memory model for this architecture and method..."):
+            rows = rank_gpus(req)
+        if as_json:
+            return _print_json(rows)
+        return _render_comparison(rows)
+    from advisor.estimator.service import run_estimate
 
-        result = fast_estimate(req)
+    with console.status("simulating the training step on fake tensors..." if req.exact else "estimating..."):
+        result = run_estimate(req, strategy=strategy)
     if as_json:
         return _print_json(result)
     _render_estimate(result)
+
+
+def _render_comparison(rows: list[dict]) -> None:
+    table = Table(title="GPUs ranked by cost for this job")
+    for col in ("gpu", "count", "fits", "peak GiB", "strategy", "max micro-batch", "tokens/s", "hours", "$"):
+        table.add_column(col, justify="left" if col in ("gpu", "strategy") else "right")
+    for r in rows:
+        fmt = lambda v, f="{:.2f}": "-" if v is None else f.format(v)  # noqa: E731
+        table.add_row(r["gpu"], str(r["count"]), "[green]yes[/]" if r["fits"] else "[red]no[/]", fmt(r["peak_vram_gib"]),
+                      r["strategy"], str(r["max_micro_batch"]), fmt(r["tokens_per_s"], "{:.0f}"),
+                      fmt(r["train_hours"]), fmt(r["cost_usd"]))
+    console.print(table)
 
 
 def _render_estimate(result: dict) -> None:
@@ -188,7 +208,10 @@ def _render_estimate(result: dict) -> None:
         f"[bold]{result['model']}[/] · [bold]{result['method']}[/] · micro-batch {result['micro_batch']} × "
         f"{result['seq_len']} tokens on {hw.get('name')} ×{hw.get('count', 1)}"
     )
-    console.print(f"peak [bold]{result['peak_vram_gib']:.2f} GiB[/] — {verdict}"
+    band = ""
+    if result.get("peak_vram_low_gib") is not None:
+        band = f" (band {result['peak_vram_low_gib']:.2f}–{result['peak_vram_high_gib']:.2f})"
+    console.print(f"peak [bold]{result['peak_vram_gib']:.2f} GiB[/]{band} — {verdict}"
                   + (f", headroom {result['headroom_gib']:.2f} GiB" if result.get("headroom_gib") is not None else ""))
     table = Table(show_header=True)
     table.add_column("component")

@@ -144,3 +144,40 @@ def test_cli_bad_input_exits_2_naming_the_field(tmp_path):
     assert res.returncode == 2 and "--file" in res.stderr
     res = _cli("estimate", "--model", "llama-2-7b", "--method", "lora", "--gpu", "4090", "--batch", "0", "--exact")
     assert res.returncode == 2 and "per_device_train_batch_size" in res.stderr
+
+
+def test_fast_estimate_over_http_has_band_time_cost_and_provenance(server, tiny_dirs):
+    body = {"model": str(tiny_dirs["llama"]), "hardware": {"gpu": "RTX 4090"}, "method": "qlora",
+            "config": {"training": {"per_device_train_batch_size": 2, "max_seq_length": 64,
+                                    "gradient_checkpointing": True}},
+            "dataset": {"num_examples": 1000, "avg_tokens": 48, "max_tokens": 64}}
+    r = httpx.post(f"{server}/v1/estimate", json=body, timeout=120)
+    assert r.status_code == 200, r.text
+    est = r.json()
+    assert est["peak_vram_low_gib"] <= est["peak_vram_gib"] <= est["peak_vram_high_gib"]
+    assert est["fits"] and est["max_micro_batch"] >= 2
+    assert est["tokens_per_s"] > 0 and est["train_hours"] > 0 and est["cost_usd"] >= 0
+    assert est["provenance"]["memory"].startswith("fitted:") and est["provenance"]["profile"]
+    assert est["breakdown_gib"]["overhead"] > 0  # CUDA context/allocator terms for a GPU target
+    exact = httpx.post(f"{server}/v1/estimate", json={**body, "exact": True}, timeout=120).json()
+    assert abs(est["peak_bytes"] - exact["peak_bytes"]) / exact["peak_bytes"] < 0.05
+
+
+def test_compare_gpus_over_http_ranks_by_cost(server, tiny_dirs):
+    body = {"model": "meta-llama/Llama-2-7b-hf", "method": "lora",
+            "config": {"training": {"per_device_train_batch_size": 1, "max_seq_length": 512}},
+            "dataset": {"num_examples": 2000, "avg_tokens": 400, "max_tokens": 512}}
+    rows = httpx.post(f"{server}/v1/estimate/compare-gpus", json=body, timeout=300).json()
+    assert len(rows) >= 80
+    fitting = [r for r in rows if r["fits"]]
+    assert fitting and not rows[-1]["fits"] or all(r["fits"] for r in rows)
+    costs = [r["cost_usd"] for r in fitting if r["cost_usd"] is not None]
+    assert costs == sorted(costs)
+    small = next(r for r in rows if r["gpu"] == "rtx-3060" and r["count"] == 1)
+    assert small["fits"] is False  # 13 GiB of bf16 weights alone exceed a 12 GB card
+
+
+def test_unknown_strategy_is_422(server):
+    r = httpx.post(f"{server}/v1/estimate", json={"model": "gpt2", "hardware": {"gpu": "a100", "count": 2},
+                                                 "method": "lora", "strategy": "zero9"}, timeout=60)
+    assert r.status_code == 422 and r.json()["field"] == "strategy"

@@ -148,10 +148,10 @@ def time_and_cost(mm: MemoryModel, batch: int, strategy: str, devices: int) -> d
         avg = ds.avg_tokens or (ds.max_tokens or plan.seq_len)
         tokens = ds.num_examples * min(avg, plan.seq_len) * plan.training.num_train_epochs
         hours = tokens / tokens_per_s / 3600
-        out["train_hours"] = round(hours, 3)
+        out["train_hours"] = float(f"{hours:.4g}")
         price = plan.hardware.gpu.usd_per_hour if plan.hardware.gpu is not None else None
         if price is not None:
-            out["cost_usd"] = round(hours * price * devices, 2)
+            out["cost_usd"] = float(f"{hours * price * devices:.4g}")
     return out
 
 

@@ -5,7 +5,7 @@ from typing import Any
 from fastapi import APIRouter, Body
 from fastapi.concurrency import run_in_threadpool
 
-from advisor.estimator.exact import exact_estimate
+from advisor.estimator.service import run_estimate
 from advisor.schemas import EstimateRequest, parse
 
 router = APIRouter(prefix="/v1", tags=["estimate"])
@@ -21,9 +21,17 @@ EXAMPLE = {
 
 @router.post("/estimate")
 async def estimate(body: dict[str, Any] = Body(..., examples=[EXAMPLE])) -> dict:
+    """Peak memory with breakdown, fit, max micro-batch, tokens/s, hours and cost (`exact: true` simulates)."""
+    strategy = body.pop("strategy", None) if isinstance(body, dict) else None
     req = parse(EstimateRequest, body)
-    if req.exact:
-        return await run_in_threadpool(exact_estimate, req)
-    from advisor.estimator.fast import fast_estimate
+    return await run_in_threadpool(run_estimate, req, strategy)
 
-    return await run_in_threadpool(fast_estimate, req)
+
+@router.post("/estimate/compare-gpus")
+async def compare(body: dict[str, Any] = Body(..., examples=[EXAMPLE])) -> list[dict]:
+    """Every catalog GPU × 1/2/4/8, ranked by cost for the job; those where it does not fit last."""
+    from advisor.estimator.fast import compare_gpus
+
+    body = {**body, "hardware": body.get("hardware") or {"gpu": "h100-sxm"}}
+    req = parse(EstimateRequest, body)
+    return await run_in_threadpool(compare_gpus, req)
