@@ -53,10 +53,13 @@ class MemoryModel:
                 cats["optimizer"] = float(self.static.optimizer_bytes)
             phase_values[phase] = cats
         # backward can peak at its start (all activations + logit gradients) even when the slices saw it peak at its
-        # end (all gradients, full fine-tuning): keep the forward total plus the logits' gradient as a candidate
+        # end (all gradients, full fine-tuning): keep that moment as a candidate. Measured on the simulator, the
+        # start of backward holds one more compute-dtype element per logit than the end of forward (bf16: forward
+        # 10 B/logit = bf16 logits + fp32 upcast + fp32 log-softmax; backward start 12 B/logit)
         fwd = phase_values.get("forward")
         if fwd is not None:
-            logits_grad = batch * self.plan.seq_len * self.static.vocab * 4
+            element = 4 if self.plan.training.torch_dtype == "float32" else 2
+            logits_grad = batch * self.plan.seq_len * self.static.vocab * element
             start = dict(fwd)
             start["temporaries"] = start.get("temporaries", 0) + logits_grad
             phase_values["backward_start"] = start
