@@ -9,7 +9,6 @@ from __future__ import annotations
 import contextlib
 import math
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 from torch import nn
@@ -141,6 +140,9 @@ def load_base_model(
     config = _copy_config(resolved.config)
     auto = _auto_class(resolved.kind)
     attn = _attn(cfg, on_meta)
+    if attn == "sim_sdpa" and not getattr(_model_class(auto, config), "_supports_attention_backend", False):
+        # architectures that pick attention classes themselves (Falcon, BLOOM, T5) cannot use a registered one
+        attn = cfg.training.attn_implementation if cfg.training.attn_implementation != "flash_attention_2" else "sdpa"
     if on_meta:
         with torch.device("meta"), _default_dtype(dtype):
             model = _from_config(auto, config, attn)
@@ -171,6 +173,13 @@ def load_base_model(
     else:
         model = auto.from_pretrained(source, dtype=dtype, attn_implementation=attn)
     return model.to(device) if device is not None else model
+
+
+def _model_class(auto, config):
+    try:
+        return auto._model_mapping[type(config)]
+    except (KeyError, AttributeError):
+        return None
 
 
 def _from_config(auto, config, attn: str) -> nn.Module:
@@ -333,7 +342,5 @@ def make_batch(
     else:
         ids = torch.randint(4, vocab_size, shape, generator=generator, device=device)
         labels = ids.clone()
-    batch: dict[str, Any] = {"input_ids": ids, "labels": labels}
-    if kind == "seq2seq":
-        batch["labels"] = labels
-    return batch
+    # seq2seq models build decoder inputs by shifting the labels, so the same two tensors serve both kinds
+    return {"input_ids": ids, "labels": labels}

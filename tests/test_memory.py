@@ -113,7 +113,7 @@ def test_qlora_standin_within_2_percent_of_bitsandbytes(small_llama, checkpointi
     assert sim["total_params"] == real["total_params"]
 
 
-# Where a real CPU run takes a different kernel than the simulation (see docs/simulation.md):
+# Where a real CPU run takes a different kernel than the simulation (see docs/estimator.md):
 # - prefix_tuning: the prefix makes transformers materialise a 4-D mask, and CPU SDPA with a mask runs the math
 #   kernel, which saves attention probabilities (layers x b x heads x q x kv x 4 bytes; CUDA's memory-efficient
 #   kernel does not); the simulation follows the GPU path.

@@ -34,6 +34,10 @@ ATTENTION_MODULES = {
 }
 
 
+# architectures PEFT's table does not cover (fused projections): the query/value-equivalent layers
+LORA_TARGETS_EXTRA = {"phi3": ["qkv_proj"], "falcon": ["query_key_value"], "gpt_neox": ["query_key_value"]}
+
+
 def resolve_targets(
     model: torch.nn.Module,
     requested: Any,
@@ -59,7 +63,7 @@ def resolve_targets(
     if requested and present:
         missing = [t for t in requested if t not in available]
         raise AdvisorInputError(field_name, f"no layer named {missing} in this {model_type} model", allowed=available)
-    mapped = (table or TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING).get(model_type)
+    mapped = (table or {**TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING, **LORA_TARGETS_EXTRA}).get(model_type)
     if mapped and all(t in available for t in mapped):
         return list(mapped)
     raise AdvisorInputError(
