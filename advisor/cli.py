@@ -230,6 +230,16 @@ def _render_estimate(result: dict) -> None:
         console.print(f"[yellow]note:[/] {note}")
 
 
+def _register_calibrate() -> None:
+    from advisor.calibration.cli import calibrate_command
+
+    app.command("calibrate", help="Probe every method on this device, fit the estimator's device terms, write a profile.")(
+        calibrate_command)
+
+
+_register_calibrate()
+
+
 def main() -> None:  # pragma: no cover - console entry point
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     app()

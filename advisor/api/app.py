@@ -11,7 +11,7 @@ from advisor.errors import AdvisorInputError
 
 
 def create_app() -> FastAPI:
-    from advisor.api.routes import catalog, estimate
+    from advisor.api.routes import calibrations, catalog, estimate
 
     app = FastAPI(
         title="Fine-tuning advisor",
@@ -35,4 +35,5 @@ def create_app() -> FastAPI:
 
     app.include_router(catalog.router)
     app.include_router(estimate.router)
+    app.include_router(calibrations.router)
     return app

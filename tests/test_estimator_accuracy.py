@@ -1,0 +1,147 @@
+"""The fast estimator against the exact simulation on a sample, and its multi-GPU / largest-micro-batch logic.
+
+The sample (2 small catalog models × 4 methods × 2 grid points) is checked on every run: each fast estimate within
+5 % of the exact one, and the median within 2 % (the targets of `bench/accuracy.py`, which runs the full grid).
+The exact side is the simulation itself (`simulate_in_process`, the code the exact estimator's subprocess runs)
+plus the same CUDA overhead `exact_estimate` adds; running it in-process saves the subprocess start-up per case.
+The module shares one cache directory (ADVISOR_CACHE_DIR), so the multi-GPU tests reuse the fitted coefficients.
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+
+import pytest
+
+GIB = 2**30
+MODELS = ("openai-community/gpt2", "meta-llama/Llama-3.2-1B")
+METHODS = ("full", "lora", "qlora", "prompt_tuning")
+POINTS = ((1, 256, False), (2, 512, True))
+
+
+@pytest.fixture(scope="module", autouse=True)
+def shared_cache(tmp_path_factory):
+    from advisor.settings import get_settings
+
+    path = tmp_path_factory.mktemp("estimator-cache")
+    old = os.environ.get("ADVISOR_CACHE_DIR")
+    os.environ["ADVISOR_CACHE_DIR"] = str(path)
+    get_settings.cache_clear()
+    yield path
+    if old is None:
+        os.environ.pop("ADVISOR_CACHE_DIR", None)
+    else:
+        os.environ["ADVISOR_CACHE_DIR"] = old
+    get_settings.cache_clear()
+
+
+def _request(model, method, b, s, gc, gpu="h100", count=1, **extra):
+    from advisor.schemas import EstimateRequest
+
+    hardware = {"gpu": gpu, "count": count} if gpu else {"vram_gib": extra.pop("vram_gib"), "count": count}
+    return EstimateRequest.model_validate({
+        "model": model, "hardware": hardware, "method": method,
+        "config": {"training": {"per_device_train_batch_size": b, "max_seq_length": s, "gradient_checkpointing": gc}},
+    })
+
+
+def _exact_bytes(req) -> int:
+    from advisor.estimator.exact import exact_overhead
+    from advisor.estimator.plan import build_plan
+    from advisor.memory.simulate import simulate_in_process
+
+    plan = build_plan(req)
+    sim = simulate_in_process(plan.model, plan.config, plan.batch_size, plan.seq_len)
+    overhead, _ = exact_overhead(plan, sim["peak_bytes"])
+    return sim["peak_bytes"] + overhead
+
+
+@pytest.fixture(scope="module")
+def accuracy_sample():
+    from advisor.estimator.fast import fast_estimate
+
+    rows = []
+    for model in MODELS:
+        for method in METHODS:
+            for b, s, gc in POINTS:
+                req = _request(model, method, b, s, gc)
+                fast = fast_estimate(req)["peak_bytes"]
+                exact = _exact_bytes(req)
+                rows.append((f"{model} {method} b{b} s{s} gc={gc}", fast, exact, (fast - exact) / exact * 100))
+    return rows
+
+
+def test_fast_matches_exact_on_sample(accuracy_sample):
+    report = "\n".join(f"{name}: fast {f / GIB:.3f} GiB, exact {e / GIB:.3f} GiB, {err:+.2f}%"
+                       for name, f, e, err in accuracy_sample)
+    worst = max(abs(r[3]) for r in accuracy_sample)
+    median = statistics.median(abs(r[3]) for r in accuracy_sample)
+    assert len(accuracy_sample) == len(MODELS) * len(METHODS) * len(POINTS)
+    assert worst <= 5.0, f"worst |error| {worst:.2f}% > 5%\n{report}"
+    assert median <= 2.0, f"median |error| {median:.2f}% > 2%\n{report}"
+
+
+# --------------------------------------------------------------------------- multi-GPU sharding
+LLAMA = "meta-llama/Llama-3.2-1B"
+
+
+def test_full_finetuning_zero3_below_zero2_below_ddp():
+    from advisor.estimator.fast import fast_estimate
+
+    est = fast_estimate(_request(LLAMA, "full", 2, 512, True, count=4), strategy="ddp")
+    per = est["per_strategy_gib"]
+    assert per["zero3"] < per["zero2"] < per["ddp"], per
+    # the same order from explicit strategy requests, per GPU
+    peaks = {s: fast_estimate(_request(LLAMA, "full", 2, 512, True, count=4), strategy=s)["peak_bytes"]
+             for s in ("ddp", "zero2", "zero3")}
+    assert peaks["zero3"] < peaks["zero2"] < peaks["ddp"], peaks
+    # DDP replicates: per-GPU peak equals the single-GPU peak
+    single = fast_estimate(_request(LLAMA, "full", 2, 512, True, count=1))["peak_bytes"]
+    assert peaks["ddp"] == single
+
+
+def test_lora_zero2_keeps_frozen_weights_zero3_shards_them():
+    from advisor.estimator.fast import fast_estimate
+
+    single = fast_estimate(_request(LLAMA, "lora", 2, 512, True, count=1))["breakdown_gib"]
+    zero2 = fast_estimate(_request(LLAMA, "lora", 2, 512, True, count=4), strategy="zero2")["breakdown_gib"]
+    zero3 = fast_estimate(_request(LLAMA, "lora", 2, 512, True, count=4), strategy="zero3")["breakdown_gib"]
+    # breakdown_gib is rounded to 1e-4 GiB
+    assert single["weights"] > 1.0  # the frozen bf16 base model (~2.3 GiB)
+    assert zero2["weights"] == pytest.approx(single["weights"], abs=2e-4)
+    assert zero3["weights"] == pytest.approx(single["weights"] / 4, abs=2e-4)
+    # ZeRO-2 shards what LoRA trains: optimizer state divided by the device count
+    assert single["optimizer"] > 0
+    assert zero2["optimizer"] == pytest.approx(single["optimizer"] / 4, abs=2e-4)
+
+
+# --------------------------------------------------------------------------- largest micro-batch
+@pytest.mark.parametrize(("method", "gpu", "count", "strategy"), [
+    ("lora", "h100", 1, None),
+    ("full", "a100-40gb", 1, None),
+    ("full", "rtx-4090", 4, "zero3"),
+])
+def test_max_micro_batch_is_the_largest_that_fits(method, gpu, count, strategy):
+    from advisor.estimator.fast import estimate_plan, memory_model
+    from advisor.estimator.plan import build_plan
+
+    plan = build_plan(_request(LLAMA, method, 2, 512, True, gpu=gpu, count=count))
+    est = estimate_plan(plan, strategy=strategy)
+    m = est["max_micro_batch"]
+    chosen = est["strategy"] if count > 1 else "ddp"
+    memory = plan.hardware.memory_gib * GIB
+    mm = memory_model(plan)
+    assert m >= 1, est
+    assert mm.peak(m, chosen, count)[0] <= memory < mm.peak(m + 1, chosen, count)[0]
+    # the reported fit agrees with the reported peak at the requested micro-batch
+    assert est["fits"] == (est["peak_bytes"] <= memory)
+    assert (plan.batch_size <= m) == est["fits"]
+
+
+def test_max_micro_batch_zero_when_nothing_fits():
+    from advisor.estimator.fast import fast_estimate
+
+    est = fast_estimate(_request(LLAMA, "full", 1, 512, True, gpu=None, vram_gib=4.0))
+    assert est["max_micro_batch"] == 0
+    assert est["fits"] is False
