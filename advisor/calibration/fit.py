@@ -1,0 +1,186 @@
+"""Fit a device's estimator terms from probe rows (pandas / numpy least squares).
+
+Memory.  measured ≈ (1 + allocator_fraction) · predicted_tensor_bytes + context_bytes, where `measured` is the
+counter's peak on CPU (exact: expect 0 / 0) and max_memory_reserved + context on CUDA. Least squares on relative
+residuals (each probe weighs the same whatever its size), with both terms constrained to be ≥ 0: an overhead is
+memory the tensor accounting does not see, it cannot be negative; an estimator that over-predicts shows up in the
+band instead of being hidden in a negative overhead.
+
+Time.  step_seconds ≈ flops_per_step / rate + t0, per method, least squares on relative residuals; rate is the
+method's achieved FLOP/s (what the estimator divides by) and t0 the per-step fixed cost (Python, kernel launches,
+optimizer bookkeeping) that tiny probes have and large models amortise. A negative intercept refits through the
+origin; fewer than two distinct sizes or a non-positive slope falls back to the median of flops/seconds.
+
+Band.  From the held-out probes' relative memory errors e = measured / predicted − 1 (predicted with the fitted
+overhead): low = min(0, p05), high = max(0, p95), so `[peak·(1+low), peak·(1+high)]` covers 90% of held-out probes.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+
+def ok_rows(df: pd.DataFrame) -> pd.DataFrame:
+    if df.empty:
+        return df
+    mask = df["error"].isna() if "error" in df else pd.Series(True, index=df.index)
+    need = ["measured_device_bytes", "predicted_tensor_bytes", "step_seconds", "flops_per_step"]
+    for col in need:
+        if col not in df:
+            return df.iloc[0:0]
+        mask &= df[col].notna()
+    return df[mask]
+
+
+# --------------------------------------------------------------------------- memory
+def fit_memory(train: pd.DataFrame) -> dict[str, Any]:
+    """(allocator_fraction, context_bytes) ≥ 0 minimising Σ((y − (1+a)x − c)/y)²."""
+    x = train["predicted_tensor_bytes"].to_numpy(float)
+    y = train["measured_device_bytes"].to_numpy(float)
+    if len(x) == 0:
+        return {"allocator_fraction": 0.0, "context_bytes": 0, "n": 0, "how": "no probe succeeded: 0 / 0"}
+    w = 1.0 / y
+    z = (y - x) * w  # overhead, relative to the measurement
+
+    def sse(a: float, c: float) -> float:
+        return float(np.sum((z - a * x * w - c * w) ** 2))
+
+    candidates = [(0.0, 0.0, "both terms 0")]
+    if len(x) >= 2 and np.ptp(x) > 0:
+        (a, c), *_ = np.linalg.lstsq(np.column_stack([x * w, w]), z, rcond=None)
+        if a >= 0 and c >= 0:
+            candidates.append((float(a), float(c), "least squares"))
+    a0 = float(np.sum(z * x * w) / np.sum((x * w) ** 2))
+    if a0 > 0:
+        candidates.append((a0, 0.0, "least squares with context_bytes held at 0"))
+    c0 = float(np.sum(z * w) / np.sum(w * w))
+    if c0 > 0:
+        candidates.append((0.0, c0, "least squares with allocator_fraction held at 0"))
+    a, c, how = min(candidates, key=lambda t: sse(t[0], t[1]))
+    if how == "both terms 0":
+        how = "least squares constrained to ≥ 0 came out 0 / 0 (the measurement never exceeds the tensor bytes)"
+    unconstrained = None
+    if len(x) >= 2 and np.ptp(x) > 0:
+        (ua, uc), *_ = np.linalg.lstsq(np.column_stack([x * w, w]), z, rcond=None)
+        unconstrained = {"allocator_fraction": float(ua), "context_bytes": float(uc)}
+    return {"allocator_fraction": round(a, 6), "context_bytes": int(round(c)), "n": int(len(x)), "how": how,
+            "unconstrained": unconstrained}
+
+
+def predict_memory(df: pd.DataFrame, mem: dict) -> pd.Series:
+    return (1 + mem["allocator_fraction"]) * df["predicted_tensor_bytes"] + mem["context_bytes"]
+
+
+# --------------------------------------------------------------------------- time
+def fit_time_one(x: np.ndarray, y: np.ndarray) -> dict[str, Any]:
+    """step_seconds ≈ x / rate + t0 for one method (x = FLOPs per step)."""
+    n = len(x)
+    if n == 0:
+        return {"rate": None, "t0": 0.0, "n": 0, "how": "no successful training probe"}
+    w = 1.0 / y
+    if n >= 2 and np.ptp(x) > 0:
+        (m, t0), *_ = np.linalg.lstsq(np.column_stack([x * w, w]), y * w, rcond=None)
+        if m > 0 and t0 >= 0:
+            return {"rate": float(1 / m), "t0": float(t0), "n": n, "how": "least squares: slope and intercept"}
+        m0 = float(np.sum(x * w * w * y) / np.sum((x * w) ** 2))  # through the origin: min Σ((y − m x)/y)²
+        if m0 > 0 and m > 0:
+            return {"rate": 1 / m0, "t0": 0.0, "n": n, "how": "least squares through the origin (intercept < 0)"}
+        reason = "non-positive slope (step time did not grow with FLOPs: noise dominates)"
+    else:
+        reason = "one probe size only" if n < 2 else "all probes have the same FLOPs"
+    rate = float(np.median(x / y))
+    return {"rate": rate, "t0": 0.0, "n": n, "how": f"median of FLOPs/step ÷ step seconds ({reason})"}
+
+
+def fit_time(train: pd.DataFrame) -> dict[str, dict]:
+    out = {}
+    for method, g in train.groupby("method", sort=False):
+        out[method] = fit_time_one(g["flops_per_step"].to_numpy(float), g["step_seconds"].to_numpy(float))
+    return out
+
+
+def predict_time(df: pd.DataFrame, times: dict[str, dict]) -> pd.Series:
+    def one(r):
+        t = times.get(r["method"]) or {}
+        if not t.get("rate"):
+            return math.nan
+        return r["flops_per_step"] / t["rate"] + t.get("t0", 0.0)
+
+    return df.apply(one, axis=1) if len(df) else pd.Series(dtype=float)
+
+
+# --------------------------------------------------------------------------- evaluation
+def evaluate(df: pd.DataFrame, mem: dict, times: dict[str, dict]) -> pd.DataFrame:
+    """Predicted vs measured for every successful probe (with the fitted terms)."""
+    out = df.copy()
+    if out.empty:
+        return out
+    out["predicted_device_bytes"] = predict_memory(out, mem).round().astype("int64")
+    out["memory_error"] = out["measured_device_bytes"] / out["predicted_device_bytes"] - 1
+    out["predicted_step_seconds"] = predict_time(out, times)
+    out["time_error"] = out["step_seconds"] / out["predicted_step_seconds"] - 1
+    return out
+
+
+def band(errors: pd.Series, source_set: str) -> dict[str, Any]:
+    e = errors.dropna().to_numpy(float)
+    if len(e) == 0:
+        return {"low": -0.02, "high": 0.02, "source": "no probe to measure errors on: default ±2%"}
+    p05, p95 = np.percentile(e, [5, 95])
+    low, high = min(0.0, float(p05)), max(0.0, float(p95))
+    return {"low": round(low, 5), "high": round(high, 5),
+            "source": (f"{source_set}: relative memory errors (measured/predicted − 1) of {len(e)} probes, "
+                       f"low = min(0, p05 = {p05:+.4%}), high = max(0, p95 = {p95:+.4%}); "
+                       f"worst {e.min():+.4%} / {e.max():+.4%}")}
+
+
+def summarise(ev: pd.DataFrame) -> dict[str, Any]:
+    if ev.empty:
+        return {"n": 0}
+    me, te = ev["memory_error"].abs(), ev["time_error"].abs()
+    per_method = {}
+    for method, g in ev.groupby("method", sort=False):
+        per_method[method] = {"n": int(len(g)),
+                              "memory_abs_error_median": _r(g["memory_error"].abs().median()),
+                              "memory_abs_error_max": _r(g["memory_error"].abs().max()),
+                              "time_abs_error_median": _r(g["time_error"].abs().median()),
+                              "time_abs_error_max": _r(g["time_error"].abs().max())}
+    return {
+        "n": int(len(ev)),
+        "memory_abs_error_median": _r(me.median()),
+        "memory_abs_error_p95": _r(me.quantile(0.95)),
+        "memory_abs_error_max": _r(me.max()),
+        "memory_error_min": _r(ev["memory_error"].min()),
+        "memory_error_max": _r(ev["memory_error"].max()),
+        "time_abs_error_median": _r(te.median()),
+        "time_abs_error_p90": _r(te.quantile(0.9)),
+        "time_abs_error_max": _r(te.max()),
+        "per_method": per_method,
+    }
+
+
+def _r(v) -> float | None:
+    return None if v is None or (isinstance(v, float) and math.isnan(v)) else round(float(v), 6)
+
+
+def fit_all(rows: list[dict]) -> dict[str, Any]:
+    """Fit on the training split, evaluate on the held-out split; everything the profile and the table need."""
+    df = pd.DataFrame(rows)
+    good = ok_rows(df)
+    train = good[~good["heldout"].astype(bool)] if not good.empty else good
+    held = good[good["heldout"].astype(bool)] if not good.empty else good
+    mem = fit_memory(train)
+    times = fit_time(train) if not train.empty else {}
+    ev_train, ev_held = evaluate(train, mem, times), evaluate(held, mem, times)
+    if not ev_held.empty:
+        b = band(ev_held["memory_error"], "held-out probes")
+    else:
+        b = band(ev_train["memory_error"] if not ev_train.empty else pd.Series(dtype=float),
+                 "training probes (no held-out probe succeeded: in-sample errors)")
+    return {"memory": mem, "time": times, "band": b, "train": ev_train, "heldout": ev_held,
+            "summary": {"train": summarise(ev_train), "heldout": summarise(ev_held),
+                        "failed": int(len(df) - len(good))}}
