@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 import json
 import os
 import sys
@@ -13,6 +12,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from advisor.cli_guard import guard
 from advisor.errors import AdvisorInputError
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, help="The fine-tuning advisor.")
@@ -20,18 +20,7 @@ console = Console()
 err_console = Console(stderr=True)
 
 
-def _guard(fn):
-    """Turn AdvisorInputError into exit code 2 with the message on stderr."""
-
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        try:
-            return fn(*args, **kwargs)
-        except AdvisorInputError as err:
-            err_console.print(f"[bold red]error:[/] {err.message}", markup=True, highlight=False)
-            raise typer.Exit(code=2) from None
-
-    return wrapper
+_guard = guard
 
 
 def _print_json(data: Any) -> None:

@@ -5,7 +5,6 @@ Also runnable on its own: ``python -m advisor.calibration.cli --quick``.
 
 from __future__ import annotations
 
-import functools
 import json
 import sys
 from pathlib import Path
@@ -16,6 +15,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from advisor.cli_guard import guard
 from advisor.errors import AdvisorInputError
 
 console = Console()
@@ -23,18 +23,7 @@ err_console = Console(stderr=True)
 MIB = 2**20
 
 
-def _guard(fn):
-    """AdvisorInputError → message on stderr and exit code 2 (the pattern of advisor/cli.py)."""
-
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        try:
-            return fn(*args, **kwargs)
-        except AdvisorInputError as err:
-            err_console.print(f"[bold red]error:[/] {err.message}", markup=True, highlight=False)
-            raise typer.Exit(code=2) from None
-
-    return wrapper
+_guard = guard
 
 
 @_guard
