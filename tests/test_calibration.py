@@ -32,7 +32,7 @@ def quick_run(tmp_path_factory, shared_data_root):
         mp.setenv("ADVISOR_DATA_ROOT", str(shared_data_root))
         get_settings.cache_clear()
         seen = []
-        result = calibrate(methods=METHODS, quick=True, out=out, device="cpu",
+        result = calibrate(methods=METHODS, quick=True, out=out, device="cpu", threads=1,
                            progress=lambda done, total, label: seen.append((done, total)))
     get_settings.cache_clear()
     result["progress_seen"] = seen
@@ -211,7 +211,7 @@ def test_api_runs_one_calibration_at_a_time(tmp_path, monkeypatch, shared_data_r
     r = client.post("/v1/calibrations", json={"methods": ["lora"], "quick": True, "unknown": 1})
     assert r.status_code == 422, r.text
 
-    r = client.post("/v1/calibrations", json={"methods": ["lora"], "quick": True})
+    r = client.post("/v1/calibrations", json={"methods": ["lora"], "quick": True, "threads": 1})
     assert r.status_code == 202, r.text
     job = r.json()
     assert job["status"] == "queued" and job["id"]

@@ -31,7 +31,8 @@ def calibrate_command(
     methods: Annotated[str | None, typer.Option(
         help="Comma-separated method ids to probe (default: all twelve).")] = None,
     quick: Annotated[bool, typer.Option(
-        "--quick", help="The small grid: one architecture, three points per method (about 1-2 minutes on CPU).")] = False,
+        "--quick",
+        help="The small grid: one architecture, three points per method (about 1-2 minutes on CPU).")] = False,
     out: Annotated[Path | None, typer.Option(
         help="Where to write the profile (default: profiles/calibration/<cpu|cuda>-<device>.json).")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON instead of tables.")] = False,
@@ -39,7 +40,8 @@ def calibrate_command(
         min=1, help="CPU only: torch threads for the probes (default: calibration/grid.yaml's cpu_threads, else all "
                     "cores); 1 gives stable timings on a busy shared machine.")] = None,
     refit: Annotated[Path | None, typer.Option(
-        help="Fit again from this profile's probe table instead of probing (writes to --out, default: in place).")] = None,
+        help="Fit again from this profile's probe table instead of probing (writes to --out, default: in place)."
+    )] = None,
     repredict: Annotated[bool, typer.Option(
         "--repredict", help="With --refit: ask the current fast estimator again for every probe.")] = False,
 ) -> None:
@@ -150,8 +152,9 @@ def render(result: dict) -> None:
                         _abs_pct(h.get("time_abs_error_median")))
     console.print(summary)
     held = cal["summary"].get("heldout") or {}
-    console.print(f"memory overhead: context {p['overhead']['context_bytes'] / MIB:.1f} MiB, allocator fraction "
-                  f"{p['overhead']['allocator_fraction']:.4f}; band [{_pct(p['band']['low'])}, {_pct(p['band']['high'])}]")
+    o, b = p["overhead"], p["band"]
+    console.print(f"memory overhead: context {o['context_bytes'] / MIB:.1f} MiB, allocator fraction "
+                  f"{o['allocator_fraction']:.4f}; band [{_pct(b['low'])}, {_pct(b['high'])}]")
     if held.get("n"):
         console.print(f"held-out memory |error|: median {_abs_pct(held['memory_abs_error_median'])}, max "
                       f"{_abs_pct(held['memory_abs_error_max'])}; step time |error|: median "

@@ -62,7 +62,7 @@ def fit_memory(train: pd.DataFrame) -> dict[str, Any]:
         candidates.append((0.0, c0, "least squares with allocator_fraction held at 0"))
     a, c, how = min(candidates, key=lambda t: sse(t[0], t[1]))
     if how == "both terms 0":
-        how = "least squares constrained to ≥ 0 came out 0 / 0 (the measurement never exceeds the tensor bytes)"
+        how = "least squares constrained to ≥ 0 is minimised at 0 / 0 (no overhead beyond the tensor bytes)"
     unconstrained = None
     if len(x) >= 2 and np.ptp(x) > 0:
         (ua, uc), *_ = np.linalg.lstsq(np.column_stack([x * w, w]), z, rcond=None)

@@ -106,8 +106,8 @@ def holdout_description(grid: dict, section_name: str) -> str:
         return f"the whole architecture {arch} ({_arch_words(spec)}) is held out; the fit sees only the others"
     k = holdout.get("every")
     if k:
-        return (f"every {_ordinal(int(k))} grid point of each method (grid positions {k - 1}, {2 * k - 1}, ... counting "
-                f"from 0) is held out")
+        return (f"every {_ordinal(int(k))} grid point of each method (grid positions {k - 1}, {2 * k - 1}, ... "
+                "counting from 0) is held out")
     return "nothing is held out (held-out errors are in-sample)"
 
 
@@ -175,6 +175,45 @@ def predict(model_dir: Path, method: str, config: dict) -> dict:
     peak, cats, phase = mm.peak(plan.batch_size)
     return {"predicted_tensor_bytes": int(peak), "predicted_phase": phase,
             "flops_per_token": training_flops_per_token(mm)}
+
+
+def _prefit_init() -> None:
+    import warnings
+
+    import torch
+
+    torch.set_num_threads(1)  # one process per core
+    warnings.filterwarnings("ignore")
+
+
+def _prefit_one(task: tuple[str, str, dict]) -> str | None:
+    try:
+        predict(Path(task[0]), task[1], task[2])
+    except Exception as err:  # the probe itself will meet (and record) the same error
+        return f"{type(err).__name__}: {err}"
+    return None
+
+
+def prefit(grid: dict, probes: list[Probe], model_dirs: dict[str, Path], workers: int) -> int:
+    """Fit the fast estimator's coefficients of every distinct probe config in `workers` processes, before any probe
+    runs (so nothing competes with the timed steps). The fits land in the estimator's disk cache, where `predict`
+    finds them. Returns how many configs were fitted in parallel (0: left to the probe loop)."""
+    unique: dict[tuple, Probe] = {}
+    for p in probes:  # the batch size is not part of a fit's key
+        unique.setdefault((p.method, p.arch, p.seq, p.gc), p)
+    tasks = [(str(model_dirs[p.arch]), p.method, probe_config(grid, p)) for p in unique.values()]
+    if workers <= 1 or len(tasks) < 2:
+        return 0
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    try:
+        with ProcessPoolExecutor(max_workers=min(workers, len(tasks)), initializer=_prefit_init,
+                                 mp_context=multiprocessing.get_context("spawn")) as pool:
+            list(pool.map(_prefit_one, tasks))
+    except Exception:  # no processes here (a sandbox, a frozen app): the probe loop fits them one by one
+        return 0
+    return len(tasks)
 
 
 def time_steps(resolved, cfg, batch_size: int, seq_len: int, steps: int, device: str, seed: int = 0) -> list[float]:

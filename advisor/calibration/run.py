@@ -31,6 +31,7 @@ from advisor.calibration.probes import (
     holdout_description,
     load_grid,
     plan_probes,
+    prefit,
     run_probe,
     write_models,
 )
@@ -43,7 +44,8 @@ TABLE_COLUMNS = (
     "method", "arch", "batch", "seq", "gc", "heldout", "tokens_per_step",
     "measured_peak_bytes", "measured_device_bytes", "cuda_max_reserved_bytes", "cuda_max_allocated_bytes",
     "cuda_context_bytes", "predicted_tensor_bytes", "predicted_device_bytes", "memory_error", "predicted_phase",
-    "measured_phase", "step_seconds", "step_seconds_min", "warmup_seconds", "counted_step_seconds", "predicted_step_seconds", "time_error", "flops_per_token",
+    "measured_phase", "step_seconds", "step_seconds_min", "warmup_seconds", "counted_step_seconds",
+    "predicted_step_seconds", "time_error", "flops_per_token",
     "flops_per_step", "trainable_params", "total_params", "loss", "measure_seconds", "predict_seconds", "wall_seconds",
     "error",
 )
@@ -195,6 +197,10 @@ def calibrate(methods: str | list[str] | None = None, quick: bool = False, out: 
             archs = sorted({p.arch for p in probes}, key=list(grid["archs"]).index)
             report(0, len(probes), f"writing {len(archs)} tiny models")
             model_dirs = write_models(grid, archs, Path(tmp))
+            workers = _prefit_workers(grid, dev["kind"])
+            if workers > 1:
+                report(0, len(probes), f"fitting the estimator's coefficients in {workers} processes")
+                prefit(grid, probes, model_dirs, workers)
             for i, probe in enumerate(probes):
                 report(i, len(probes), probe.key)
                 rows.append(run_probe(grid, probe, model_dirs[probe.arch], dev["device"], steps, memory_steps))
@@ -203,6 +209,13 @@ def calibrate(methods: str | list[str] | None = None, quick: bool = False, out: 
     report(len(probes), len(probes), "fitting")
     wall = time.perf_counter() - start
     return _finish(dev, grid, section, chosen, rows, skipped, steps, wall, out_path)
+
+
+def _prefit_workers(grid: dict, kind: str) -> int:
+    value = grid.get("prefit_workers", "auto")
+    if value in (None, "auto"):  # a GPU host's cores are idle while it probes; a CPU calibration's are not
+        return min(4, cpu_cores()) if kind == "cuda" else 0
+    return max(0, int(value))
 
 
 def _finish(dev: dict, grid: dict, section: str, methods: list[str], rows: list[dict], skipped: list[dict],
@@ -335,11 +348,12 @@ def build_profile(dev: dict, grid: dict, section: str, methods: list[str], rows:
     overhead = {
         "context_bytes": int(mem["context_bytes"]),
         "allocator_fraction": float(mem["allocator_fraction"]),
-        "source": (f"calibrated on {dev['name']} {today}: {target} ≈ (1 + allocator_fraction) · fast-estimator tensor "
-                   f"bytes + context_bytes, {mem['how']} over {mem['n']} training probes (relative residuals, terms "
-                   f"≥ 0); held out: {held_desc}"),
+        "source": (f"calibrated on {dev['name']} {today}: {target} ≈ (1 + allocator_fraction) · fast-estimator "
+                   f"tensor bytes + context_bytes, {mem['how']} over {mem['n']} training probes (relative residuals, "
+                   f"terms ≥ 0); held out: {held_desc}"),
     }
-    band_out = {"low": band["low"], "high": band["high"], "source": f"calibrated on {dev['name']} {today}: {band['source']}"}
+    band_out = {"low": band["low"], "high": band["high"],
+                "source": f"calibrated on {dev['name']} {today}: {band['source']}"}
     previous = _previous(out_path, profile_id)
     prev_t = previous.get("throughput", {}) if previous else {}
     measured_rates = {m: t["rate"] for m, t in times.items() if t.get("rate")}
@@ -370,8 +384,8 @@ def build_profile(dev: dict, grid: dict, section: str, methods: list[str], rows:
                 carried[m] = previous.get("date")
         throughput["mfu_measured"] = {m: mfu[m] for m in _order(mfu)}
         throughput["mfu_source"] = (
-            (f"achieved FLOP/s (least-squares slope of step seconds vs training FLOPs per step) ÷ the catalog bf16 peak "
-             f"of {dev.get('catalog_id')} ({peak} TFLOPS)") if peak else
+            (f"achieved FLOP/s (least-squares slope of step seconds vs training FLOPs per step) ÷ the catalog bf16 "
+             f"peak of {dev.get('catalog_id')} ({peak} TFLOPS)") if peak else
             f"{dev['name']} is not in the GPU catalog (or has no bf16 figure): no MFU could be computed")
         throughput["achieved_flops"] = {m: float(f"{r:.6g}") for m, r in measured_rates.items()}
         throughput["default_mfu"] = default.get("default_mfu", 0.4)
@@ -422,7 +436,7 @@ def build_profile(dev: dict, grid: dict, section: str, methods: list[str], rows:
     profile["calibration"] = {
         "version": CALIBRATION_VERSION,
         "grid": section,
-        "grid_file": str(GRID_PATH) if GRID_PATH.exists() else None,
+        "grid_file": _repo_relative(GRID_PATH) if GRID_PATH.exists() else None,
         "methods": methods,
         "device_probe": {k: v for k, v in dev.items()},
         "steps_per_probe": steps,
@@ -441,6 +455,13 @@ def build_profile(dev: dict, grid: dict, section: str, methods: list[str], rows:
     return profile
 
 
+def _repo_relative(path: Path) -> str:
+    try:
+        return str(path.relative_to(GRID_PATH.parents[1]))
+    except ValueError:
+        return str(path)
+
+
 def _order(d: dict) -> list[str]:
     from advisor.methods import METHOD_IDS
 
@@ -450,7 +471,8 @@ def _order(d: dict) -> list[str]:
 def dumps(data: dict) -> str:
     """Indented JSON with the probe tables one row per line (readable, and diffs show which probe changed)."""
     cal = data.get("calibration") or {}
-    tables = {k: cal[k] for k in ("probe_table", "heldout_table", "skipped", "failures") if isinstance(cal.get(k), list)}
+    tables = {k: cal[k] for k in ("probe_table", "heldout_table", "skipped", "failures")
+              if isinstance(cal.get(k), list)}
     shell = {**data, "calibration": {**cal, **{k: f"@@{k}@@" for k in tables}}} if tables else data
     text = json.dumps(shell, indent=1, default=str, ensure_ascii=False)
     for key, rows in tables.items():

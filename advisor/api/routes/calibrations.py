@@ -30,6 +30,7 @@ class CalibrationRequest(BaseModel):
 
     methods: list[str] | str | None = Field(None, description="Method ids (list or comma-separated); default all 12.")
     quick: bool = Field(False, description="The small grid (one architecture, three points per method).")
+    threads: int | None = Field(None, ge=1, le=1024, description="CPU only: torch threads for the probes.")
 
 
 @dataclass
@@ -37,6 +38,7 @@ class CalibrationJob:
     id: str
     methods: list[str]
     quick: bool
+    threads: int | None = None
     status: str = "queued"
     created_at: float = field(default_factory=time.time)
     started_at: float | None = None
@@ -49,7 +51,7 @@ class CalibrationJob:
 
     def to_public(self) -> dict[str, Any]:
         out: dict[str, Any] = {
-            "id": self.id, "status": self.status, "methods": self.methods, "quick": self.quick,
+            "id": self.id, "status": self.status, "methods": self.methods, "quick": self.quick, "threads": self.threads,
             "created_at": _iso(self.created_at), "started_at": _iso(self.started_at),
             "finished_at": _iso(self.finished_at),
             "progress": {"done": self.done, "total": self.total, "current": self.current},
@@ -88,7 +90,7 @@ def _run(job: CalibrationJob) -> None:
 
     job.status, job.started_at = "running", time.time()
     try:
-        job.result = calibrate(methods=job.methods, quick=job.quick, progress=progress)
+        job.result = calibrate(methods=job.methods, quick=job.quick, progress=progress, threads=job.threads)
         job.status = "succeeded"
     except Exception as err:  # the job reports it; the server goes on
         job.error = f"{type(err).__name__}: {err}\n{traceback.format_exc(limit=4)[-2000:]}"
@@ -99,8 +101,10 @@ def _run(job: CalibrationJob) -> None:
 
 
 @router.post("/calibrations", status_code=202)
-def start_calibration(body: CalibrationRequest | None = Body(None, examples=[{"methods": ["lora", "qlora"], "quick": True}]),
-                      authorization: str | None = Header(None)) -> dict:
+def start_calibration(
+    body: CalibrationRequest | None = Body(None, examples=[{"methods": ["lora", "qlora"], "quick": True}]),
+    authorization: str | None = Header(None),
+) -> dict:
     """Queue a calibration of this server's device (CUDA if present, else CPU); poll GET /v1/calibrations/{id}."""
     from advisor.calibration.run import parse_methods
 
@@ -111,7 +115,7 @@ def start_calibration(body: CalibrationRequest | None = Body(None, examples=[{"m
         busy = next((j for j in _JOBS.values() if j.status in ("queued", "running")), None)
         if busy is not None:
             raise HTTPException(status_code=409, detail=f"calibration {busy.id} is {busy.status}; one runs at a time")
-        job = CalibrationJob(id=secrets.token_hex(6), methods=methods, quick=body.quick)
+        job = CalibrationJob(id=secrets.token_hex(6), methods=methods, quick=body.quick, threads=body.threads)
         _JOBS[job.id] = job
         threading.Thread(target=_run, args=(job,), name=f"calibration-{job.id}", daemon=True).start()
     return {"id": job.id, "status": "queued", "methods": methods, "quick": job.quick,
