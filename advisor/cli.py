@@ -228,6 +228,26 @@ def _register_calibrate() -> None:
 
 _register_calibrate()
 
+# Command groups that live next to their feature (each module has `register(app)`): recommend, export, train,
+# merge, jobs. A module not yet present is skipped only while it is being built; every one ships.
+SUBCOMMAND_MODULES = ("advisor.recommend.cli", "advisor.export.cli", "advisor.train.cli", "advisor.jobs.cli")
+
+
+def _register_subcommands() -> None:
+    import importlib
+    import importlib.util
+
+    for name in SUBCOMMAND_MODULES:
+        try:
+            present = importlib.util.find_spec(name) is not None
+        except ModuleNotFoundError:
+            present = False
+        if present:
+            importlib.import_module(name).register(app)
+
+
+_register_subcommands()
+
 
 def main() -> None:  # pragma: no cover - console entry point
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

@@ -2,12 +2,19 @@
 
 from __future__ import annotations
 
+import importlib
+import importlib.util
+
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
 from advisor import __version__
 from advisor.errors import AdvisorInputError
+
+
+ROUTE_MODULES = ("advisor.api.routes.recommend", "advisor.api.routes.export", "advisor.api.routes.jobs",
+                 "advisor.api.routes.datasets")
 
 
 def create_app() -> FastAPI:
@@ -36,4 +43,11 @@ def create_app() -> FastAPI:
     app.include_router(catalog.router)
     app.include_router(estimate.router)
     app.include_router(calibrations.router)
+    for name in ROUTE_MODULES:  # feature routers (each module has `router`)
+        try:
+            present = importlib.util.find_spec(name) is not None
+        except ModuleNotFoundError:
+            present = False
+        if present:
+            app.include_router(importlib.import_module(name).router)
     return app
