@@ -17,6 +17,8 @@ class Settings(BaseSettings):
     api_token: str | None = Field(None, description="When set, mutating endpoints need 'Authorization: Bearer <token>'.")
     profile: Path | None = Field(None, description="Calibration profile to use instead of the best match for the device.")
     cache_dir_override: Path | None = Field(None, alias="ADVISOR_CACHE_DIR")
+    auto_resume: bool = Field(False, description="Resume jobs found interrupted at startup without being asked.")
+    max_upload_mb: float = Field(512, gt=0, description="Largest dataset upload accepted by POST /v1/datasets (MiB).")
     host: str = "127.0.0.1"
     port: int = 8000
 
