@@ -1,0 +1,664 @@
+"""The embedded trainer: one explicit loop (setup → fit check → train → evaluate → save) for all 12 methods.
+
+The method is built by the same registry the rules and the estimator use (`advisor.engine.load_base_model`,
+`prepare`, `make_optimizer`), so what was estimated is what trains. `accelerate.Accelerator` does device placement,
+mixed precision and DDP gradient synchronisation (`no_sync` on accumulation micro-steps), so the same code runs
+single-process or under `accelerate launch`.
+
+Losses are token-weighted across the micro-batches of an optimizer step (each micro-batch's mean loss times its
+share of the step's label tokens), so halving the micro-batch and doubling accumulation after an OOM computes the
+same update.
+
+Fault injection for tests: ``ADVISOR_INJECT_OOM_AT_STEP=N`` raises a real ``torch.OutOfMemoryError`` while running
+optimizer step N (1-based), once per `run_training` call (the first attempt only).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import json
+import math
+import os
+import resource
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from advisor.train import checkpoint as ckpt
+from advisor.train.data import TrainData, collate, label_tokens, load_dataset, real_tokens
+
+GIB = 2**30
+INJECT_ENV = "ADVISOR_INJECT_OOM_AT_STEP"
+
+
+class TrainingRefused(ValueError):
+    """The plan cannot fit the device even at micro-batch 1 with gradient checkpointing; `.details` has the numbers."""
+
+    def __init__(self, message: str, details: dict | None = None):
+        super().__init__(message)
+        self.message = message
+        self.details = details or {}
+
+
+@dataclass
+class Plan:
+    """What one attempt trains with (changes between attempts after an OOM)."""
+
+    micro_batch: int
+    grad_accum: int
+    gradient_checkpointing: bool
+    resume_from: Path | None = None
+
+
+@dataclass
+class RunState:
+    step: int = 0
+    epoch: int = 0
+    position: int = 0  # rows of the current epoch's order already consumed
+    tokens_seen: int = 0
+    train_seconds: float = 0.0
+    last_loss: float | None = None
+    eval_loss: float | None = None
+    eval_loss_before: float | None = None
+    oom_retries: list = field(default_factory=list)
+
+
+# ============================================================================================ events
+class Events:
+    """Calls on_event and records every event in metrics.jsonl and TensorBoard (main process only)."""
+
+    def __init__(self, on_event: Callable[[dict], None] | None, output_dir: Path, main: bool):
+        self.on_event, self.main = on_event, main
+        self.metrics_path = output_dir / "metrics.jsonl"
+        self.writer = None
+        if main:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.writer = SummaryWriter(log_dir=str(output_dir / "runs"))
+            except Exception:  # tensorboard missing or unwritable: the metrics file still has everything
+                self.writer = None
+
+    def __call__(self, kind: str, **payload) -> dict:
+        event = {"type": kind, **payload}
+        if not self.main:
+            return event
+        with open(self.metrics_path, "a") as fh:
+            fh.write(json.dumps({**event, "time": round(time.time(), 3)}, default=_jsonable) + "\n")
+        if self.writer is not None:
+            step = payload.get("step", 0) or 0
+            if kind == "step":
+                for key in ("loss", "learning_rate", "tokens_per_s", "peak_memory_gib"):
+                    if payload.get(key) is not None:
+                        self.writer.add_scalar(f"train/{key}", payload[key], step)
+            elif kind == "eval":
+                for key in ("eval_loss", "perplexity"):
+                    if payload.get(key) is not None:
+                        self.writer.add_scalar(f"eval/{key}", payload[key], step)
+        if self.on_event is not None:
+            self.on_event(json.loads(json.dumps(event, default=_jsonable)))
+        return event
+
+    def log(self, message: str) -> None:
+        self("log", message=message)
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.flush()
+            self.writer.close()
+
+
+def _jsonable(obj):
+    if isinstance(obj, Path):
+        return str(obj)
+    if isinstance(obj, torch.Tensor):
+        return obj.tolist()
+    return str(obj)
+
+
+# ============================================================================================ entry point
+def run_training(
+    job: dict,
+    *,
+    output_dir: str | os.PathLike,
+    on_event: Callable[[dict], None] | None = None,
+    should_stop: Callable[[], bool] | None = None,
+    resume: str | os.PathLike | None = "latest",
+    device: str | None = None,
+) -> dict:
+    """Train `job` (normalize_job's output) into `output_dir`; see advisor/train/__init__.py for the contract."""
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+
+    from advisor.methods import get_method
+
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    spec = get_method(job["method"])
+    cfg = spec.resolve_config(job["config"])
+    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    if not distributed:  # one process may run many jobs (tests, a worker): a fresh accelerate state each time
+        AcceleratorState._reset_state(reset_partial_state=True)
+    device_type = _device_type(device)
+    notes: list[str] = []
+    cfg, mixed = _precision(cfg, device_type, notes)
+    accelerator = Accelerator(cpu=device_type == "cpu", mixed_precision=mixed)
+    events = Events(on_event, output_dir, accelerator.is_main_process)
+    try:
+        return _Trainer(job, spec, cfg, accelerator, events, output_dir, should_stop, notes).run(resume)
+    finally:
+        events.close()
+        accelerator.free_memory()
+
+
+def _device_type(device: str | None) -> str:
+    if device:
+        return torch.device(device).type
+    if torch.cuda.is_available():
+        return "cuda"
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        return "mps"
+    return "cpu"
+
+
+def _precision(cfg, device_type: str, notes: list[str]):
+    """(config adjusted for this device, accelerate mixed_precision)."""
+    t = cfg.training
+    if device_type != "cuda" and t.fp16:
+        notes.append(f"fp16 needs a GPU with loss scaling; on {device_type} training runs in float32 instead")
+        t = t.model_copy(update={"fp16": False, "torch_dtype": "float32" if t.torch_dtype == "float16" else t.torch_dtype})
+    if device_type == "cpu" and t.bf16:
+        notes.append("bf16 on CPU: PyTorch's CPU autocast supports it (often slower than float32 on CPUs without AMX)")
+    if device_type == "cuda" and t.bf16 and not torch.cuda.is_bf16_supported():
+        notes.append("this GPU has no bf16: training in fp16 with loss scaling instead")
+        t = t.model_copy(update={"bf16": False, "fp16": True,
+                                 "torch_dtype": "float16" if t.torch_dtype == "bfloat16" else t.torch_dtype})
+    if t.attn_implementation == "flash_attention_2" and device_type != "cuda":
+        notes.append("flash_attention_2 needs CUDA: using sdpa")
+        t = t.model_copy(update={"attn_implementation": "sdpa"})
+    quant = cfg.quantization
+    if quant is not None and device_type == "cpu" and quant.bnb_4bit_compute_dtype == "float16":
+        notes.append("4-bit compute in float16 is GPU-only: computing in bfloat16 on CPU")
+        quant = quant.model_copy(update={"bnb_4bit_compute_dtype": "bfloat16"})
+    mixed = "bf16" if t.bf16 else "fp16" if t.fp16 else "no"
+    return cfg.model_copy(update={"training": t, "quantization": quant}), mixed
+
+
+# ============================================================================================ the trainer
+class _Trainer:
+    def __init__(self, job, spec, cfg, accelerator, events, output_dir, should_stop, notes):
+        self.job, self.spec, self.cfg = job, spec, cfg
+        self.acc, self.emit, self.out = accelerator, events, output_dir
+        self.should_stop = should_stop
+        self.notes = notes
+        self.world = accelerator.num_processes
+        self.rank = accelerator.process_index
+        self.main = accelerator.is_main_process
+        self.device = accelerator.device
+        self.inject_at = _int_env(INJECT_ENV)
+        self.injected = False
+
+    # ---------------------------------------------------------------------------- orchestration
+    def run(self, resume) -> dict:
+        from transformers import AutoTokenizer
+
+        from advisor.catalog.models import resolve_model
+
+        t = self.cfg.training
+        self.resolved = resolve_model(self.job["model"])
+        source = self.resolved.path or self.resolved.id
+        self.tokenizer = AutoTokenizer.from_pretrained(source)
+        if self.tokenizer.pad_token_id is None:
+            self.tokenizer.pad_token = self.tokenizer.eos_token
+            self.notes.append("the tokenizer has no pad token: padding with EOS (padding is never in the loss)")
+        packing = t.packing
+        if packing and self.spec.id in ("prompt_tuning", "prefix_tuning"):
+            packing = False
+            self.notes.append(f"packing is off for {self.spec.id}: virtual tokens break per-example position ids")
+        ds = self.job["dataset"]
+        self.data: TrainData = load_dataset(
+            ds["path"], ds.get("format", "auto"), self.tokenizer, kind=self.resolved.kind,
+            max_seq_length=t.max_seq_length, validation_split=ds.get("validation_split", 0.1), seed=t.seed,
+            packing=packing,
+        )
+        self.notes += self.data.notes
+
+        resume_path = self._resume_path(resume)
+        state_at_resume = ckpt.read_trainer_state(resume_path) if resume_path else None
+        plan = Plan(
+            micro_batch=(state_at_resume or {}).get("micro_batch", t.per_device_train_batch_size),
+            grad_accum=(state_at_resume or {}).get("grad_accum", t.gradient_accumulation_steps),
+            gradient_checkpointing=(state_at_resume or {}).get("gradient_checkpointing", t.gradient_checkpointing),
+            resume_from=resume_path,
+        )
+        self.effective_rows = plan.micro_batch * plan.grad_accum  # per process, kept across adjustments
+        predicted, adjusted = self._fit_check(plan)
+        self.predicted = predicted
+        self.total_steps = self._total_steps(plan)
+        self.oom_retries: list[dict] = list((state_at_resume or {}).get("oom_retries", []))
+        self.emit("start", total_steps=self.total_steps, num_train=len(self.data.train) if not self.data.packed else
+                  sum(r.num_examples for r in self.data.train), num_val=len(self.data.val),
+                  truncated=self.data.truncated, format=self.data.format, device=str(self.device),
+                  micro_batch=plan.micro_batch, grad_accum=plan.grad_accum,
+                  effective_batch=plan.micro_batch * plan.grad_accum * self.world, predicted=predicted,
+                  adjusted=adjusted, resumed_from=(state_at_resume or {}).get("step"), packed=self.data.packed,
+                  num_rows=len(self.data.train), dropped=self.data.dropped, world_size=self.world,
+                  method=self.spec.id, precision=self._precision_label())
+        for note in self.notes:
+            self.emit.log(note)
+        if self.main and not (self.out / "plan.json").exists():
+            self._write_plan(plan, predicted, adjusted)
+
+        while True:
+            try:
+                result = self._attempt(plan)
+                break
+            except torch.OutOfMemoryError as err:
+                self._release()
+                if plan.micro_batch <= 1:
+                    self.emit.log(f"out of memory at micro-batch 1: giving up ({str(err).splitlines()[0][:200]})")
+                    raise
+                latest = ckpt.latest_checkpoint(self.out)
+                retry = {"step": ckpt.read_trainer_state(latest)["step"] if latest else 0,
+                         "micro_batch": plan.micro_batch // 2, "grad_accum": plan.grad_accum * 2,
+                         "previous_micro_batch": plan.micro_batch, "error": str(err).splitlines()[0][:300]}
+                self.oom_retries.append(retry)
+                self.emit("oom_retry", **{k: v for k, v in retry.items() if k != "error"})
+                plan = Plan(plan.micro_batch // 2, plan.grad_accum * 2, plan.gradient_checkpointing, latest)
+        if self.main:
+            self._write_plan(plan, predicted, adjusted, result)
+        return result
+
+    def _resume_path(self, resume) -> Path | None:
+        if resume is None or resume is False:
+            return None
+        if resume == "latest":
+            return ckpt.latest_checkpoint(self.out)
+        p = Path(resume)
+        if not (p / "trainer_state.json").is_file():
+            from advisor.errors import AdvisorInputError
+
+            raise AdvisorInputError("resume", f"{p} is not a checkpoint directory (no trainer_state.json)")
+        return p
+
+    def _total_steps(self, plan: Plan) -> int:
+        rows = self._epoch_rows()
+        per_epoch = math.ceil(rows / (self.effective_rows * self.world))
+        if self.job.get("max_steps"):
+            return int(self.job["max_steps"])
+        return max(1, math.ceil(self.cfg.training.num_train_epochs * per_epoch))
+
+    def _epoch_rows(self) -> int:
+        n = len(self.data.train)
+        if self.world > 1:  # every process gets the same number of micro-batches (DistributedSampler's padding)
+            unit = self.world
+            n = math.ceil(n / unit) * unit
+        return n
+
+    def _precision_label(self) -> str:
+        t = self.cfg.training
+        return f"weights {t.torch_dtype}, compute {'bf16' if t.bf16 else 'fp16' if t.fp16 else 'fp32'}"
+
+    # ---------------------------------------------------------------------------- fit check
+    def _fit_check(self, plan: Plan) -> tuple[dict | None, dict | None]:
+        """Estimate this plan on the device present; adjust micro-batch/accumulation or refuse."""
+        if not self.job.get("estimate", True):
+            return None, None
+        try:
+            est, mm, plan_obj = self._estimate(plan.micro_batch, plan.gradient_checkpointing)
+        except Exception as err:  # the estimator never fails a job
+            self.notes.append(f"estimator could not handle this plan ({type(err).__name__}: {str(err)[:200]}); "
+                              "training without a prediction")
+            return None, None
+        memory_gib = plan_obj.hardware.memory_gib
+        if self.device.type != "cuda" or memory_gib is None:
+            self.notes.append(f"fit is not judged on {self.device.type}: the estimate is recorded for comparison only")
+            return est, None
+        if est["fits"]:
+            return est, None
+        memory = memory_gib * GIB
+        strategy = self.job.get("strategy") or "ddp"
+        old = {"micro_batch": plan.micro_batch, "grad_accum": plan.grad_accum,
+               "gradient_checkpointing": plan.gradient_checkpointing}
+        best = mm.max_micro_batch(memory, strategy, self.world)
+        if best < 1 and not plan.gradient_checkpointing and self.spec.id != "prefix_tuning":
+            est2, mm2, _ = self._estimate(1, True)
+            best2 = mm2.max_micro_batch(memory, strategy, self.world)
+            if best2 >= 1:
+                plan.gradient_checkpointing = True
+                est, mm, best = est2, mm2, best2
+        if best < 1:
+            peak1 = mm.peak(1, strategy, self.world)[0]
+            details = {"peak_gib_at_micro_batch_1": round(peak1 / GIB, 3), "device_memory_gib": memory_gib,
+                       "device": plan_obj.hardware.name, "gradient_checkpointing": plan.gradient_checkpointing or
+                       self.spec.id != "prefix_tuning", "method": self.spec.id, "model": self.job["model"],
+                       "seq_len": plan_obj.seq_len, "breakdown_gib": est.get("breakdown_gib")}
+            raise TrainingRefused(
+                f"{self.spec.id} on {self.resolved.id} does not fit {plan_obj.hardware.name}: it needs "
+                f"{peak1 / GIB:.2f} GiB at micro-batch 1 with gradient checkpointing "
+                f"(sequence {plan_obj.seq_len} tokens); the device has {memory_gib:.2f} GiB usable. "
+                "Use a smaller model, a shorter max_seq_length, or qlora.", details)
+        micro = min(best, plan.micro_batch)
+        accum = math.ceil(self.effective_rows / micro)
+        plan.micro_batch, plan.grad_accum = micro, accum
+        est, _, _ = self._estimate(micro, plan.gradient_checkpointing)
+        adjusted = {"reason": f"the plan needs {old['micro_batch']} rows per micro-batch; the estimator allows at most "
+                              f"{best} on {plan_obj.hardware.name} ({memory_gib:.1f} GiB)",
+                    "from": old, "to": {"micro_batch": micro, "grad_accum": accum,
+                                        "gradient_checkpointing": plan.gradient_checkpointing},
+                    "effective_batch_before": old["micro_batch"] * old["grad_accum"],
+                    "effective_batch_after": micro * accum}
+        return est, adjusted
+
+    def _estimate(self, micro: int, checkpointing: bool):
+        from advisor.estimator.fast import estimate_plan, memory_model
+        from advisor.estimator.plan import build_plan
+        from advisor.schemas import EstimateRequest
+
+        config = self.cfg.model_dump(mode="json")
+        config["training"].update(per_device_train_batch_size=micro, gradient_checkpointing=checkpointing)
+        lengths = [len(r.input_ids) for r in self.data.train]
+        dataset = {"num_examples": max(1, len(self.data.train)), "avg_tokens": sum(lengths) / len(lengths),
+                   "max_tokens": max(lengths)}
+        hardware = {"gpu": "auto"} if self.device.type == "cuda" else {"gpu": "none"}
+        req = EstimateRequest.model_validate({"model": self.job["model"], "hardware": hardware,
+                                              "method": self.spec.id, "config": config, "dataset": dataset})
+        plan = build_plan(req)
+        plan.hardware.count = self.world
+        mm = memory_model(plan)
+        return estimate_plan(plan, strategy=self.job.get("strategy"), mm=mm), mm, plan
+
+    # ---------------------------------------------------------------------------- one attempt
+    def _build(self, plan: Plan):
+        from transformers import get_scheduler
+
+        from advisor.engine import load_base_model, make_optimizer, prepare
+
+        t = self.cfg.training.model_copy(update={"gradient_checkpointing": plan.gradient_checkpointing,
+                                                 "per_device_train_batch_size": plan.micro_batch,
+                                                 "gradient_accumulation_steps": plan.grad_accum})
+        cfg = self.cfg.model_copy(update={"training": t})
+        torch.manual_seed(t.seed)
+        model = load_base_model(self.resolved, cfg, on_meta=False, device=self.device)
+        prepared = prepare(model, self.resolved, cfg, on_meta=False, total_steps=self.total_steps)
+        for note in prepared.notes:
+            self.emit.log(note)
+        if t.fp16:  # loss scaling cannot unscale fp16 gradients: keep trainable tensors in fp32
+            for p in prepared.trainable_parameters():
+                if p.dtype == torch.float16:
+                    p.data = p.data.float()
+        optimizer = make_optimizer(prepared, t)
+        warmup = math.ceil(t.warmup_ratio * self.total_steps)
+        scheduler = get_scheduler(t.lr_scheduler_type, optimizer, num_warmup_steps=warmup,
+                                  num_training_steps=self.total_steps)
+        model_p, optimizer_p = self.acc.prepare(prepared.model, optimizer)
+        return prepared, model_p, optimizer_p, scheduler
+
+    def _release(self) -> None:
+        for name in ("_model", "_optimizer", "_prepared", "_scheduler"):
+            if hasattr(self, name):
+                delattr(self, name)
+        self.acc.free_memory()
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+    def _attempt(self, plan: Plan) -> dict:
+        prepared, model, optimizer, scheduler = self._build(plan)
+        self._prepared, self._model, self._optimizer, self._scheduler = prepared, model, optimizer, scheduler
+        inner = self.acc.unwrap_model(model)
+        st = RunState(oom_retries=self.oom_retries)
+        if plan.resume_from is not None:
+            saved = ckpt.load_checkpoint(plan.resume_from, model=inner, optimizer=optimizer, scheduler=scheduler,
+                                         prepared=prepared, rank=self.rank)
+            st.step, st.epoch, st.position = saved["step"], saved["epoch_index"], saved["position"]
+            st.tokens_seen, st.train_seconds = saved.get("tokens_seen", 0), saved.get("train_seconds", 0.0)
+            st.last_loss, st.eval_loss_before = saved.get("loss"), saved.get("eval_loss_before")
+            if saved.get("total_steps") and saved["total_steps"] != self.total_steps:
+                self.emit.log(f"checkpoint planned {saved['total_steps']} steps; this run plans {self.total_steps}")
+            self.emit.log(f"resumed from {plan.resume_from.name} (step {st.step})")
+        else:
+            st.eval_loss_before = self._evaluate(model)
+            if st.eval_loss_before is not None:
+                self.emit("eval", step=0, eval_loss=st.eval_loss_before, perplexity=_ppl(st.eval_loss_before))
+        if torch.cuda.is_available() and self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+        if plan.resume_from is not None:
+            ckpt.restore_rng(plan.resume_from, self.rank)
+        return self._loop(plan, st, prepared, model, optimizer, scheduler)
+
+    # ---------------------------------------------------------------------------- the loop
+    def _order(self, epoch: int) -> list[int]:
+        n = len(self.data.train)
+        g = torch.Generator().manual_seed(self.cfg.training.seed * 1000 + epoch)
+        order = torch.randperm(n, generator=g).tolist()
+        total = self._epoch_rows()
+        return order + order[: total - n]
+
+    def _loop(self, plan: Plan, st: RunState, prepared, model, optimizer, scheduler) -> dict:
+        t = self.cfg.training
+        rows_per_step = plan.micro_batch * plan.grad_accum * self.world
+        trainable = prepared.trainable_parameters()
+        pad_id = self.tokenizer.pad_token_id
+        session_start, session_steps = time.perf_counter(), 0
+        status = "succeeded"
+        while st.step < self.total_steps:
+            order = self._order(st.epoch)
+            while st.position < len(order) and st.step < self.total_steps:
+                chunk = order[st.position: st.position + rows_per_step]
+                micro = [chunk[(j * self.world + self.rank) * plan.micro_batch:
+                               (j * self.world + self.rank + 1) * plan.micro_batch] for j in range(plan.grad_accum)]
+                micro = [m for m in micro if m]
+                t0 = time.perf_counter()
+                loss, tokens = self._step(st.step + 1, micro, prepared, model, optimizer, scheduler, trainable, pad_id)
+                if self.device.type == "cuda":
+                    torch.cuda.synchronize(self.device)
+                dt = time.perf_counter() - t0
+                st.step += 1
+                st.position += len(chunk)
+                st.tokens_seen += tokens
+                st.train_seconds += dt
+                st.last_loss = loss
+                session_steps += 1
+                epoch_float = st.epoch + st.position / len(order)
+                if st.position >= len(order):
+                    st.epoch, st.position = st.epoch + 1, 0
+                elapsed = time.perf_counter() - session_start
+                self.emit("step", step=st.step, total_steps=self.total_steps, epoch=round(epoch_float, 4), loss=loss,
+                          learning_rate=scheduler.get_last_lr()[0], tokens_per_s=round(tokens * self.world / dt, 1),
+                          peak_memory_gib=round(self._peak_bytes() / GIB, 4),
+                          eta_s=round(elapsed / session_steps * (self.total_steps - st.step), 1))
+                last = st.step >= self.total_steps
+                if st.step % t.eval_steps == 0 and not last:
+                    self._eval_event(model, st)
+                stop = self._stop_requested() and not last
+                if stop or (st.step % t.save_steps == 0 and not last):
+                    self._checkpoint(plan, st, prepared, model, optimizer, scheduler)
+                if stop:
+                    status = "cancelled"
+                    break
+            if status == "cancelled":
+                break
+        if status == "succeeded":
+            self._eval_event(model, st)
+            if self.main:
+                from advisor.train.artifacts import save_outputs
+
+                inner = self.acc.unwrap_model(model)
+                save_outputs(inner, prepared, self.spec, self.cfg, self.job, self.out, self.tokenizer)
+            self.acc.wait_for_everyone()
+        return self._result(status, st, plan)
+
+    def _step(self, step_no, micro, prepared, model, optimizer, scheduler, trainable, pad_id) -> tuple[float, int]:
+        """One optimizer step over the micro-batches; returns (token-weighted loss, real tokens)."""
+        t = self.cfg.training
+        model.train()
+        batches = [collate([self.data.train[i] for i in idx], pad_id, self.data.kind) for idx in micro]
+        n_label = sum(label_tokens(b) for b in batches)
+        tokens = sum(real_tokens([self.data.train[i] for i in idx]) for idx in micro)
+        if self.inject_at is not None and step_no == self.inject_at and not self.injected:
+            self.injected = True
+            raise torch.OutOfMemoryError(f"CUDA out of memory (injected by {INJECT_ENV}={self.inject_at} at step {step_no})")
+        total = torch.zeros((), device=self.device)
+        for j, batch in enumerate(batches):
+            batch = {k: v.to(self.device) for k, v in batch.items()}
+            share = label_tokens(batch) / max(n_label, 1)
+            sync = contextlib.nullcontext() if j == len(batches) - 1 else self.acc.no_sync(model)
+            with sync:
+                out = model(**batch, **prepared.forward_kwargs)
+                loss = out.loss.float() * share
+                extra = prepared.extra_loss() if prepared.extra_loss else None
+                objective = loss + extra / len(batches) if extra is not None else loss
+                self.acc.backward(objective)
+            total += loss.detach()
+            del out, loss, objective
+        if t.max_grad_norm:
+            self.acc.clip_grad_norm_(trainable, t.max_grad_norm)
+        optimizer.step()
+        if prepared.after_optimizer_step is not None:
+            prepared.after_optimizer_step(step_no - 1)
+        if not getattr(optimizer, "step_was_skipped", False):
+            scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        if self.world > 1:
+            total = self.acc.reduce(total, reduction="mean")
+        return float(total), tokens
+
+    def _stop_requested(self) -> bool:
+        flag = bool(self.should_stop()) if (self.should_stop is not None and self.main) else False
+        if self.world > 1:
+            t = torch.tensor([1.0 if flag else 0.0], device=self.device)
+            flag = float(self.acc.reduce(t, reduction="sum")) > 0
+        return flag
+
+    def _peak_bytes(self) -> int:
+        if self.device.type == "cuda":
+            return int(torch.cuda.max_memory_allocated(self.device))
+        return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # Linux: KiB
+
+    # ---------------------------------------------------------------------------- eval, checkpoints, results
+    @torch.no_grad()
+    def _evaluate(self, model) -> float | None:
+        if not self.data.val:
+            return None
+        model.eval()
+        pad_id = self.tokenizer.pad_token_id
+        b = max(1, self.cfg.training.per_device_train_batch_size)
+        rows = self.data.val[self.rank::self.world]
+        loss_sum = torch.zeros((), device=self.device, dtype=torch.float64)
+        count = torch.zeros((), device=self.device, dtype=torch.float64)
+        for i in range(0, len(rows), b):
+            batch = {k: v.to(self.device) for k, v in collate(rows[i:i + b], pad_id, self.data.kind).items()}
+            loss, n = _eval_loss_sum(model, batch, self.data.kind)
+            loss_sum += loss
+            count += n
+        if self.world > 1:
+            loss_sum, count = self.acc.reduce(loss_sum, "sum"), self.acc.reduce(count, "sum")
+        model.train()
+        return float(loss_sum / count) if float(count) > 0 else None
+
+    def _eval_event(self, model, st: RunState) -> None:
+        st.eval_loss = self._evaluate(model)
+        if st.eval_loss is not None:
+            self.emit("eval", step=st.step, eval_loss=st.eval_loss, perplexity=_ppl(st.eval_loss))
+
+    def _checkpoint(self, plan, st: RunState, prepared, model, optimizer, scheduler) -> None:
+        state = {"step": st.step, "total_steps": self.total_steps, "epoch_index": st.epoch, "position": st.position,
+                 "epoch": round(st.epoch + st.position / max(1, self._epoch_rows()), 4),
+                 "micro_batch": plan.micro_batch, "grad_accum": plan.grad_accum,
+                 "gradient_checkpointing": plan.gradient_checkpointing, "world_size": self.world,
+                 "tokens_seen": st.tokens_seen, "train_seconds": st.train_seconds, "loss": st.last_loss,
+                 "eval_loss_before": st.eval_loss_before, "oom_retries": self.oom_retries,
+                 "method": self.spec.id, "seed": self.cfg.training.seed}
+        path = self.out / f"checkpoint-{st.step}"
+        if self.main:
+            path = ckpt.save_checkpoint(self.out, st.step, model=self.acc.unwrap_model(model), optimizer=optimizer,
+                                        scheduler=scheduler, prepared=prepared, trainer_state=state,
+                                        keep=int(self.job.get("save_total_limit") or 2))
+        self.acc.wait_for_everyone()
+        if self.rank != 0:
+            ckpt.save_rank_rng(path, self.rank)
+        self.acc.wait_for_everyone()
+        self.emit("checkpoint", step=st.step, path=str(path))
+
+    def _result(self, status: str, st: RunState, plan: Plan) -> dict:
+        peak = self._peak_bytes()
+        tps = st.tokens_seen * self.world / st.train_seconds if st.train_seconds else None
+        metrics = {
+            "loss": st.last_loss,
+            "eval_loss": st.eval_loss if status == "succeeded" else None,
+            "perplexity": _ppl(st.eval_loss) if status == "succeeded" else None,
+            "eval_loss_before": st.eval_loss_before,
+            "perplexity_before": _ppl(st.eval_loss_before),
+            "tokens_per_s": round(tps, 1) if tps else None,
+            "peak_memory_gib": round(peak / GIB, 4),
+            "train_seconds": round(st.train_seconds, 3),
+        }
+        return {
+            "status": status,
+            "step": st.step,
+            "total_steps": self.total_steps,
+            "output_dir": str(self.out),
+            "metrics": metrics,
+            "predicted": self.predicted,
+            "measured": {"peak_memory_bytes": peak, "peak_memory_kind": "cuda_max_allocated"
+                         if self.device.type == "cuda" else "process_max_rss", "tokens_per_s": metrics["tokens_per_s"],
+                         "device": str(self.device), "device_name": _device_name(self.device),
+                         "micro_batch": plan.micro_batch, "grad_accum": plan.grad_accum, "world_size": self.world},
+            "oom_retries": self.oom_retries,
+            "truncated": self.data.truncated,
+        }
+
+    def _write_plan(self, plan: Plan, predicted, adjusted, result: dict | None = None) -> None:
+        doc = {"job": self.job, "config": self.cfg.model_dump(mode="json"), "method": self.spec.id,
+               "model": self.job["model"], "kind": self.resolved.kind, "format": self.data.format,
+               "micro_batch": plan.micro_batch, "grad_accum": plan.grad_accum,
+               "gradient_checkpointing": plan.gradient_checkpointing, "total_steps": self.total_steps,
+               "world_size": self.world, "predicted": predicted, "adjusted": adjusted, "packed": self.data.packed,
+               "oom_retries": self.oom_retries}
+        if result is not None:
+            doc["result"] = result
+        tmp = self.out / "plan.json.tmp"
+        tmp.write_text(json.dumps(doc, indent=2, default=_jsonable))
+        tmp.replace(self.out / "plan.json")
+
+
+def _eval_loss_sum(model, batch: dict, kind: str) -> tuple[torch.Tensor, int]:
+    """Summed next-token cross-entropy over label tokens, from the logits: the language-model loss alone (AdaLoRA
+    adds its orthogonality penalty to `outputs.loss`, MoLoRA its balance loss to the objective)."""
+    labels = batch["labels"]
+    if kind == "seq2seq":
+        logits = model(**batch).logits
+        target = labels
+    else:
+        inputs = {k: v for k, v in batch.items() if k != "labels"}
+        logits = model(**inputs).logits
+        extra = logits.shape[1] - labels.shape[1]  # prompt tuning prepends virtual-token positions
+        logits = logits[:, extra:-1] if extra > 0 else logits[:, :-1]
+        target = labels[:, 1:]
+    loss = torch.nn.functional.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), target.reshape(-1),
+                                             ignore_index=-100, reduction="sum")
+    return loss.double(), int((target != -100).sum())
+
+
+def _ppl(loss: float | None) -> float | None:
+    if loss is None:
+        return None
+    return float(math.exp(min(loss, 700.0)))
+
+
+def _int_env(name: str) -> int | None:
+    value = os.environ.get(name, "").strip()
+    return int(value) if value.isdigit() else None
+
+
+def _device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    import platform
+
+    return platform.processor() or platform.machine() or "cpu"
