@@ -1,0 +1,358 @@
+"""The dispatcher: a FIFO queue over the job table, one job per device at a time, each in its own worker process.
+
+It runs as one long-lived thread in the API process (started and stopped by the jobs router's lifespan):
+
+    every half second, or when woken by a submit / resume / cancel:
+        reap       a worker that exited while its job is still `running` (crash, OOM kill) → `failed`, with the
+                   tail of its log
+        dispatch   while a device is free: claim the oldest queued job (atomic) and start its worker
+
+Devices: each CUDA GPU is one slot (the worker sees only its own through CUDA_VISIBLE_DEVICES); without CUDA the
+machine is one slot. A job needing `count` devices waits at the head of the queue until that many are free
+(strict FIFO: nothing overtakes it).
+
+Startup recovery: a job left `running` whose worker is gone (the server was killed) becomes `interrupted`; with
+ADVISOR_AUTO_RESUME=true every interrupted job is queued again and resumes from its newest checkpoint.
+
+The thread that starts workers lives as long as the process, which matters: Linux delivers the parent-death
+signal (PR_SET_PDEATHSIG, set by the worker) when the *thread* that forked it exits.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from advisor.jobs.db import Job
+from advisor.jobs.store import JobStore
+
+STOP_GRACE_S = 20.0
+
+
+@dataclass
+class Running:
+    job_id: str
+    proc: subprocess.Popen
+    devices: list[str]
+    log_path: Path
+    started: float = field(default_factory=time.time)
+
+
+def worker_log_path(job: Job) -> Path:
+    from advisor.jobs.service import data_root
+
+    path = data_root() / "jobs" / job.id / "worker.log"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def spawn_worker(job: Job, store: JobStore, *, devices: list[str] | None = None, parent_pid: int | None = None,
+                 log_path: Path | None = None, capture: bool = False) -> subprocess.Popen:
+    """Start `python -m advisor.jobs.worker` for a job already claimed as running."""
+    from advisor.jobs.service import data_root
+
+    env = {**os.environ, "ADVISOR_DB_URL": store.url, "ADVISOR_DATA_ROOT": str(data_root()),
+           "TOKENIZERS_PARALLELISM": "false"}
+    if devices and devices != ["cpu"]:
+        env["CUDA_VISIBLE_DEVICES"] = ",".join(devices)
+    cmd = [sys.executable, "-m", "advisor.jobs.worker", job.id, "--db", store.url,
+           "--parent-pid", str(parent_pid or os.getpid())]
+    log_path = log_path or worker_log_path(job)
+    with open(log_path, "ab") as log:
+        log.write(f"\n=== attempt {job.attempts} {time.strftime('%Y-%m-%d %H:%M:%S')} ===\n".encode())
+        log.flush()
+        # a new session: a Ctrl-C in the server's terminal does not hit the worker (the server stops it instead)
+        proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                start_new_session=True)
+    store.set_worker(job.id, proc.pid)
+    return proc
+
+
+def spawn_standby(store: JobStore, parent_pid: int | None = None) -> subprocess.Popen:
+    """A worker that imports torch/transformers/PEFT now and runs the job id it is given later on stdin."""
+    from advisor.jobs.service import data_root
+
+    env = {**os.environ, "ADVISOR_DB_URL": store.url, "ADVISOR_DATA_ROOT": str(data_root()),
+           "TOKENIZERS_PARALLELISM": "false"}
+    cmd = [sys.executable, "-m", "advisor.jobs.worker", "--standby", "--db", store.url,
+           "--parent-pid", str(parent_pid or os.getpid())]
+    log_path = data_root() / "jobs" / "standby.log"
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(log_path, "ab") as log:
+        return subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.PIPE,
+                                start_new_session=True)
+
+
+def hand_over(proc: subprocess.Popen, job: Job, store: JobStore, log_path: Path) -> bool:
+    """Give a job to a standby worker; False if it is gone (the caller starts a fresh worker instead)."""
+    import json
+
+    if proc.poll() is not None:
+        return False
+    with open(log_path, "ab") as log:
+        log.write(f"\n=== attempt {job.attempts} {time.strftime('%Y-%m-%d %H:%M:%S')} (warm worker) ===\n".encode())
+    try:
+        proc.stdin.write((json.dumps({"job_id": job.id, "log": str(log_path)}) + "\n").encode())
+        proc.stdin.close()
+    except (BrokenPipeError, OSError):
+        return False
+    store.set_worker(job.id, proc.pid)
+    return True
+
+
+def log_tail(path: Path, chars: int = 1500) -> str:
+    try:
+        with open(path, "rb") as f:
+            f.seek(0, os.SEEK_END)
+            size = f.tell()
+            f.seek(max(0, size - chars))
+            return f.read().decode(errors="replace").strip()
+    except OSError:
+        return ""
+
+
+def exit_reason(returncode: int) -> str:
+    if returncode < 0:
+        try:
+            name = signal.Signals(-returncode).name
+        except ValueError:
+            name = f"signal {-returncode}"
+        hint = " (the kernel's out-of-memory killer sends SIGKILL)" if -returncode == signal.SIGKILL else ""
+        return f"the worker process was killed by {name}{hint}"
+    return f"the worker process exited with code {returncode}"
+
+
+def fail_if_still_running(store: JobStore, job_id: str, returncode: int, log_path: Path) -> bool:
+    """A worker that ended without recording an outcome: the job fails with the reason and its log's tail."""
+    job = store.get(job_id)
+    if job is None or job.status != "running":
+        return False
+    reason = exit_reason(returncode)
+    tail = log_tail(log_path)
+    changed, _ = store.transition(job_id, "failed", ("running",), {"error": reason, "log_tail": tail},
+                                  error=f"{reason} before recording an outcome" + (f"; log:\n{tail}" if tail else ""),
+                                  worker_pid=None)
+    return changed
+
+
+def pid_alive(pid: int | None, job_id: str | None = None) -> bool:
+    """Is `pid` a live process (and, where /proc tells, the worker of `job_id`)?"""
+    if not pid:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    cmdline = Path(f"/proc/{pid}/cmdline")
+    if job_id and cmdline.exists():
+        try:
+            text = cmdline.read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            return True
+        if "advisor.jobs.worker" not in text or job_id not in text:
+            return False  # the pid was reused by another process
+        try:
+            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+            if state == "Z":
+                return False  # exited, not yet reaped by its (dead) parent
+        except (OSError, IndexError):
+            pass
+    return True
+
+
+def recover(store: JobStore) -> list[str]:
+    """Jobs left `running` by a server that died (their worker is gone): `interrupted`. Returns their ids."""
+    host = socket.gethostname()
+    marked = []
+    for job in store.running():
+        if job.worker_host not in (None, host):
+            continue  # another machine's worker (a shared PostgreSQL database): not ours to judge
+        if pid_alive(job.worker_pid, job.id):
+            continue
+        changed, _ = store.transition(job.id, "interrupted", ("running",),
+                                      {"reason": "the server stopped while the job ran; resume continues from the "
+                                                 "newest checkpoint", "checkpoint": job.last_checkpoint},
+                                      worker_pid=None)
+        if changed:
+            marked.append(job.id)
+    return marked
+
+
+def local_devices() -> list[str]:
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            return [str(i) for i in range(torch.cuda.device_count())]
+    except Exception:
+        pass
+    return ["cpu"]
+
+
+def devices_needed(job: Job, total: int) -> int:
+    spec = job.spec or {}
+    hardware = spec.get("hardware") if isinstance(spec.get("hardware"), dict) else {}
+    count = spec.get("num_processes") or hardware.get("count") or 1
+    try:
+        count = int(count)
+    except (TypeError, ValueError):
+        count = 1
+    return max(1, min(count, total))
+
+
+class Dispatcher:
+    def __init__(self, store: JobStore, devices: list[str] | None = None, poll_s: float = 0.5,
+                 auto_resume: bool = False):
+        self.store = store
+        self.devices = devices or local_devices()
+        self.poll_s = poll_s
+        self.auto_resume = auto_resume
+        self.running: dict[str, Running] = {}
+        # one warm worker while jobs wait (single-device hosts: a GPU's visibility is fixed before torch starts)
+        self.use_standby = len(self.devices) == 1 and os.environ.get("ADVISOR_WARM_WORKER", "1") != "0"
+        self.standby: subprocess.Popen | None = None
+        self.recovered: list[str] = []
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._lock = threading.Lock()
+        self._thread = threading.Thread(target=self._loop, name="job-dispatcher", daemon=True)
+
+    # ------------------------------------------------------------------ lifecycle
+    def start(self) -> None:
+        from advisor.jobs import service
+
+        self.recovered = recover(self.store)
+        if self.auto_resume:
+            for job in self.store.list(status="interrupted", limit=10_000):
+                try:
+                    service.resume(job.id, self.store)
+                except service.JobStateError:
+                    pass
+        self._thread.start()
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    def stop(self, grace_s: float = STOP_GRACE_S) -> None:
+        """Stop dispatching; ask every worker to stop (each checkpoints and records `interrupted`)."""
+        self._stop.set()
+        self._wake.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout=5)
+        with self._lock:
+            running = list(self.running.values())
+        if self.standby is not None:
+            self._drop_standby()
+        for r in running:
+            if r.proc.poll() is None:
+                try:
+                    r.proc.send_signal(signal.SIGTERM)
+                except ProcessLookupError:
+                    pass
+        deadline = time.time() + grace_s
+        for r in running:
+            try:
+                r.proc.wait(timeout=max(0.1, deadline - time.time()))
+            except subprocess.TimeoutExpired:
+                r.proc.kill()
+                r.proc.wait()
+            job = self.store.get(r.job_id)
+            if job is not None and job.status == "running":
+                self.store.transition(r.job_id, "interrupted", ("running",), {"reason": "the server stopped"},
+                                      worker_pid=None)
+
+    # ------------------------------------------------------------------ the loop
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self._reap()
+                if not self._stop.is_set():
+                    self._dispatch()
+                    self._keep_standby()
+            except Exception as err:  # a database hiccup must not end the dispatcher
+                sys.stderr.write(f"job dispatcher: {type(err).__name__}: {err}\n")
+            self._wake.wait(self.poll_s)
+            self._wake.clear()
+
+    def _busy_devices(self) -> set[str]:
+        return {d for r in self.running.values() for d in r.devices}
+
+    def _reap(self) -> None:
+        with self._lock:
+            done = [r for r in self.running.values() if r.proc.poll() is not None]
+            for r in done:
+                del self.running[r.job_id]
+        for r in done:
+            fail_if_still_running(self.store, r.job_id, r.proc.returncode, r.log_path)
+
+    def _dispatch(self) -> None:
+        while True:
+            free = [d for d in self.devices if d not in self._busy_devices()]
+            if not free:
+                return
+            head = self._head()
+            if head is None:
+                return
+            need = devices_needed(head, len(self.devices))
+            if need > len(free):
+                return  # FIFO: the head waits for its devices; nothing overtakes it
+            changed, job = self.store.claim(head.id, "server", allowed_from=("queued",))
+            if not changed:
+                continue  # cancelled meanwhile, or another dispatcher took it
+            devices = free[:need]
+            log_path = worker_log_path(job)
+            try:
+                proc = self._take_standby(job, log_path) or spawn_worker(job, self.store, devices=devices,
+                                                                         log_path=log_path)
+            except OSError as err:
+                self.store.transition(job.id, "failed", ("running",), {"error": f"cannot start a worker: {err}"},
+                                      error=f"cannot start a worker: {err}")
+                continue
+            with self._lock:
+                self.running[job.id] = Running(job.id, proc, devices, log_path)
+
+    def _take_standby(self, job: Job, log_path: Path) -> subprocess.Popen | None:
+        proc, self.standby = self.standby, None
+        if proc is not None and hand_over(proc, job, self.store, log_path):
+            return proc
+        if proc is not None:
+            proc.wait()
+        return None
+
+    def _keep_standby(self) -> None:
+        """A warm worker exists while a job waits in the queue (and none when nothing waits)."""
+        if not self.use_standby:
+            return
+        if self.standby is not None and self.standby.poll() is not None:
+            self.standby = None  # it died (read its log: jobs/standby.log)
+        waiting = self.store.next_queued() is not None
+        if waiting and self.standby is None:
+            try:
+                self.standby = spawn_standby(self.store)
+            except OSError:
+                self.use_standby = False
+        elif not waiting and self.standby is not None and not self.running:
+            self._drop_standby()
+
+    def _drop_standby(self) -> None:
+        proc, self.standby = self.standby, None
+        if proc is None:
+            return
+        try:
+            proc.stdin.close()  # EOF: it exits
+            proc.wait(timeout=5)
+        except (OSError, subprocess.TimeoutExpired):
+            proc.kill()
+            proc.wait()
+
+    def _head(self) -> Job | None:
+        return self.store.next_queued()
