@@ -31,25 +31,30 @@ def is_peft_model(model) -> bool:
     return isinstance(model, PeftModel)
 
 
-def save_outputs(model, prepared, spec, cfg, job: dict, output_dir: Path, tokenizer) -> list[str]:
-    """Write the trained weights (see module docstring) and the tokenizer; returns the files written."""
+def save_outputs(model, prepared, spec, cfg, job: dict, output_dir: Path, tokenizer, state_dict=None) -> list[str]:
+    """Write the trained weights (see module docstring) and the tokenizer; returns the files written.
+
+    `state_dict` is the gathered full state of a sharded (FSDP / DeepSpeed) model; None otherwise."""
     from safetensors.torch import save_file
 
     out = Path(output_dir)
     written = []
     if spec.full_weights:
-        model.save_pretrained(out, safe_serialization=True)
+        model.save_pretrained(out, safe_serialization=True, **({"state_dict": state_dict} if state_dict else {}))
         written += ["config.json", "model.safetensors"]
     elif is_peft_model(model):
-        model.save_pretrained(out)
+        model.save_pretrained(out, **({"state_dict": state_dict} if state_dict else {}))
         written += ["adapter_config.json", "adapter_model.safetensors"]
-        extras = {n: p.detach().contiguous().cpu() for n, p in model.named_parameters()
-                  if p.requires_grad and not _peft_owned(n)}
+        source = state_dict or {n: p for n, p in model.named_parameters()}
+        trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+        extras = {n: t.detach().contiguous().cpu() for n, t in source.items() if n in trainable and not _peft_owned(n)}
         if extras:
             save_file(extras, str(out / EXTRAS_FILE))
             written.append(EXTRAS_FILE)
     else:
-        tensors = {n: p.detach().contiguous().cpu() for n, p in model.named_parameters() if p.requires_grad}
+        trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+        source = state_dict or {n: p for n, p in model.named_parameters()}
+        tensors = {n: t.detach().contiguous().cpu() for n, t in source.items() if n in trainable}
         save_file(tensors, str(out / "adapter_model.safetensors"), metadata={"format": "pt", "advisor_method": spec.id})
         adapter_config = {
             "format": OWN_FORMAT,

@@ -270,6 +270,7 @@ class TrainData:
     dropped: int = 0  # examples left with no trainable token after truncation
     packed: bool = False
     notes: list[str] = field(default_factory=list)
+    num_examples: int = 0  # training examples before packing
 
     def token_stats(self) -> dict:
         lengths = [len(e.input_ids) for e in self.train] or [0]
@@ -391,6 +392,7 @@ def load_dataset(
     validation_split: float = 0.1,
     seed: int = 42,
     packing: bool = False,
+    fixed_rows: bool = False,
 ) -> TrainData:
     """Read, validate, tokenize, split and truncate; pack the training split when asked (causal LMs)."""
     rows = read_rows(path)
@@ -414,12 +416,17 @@ def load_dataset(
     if not kept_train:
         raise AdvisorInputError("dataset.path", f"{name}: no training example has a response token left after truncation "
                                 f"to max_seq_length={max_seq_length}")
-    data = TrainData(kept_train, kept_val, fmt, kind, truncated, dropped)
+    data = TrainData(kept_train, kept_val, fmt, kind, truncated, dropped, num_examples=len(kept_train))
     if truncated:
         data.notes.append(f"{truncated} example(s) truncated to max_seq_length={max_seq_length}")
     if dropped:
         data.notes.append(f"{dropped} example(s) dropped: no response token left after truncation")
-    if packing:
+    if fixed_rows and kind != "seq2seq":
+        data.train = stream_rows(data.train, max_seq_length)
+        data.packed = True
+        data.notes.append(f"examples concatenated into rows of exactly {max_seq_length} tokens (LongLoRA's long-"
+                          "document recipe: no padding, so shifted sparse attention applies to every row)")
+    elif packing:
         if kind == "seq2seq":
             data.notes.append("packing is for causal LMs; seq2seq examples are batched unpacked")
         else:
@@ -454,6 +461,21 @@ def pack_examples(examples: list[Example], max_len: int) -> list[Packed]:
     return rows
 
 
+def stream_rows(examples: list[Example], length: int) -> list[Example]:
+    """Concatenate all examples and cut the stream into rows of exactly `length` tokens (the tail shorter than a
+    row is dropped when at least one full row exists). Examples may share a row and attend to each other, as in
+    LongLoRA's training on concatenated long documents; each example's first label stays ignored."""
+    ids = [t for e in examples for t in e.input_ids]
+    labels = [t for e in examples for t in e.labels]
+    if len(ids) < length:
+        return [Example(ids, labels)]
+    rows = [Example(ids[i:i + length], labels[i:i + length]) for i in range(0, len(ids) - length + 1, length)]
+    rows = [r for r in rows if any(t != IGNORE for t in r.labels[1:])]
+    for r in rows:
+        r.labels[0] = IGNORE
+    return rows or [Example(ids[:length], labels[:length])]
+
+
 def collate(items: list, pad_id: int, kind: str) -> dict[str, torch.Tensor]:
     """Pad to the longest row of this batch (not to max length). Packed rows get position ids and no mask."""
     if kind == "seq2seq":
@@ -478,7 +500,8 @@ def collate(items: list, pad_id: int, kind: str) -> dict[str, torch.Tensor]:
             labels[i, :k] = torch.tensor(e.labels)
             pos[i, :k] = torch.tensor(e.position_ids)
             pos[i, k:] = torch.arange(n - k)  # padding forms its own block; its labels are ignored
-        return {"input_ids": ids, "labels": labels, "position_ids": pos}
+        # use_cache=False: a KV cache built during the forward makes transformers skip packed-sequence detection
+        return {"input_ids": ids, "labels": labels, "position_ids": pos, "use_cache": False}
     mask = torch.zeros((len(items), n), dtype=torch.long)
     for i, e in enumerate(items):
         k = len(e.input_ids)
@@ -491,6 +514,10 @@ def collate(items: list, pad_id: int, kind: str) -> dict[str, torch.Tensor]:
 def real_tokens(items: list) -> int:
     """Tokens that are not padding (input side): the unit of tokens/s."""
     return sum(len(e.input_ids) for e in items)
+
+
+def to_device(batch: dict, device) -> dict:
+    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
 
 def label_tokens(batch: dict[str, torch.Tensor]) -> int:

@@ -29,7 +29,7 @@ from typing import Any, Callable
 import torch
 
 from advisor.train import checkpoint as ckpt
-from advisor.train.data import TrainData, collate, label_tokens, load_dataset, real_tokens
+from advisor.train.data import TrainData, collate, label_tokens, load_dataset, real_tokens, to_device
 
 GIB = 2**30
 INJECT_ENV = "ADVISOR_INJECT_OOM_AT_STEP"
@@ -201,6 +201,9 @@ class _Trainer:
         self.device = accelerator.device
         self.inject_at = _int_env(INJECT_ENV)
         self.injected = False
+        self.backend = str(accelerator.distributed_type).rsplit(".", 1)[-1]  # NO, MULTI_CPU, MULTI_GPU, FSDP, DEEPSPEED
+        self.sharded = self.backend in ("FSDP", "DEEPSPEED")
+        self.initial_checksum = self.final_checksum = None
 
     # ---------------------------------------------------------------------------- orchestration
     def run(self, resume) -> dict:
@@ -223,7 +226,7 @@ class _Trainer:
         self.data: TrainData = load_dataset(
             ds["path"], ds.get("format", "auto"), self.tokenizer, kind=self.resolved.kind,
             max_seq_length=t.max_seq_length, validation_split=ds.get("validation_split", 0.1), seed=t.seed,
-            packing=packing,
+            packing=packing, fixed_rows=self.spec.id == "longlora",
         )
         self.notes += self.data.notes
 
@@ -240,8 +243,7 @@ class _Trainer:
         self.predicted = predicted
         self.total_steps = self._total_steps(plan)
         self.oom_retries: list[dict] = list((state_at_resume or {}).get("oom_retries", []))
-        self.emit("start", total_steps=self.total_steps, num_train=len(self.data.train) if not self.data.packed else
-                  sum(r.num_examples for r in self.data.train), num_val=len(self.data.val),
+        self.emit("start", total_steps=self.total_steps, num_train=self.data.num_examples, num_val=len(self.data.val),
                   truncated=self.data.truncated, format=self.data.format, device=str(self.device),
                   micro_batch=plan.micro_batch, grad_accum=plan.grad_accum,
                   effective_batch=plan.micro_batch * plan.grad_accum * self.world, predicted=predicted,
@@ -395,6 +397,10 @@ class _Trainer:
         warmup = math.ceil(t.warmup_ratio * self.total_steps)
         scheduler = get_scheduler(t.lr_scheduler_type, optimizer, num_warmup_steps=warmup,
                                   num_training_steps=self.total_steps)
+        if self.backend == "DEEPSPEED":  # no DataLoader goes through prepare: tell DeepSpeed the micro-batch
+            ds = self.acc.state.deepspeed_plugin.deepspeed_config
+            ds["train_micro_batch_size_per_gpu"] = plan.micro_batch
+            ds["gradient_accumulation_steps"] = 1  # accumulation is this loop's (no_sync on micro-steps)
         model_p, optimizer_p = self.acc.prepare(prepared.model, optimizer)
         return prepared, model_p, optimizer_p, scheduler
 
@@ -413,8 +419,13 @@ class _Trainer:
         inner = self.acc.unwrap_model(model)
         st = RunState(oom_retries=self.oom_retries)
         if plan.resume_from is not None:
-            saved = ckpt.load_checkpoint(plan.resume_from, model=inner, optimizer=optimizer, scheduler=scheduler,
-                                         prepared=prepared, rank=self.rank)
+            if self.sharded:  # model/optimizer shards written by accelerate's save_state
+                self.acc.load_state(str(plan.resume_from / "accelerate_state"))
+                scheduler.load_state_dict(torch.load(plan.resume_from / "scheduler.pt", weights_only=False))
+                saved = ckpt.read_trainer_state(plan.resume_from)
+            else:
+                saved = ckpt.load_checkpoint(plan.resume_from, model=inner, optimizer=optimizer, scheduler=scheduler,
+                                             prepared=prepared, rank=self.rank)
             st.step, st.epoch, st.position = saved["step"], saved["epoch_index"], saved["position"]
             st.tokens_seen, st.train_seconds = saved.get("tokens_seen", 0), saved.get("train_seconds", 0.0)
             st.last_loss, st.eval_loss_before = saved.get("loss"), saved.get("eval_loss_before")
@@ -427,6 +438,8 @@ class _Trainer:
                 self.emit("eval", step=0, eval_loss=st.eval_loss_before, perplexity=_ppl(st.eval_loss_before))
         if torch.cuda.is_available() and self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
+        if self.world > 1:
+            self.initial_checksum = _checksum(self._trainable_tensors(model))
         if plan.resume_from is not None:
             ckpt.restore_rng(plan.resume_from, self.rank)
         return self._loop(plan, st, prepared, model, optimizer, scheduler)
@@ -485,12 +498,15 @@ class _Trainer:
                 break
         if status == "succeeded":
             self._eval_event(model, st)
-            if self.main:
-                from advisor.train.artifacts import save_outputs
+            from advisor.train.artifacts import save_outputs
 
+            state_dict = self.acc.get_state_dict(model) if self.sharded else None  # collective: every rank
+            if self.main:
                 inner = self.acc.unwrap_model(model)
-                save_outputs(inner, prepared, self.spec, self.cfg, self.job, self.out, self.tokenizer)
+                save_outputs(inner, prepared, self.spec, self.cfg, self.job, self.out, self.tokenizer,
+                             state_dict=state_dict)
             self.acc.wait_for_everyone()
+        self.final_checksum = _checksum(self._trainable_tensors(model)) if self.world > 1 else None
         return self._result(status, st, plan)
 
     def _step(self, step_no, micro, prepared, model, optimizer, scheduler, trainable, pad_id) -> tuple[float, int]:
@@ -505,7 +521,7 @@ class _Trainer:
             raise torch.OutOfMemoryError(f"CUDA out of memory (injected by {INJECT_ENV}={self.inject_at} at step {step_no})")
         total = torch.zeros((), device=self.device)
         for j, batch in enumerate(batches):
-            batch = {k: v.to(self.device) for k, v in batch.items()}
+            batch = to_device(batch, self.device)
             share = label_tokens(batch) / max(n_label, 1)
             sync = contextlib.nullcontext() if j == len(batches) - 1 else self.acc.no_sync(model)
             with sync:
@@ -527,6 +543,13 @@ class _Trainer:
         if self.world > 1:
             total = self.acc.reduce(total, reduction="mean")
         return float(total), tokens
+
+    def _trainable_tensors(self, model) -> dict[str, torch.Tensor]:
+        if self.sharded:
+            full = self.acc.get_state_dict(model)
+            names = {n for n, p in self.acc.unwrap_model(model).named_parameters() if p.requires_grad}
+            return {k: v for k, v in (full or {}).items() if k in names}
+        return ckpt.trainable_state(self.acc.unwrap_model(model))
 
     def _stop_requested(self) -> bool:
         flag = bool(self.should_stop()) if (self.should_stop is not None and self.main) else False
@@ -552,7 +575,7 @@ class _Trainer:
         loss_sum = torch.zeros((), device=self.device, dtype=torch.float64)
         count = torch.zeros((), device=self.device, dtype=torch.float64)
         for i in range(0, len(rows), b):
-            batch = {k: v.to(self.device) for k, v in collate(rows[i:i + b], pad_id, self.data.kind).items()}
+            batch = to_device(collate(rows[i:i + b], pad_id, self.data.kind), self.device)
             loss, n = _eval_loss_sum(model, batch, self.data.kind)
             loss_sum += loss
             count += n
@@ -575,7 +598,14 @@ class _Trainer:
                  "eval_loss_before": st.eval_loss_before, "oom_retries": self.oom_retries,
                  "method": self.spec.id, "seed": self.cfg.training.seed}
         path = self.out / f"checkpoint-{st.step}"
-        if self.main:
+        if self.sharded:  # every process writes its shard through accelerate, then rank 0 adds our files
+            self.acc.save_state(str(path / "accelerate_state"))
+            if self.main:
+                torch.save(scheduler.state_dict(), path / "scheduler.pt")
+                torch.save(ckpt.rng_state(), path / "rng_state_0.pt")
+                (path / "trainer_state.json").write_text(json.dumps(state, indent=2))
+                ckpt.prune(self.out, int(self.job.get("save_total_limit") or 2))
+        elif self.main:
             path = ckpt.save_checkpoint(self.out, st.step, model=self.acc.unwrap_model(model), optimizer=optimizer,
                                         scheduler=scheduler, prepared=prepared, trainer_state=state,
                                         keep=int(self.job.get("save_total_limit") or 2))
@@ -611,6 +641,9 @@ class _Trainer:
                          "micro_batch": plan.micro_batch, "grad_accum": plan.grad_accum, "world_size": self.world},
             "oom_retries": self.oom_retries,
             "truncated": self.data.truncated,
+            "distributed": None if self.world == 1 else {
+                "rank": self.rank, "world_size": self.world, "backend": self.backend,
+                "initial_checksum": self.initial_checksum, "trainable_checksum": self.final_checksum},
         }
 
     def _write_plan(self, plan: Plan, predicted, adjusted, result: dict | None = None) -> None:
@@ -643,6 +676,17 @@ def _eval_loss_sum(model, batch: dict, kind: str) -> tuple[torch.Tensor, int]:
     loss = torch.nn.functional.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), target.reshape(-1),
                                              ignore_index=-100, reduction="sum")
     return loss.double(), int((target != -100).sum())
+
+
+def _checksum(tensors: dict[str, torch.Tensor]) -> str:
+    """sha256 over the trainable tensors' names and bytes (identical replicas give identical sums)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        h.update(name.encode())
+        h.update(tensors[name].detach().float().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
 
 
 def _ppl(loss: float | None) -> float | None:
