@@ -1,0 +1,191 @@
+"""Axolotl YAML (`axolotl train config.yml`).
+
+Key names are Axolotl's own, checked against its pydantic schemas (axolotl-ai-cloud/axolotl,
+src/axolotl/utils/schemas/{config,peft,training,datasets,fsdp,deprecated}.py, and docs/{optimizers,multi-gpu,
+dataset-formats}.qmd, snapshot of 2026-07-24). Unknown keys are not refused by Axolotl's schema, so a typo would
+be silently ignored; `KNOWN_KEYS` below lists every key this exporter may write, and the tests hold it to that.
+
+What Axolotl can express (and what not), per method:
+
+    method          Axolotl                                                   how
+    full            yes                                                       no `adapter`
+    lora            yes                                                       adapter: lora
+    qlora           yes                                                       adapter: qlora + load_in_4bit (+ bnb_config_kwargs)
+    galore          yes                                                       optimizer: galore_adamw*, optim_target_modules, optim_args
+    bitfit          only on models with biases (bias_source: existing)        unfrozen_parameters: [".+bias$"] (full FT, all else frozen)
+    longlora        no: `s2_attention` was removed ("shifted-sparse attention is no longer supported", schemas/deprecated.py)
+    adalora         no: built-in adapters are lora, qlora, llama-adapter (schemas/peft.py validate_adapter)
+    ia3             no: idem
+    prompt_tuning   no: idem
+    prefix_tuning   no: idem (llama-adapter is LLaMA-Adapter's gated prompts, not PEFT prefix tuning)
+    adapter         no: idem (no Houlsby/Pfeiffer bottleneck adapters)
+    molora          no: idem (the only plugin adapter shipped is MoRA, a different method)
+
+Encoder-decoder models (T5) are refused: Axolotl loads AutoModelForCausalLM.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from advisor.export.base import ExportContext, ExportFormat, Rendered, register_format
+from advisor.export.multigpu import WORDS, deepspeed_json, uses_deepspeed
+from advisor.export.yamldoc import YamlDoc
+
+METHODS = ("full", "lora", "qlora", "galore", "bitfit")
+REFUSALS = {
+    "longlora": "Axolotl removed shifted-sparse attention (`s2_attention` is deprecated: \"no longer supported\")",
+    "adalora": "Axolotl's built-in adapters are lora, qlora and llama-adapter; AdaLoRA's rank reallocation is not one",
+    "ia3": "Axolotl's built-in adapters are lora, qlora and llama-adapter; it has no IA3",
+    "prompt_tuning": "Axolotl's built-in adapters are lora, qlora and llama-adapter; it has no prompt tuning",
+    "prefix_tuning": "Axolotl's built-in adapters are lora, qlora and llama-adapter (LLaMA-Adapter is not PEFT prefix tuning)",
+    "adapter": "Axolotl has no bottleneck (Houlsby/Pfeiffer) adapters",
+    "molora": "Axolotl has no mixture-of-LoRA-experts adapter",
+}
+# every key this exporter may write (top level), each present in Axolotl's schemas
+KNOWN_KEYS = frozenset({
+    "base_model", "load_in_4bit", "adapter", "lora_r", "lora_alpha", "lora_dropout", "lora_target_modules",
+    "lora_target_linear", "peft_use_rslora", "peft_use_dora", "bnb_config_kwargs", "unfrozen_parameters",
+    "chat_template", "datasets", "dataset_prepared_path", "val_set_size", "output_dir", "sequence_len",
+    "sample_packing", "train_on_inputs", "micro_batch_size", "gradient_accumulation_steps", "num_epochs",
+    "learning_rate", "optimizer", "optim_target_modules", "optim_args", "lr_scheduler", "warmup_ratio",
+    "weight_decay", "max_grad_norm", "bf16", "fp16", "gradient_checkpointing", "attn_implementation", "seed",
+    "logging_steps", "save_steps", "eval_steps", "use_tensorboard", "deepspeed",
+})
+
+
+def _ds_type(path: str) -> str:
+    suffix = Path(path).suffix.lower()
+    return {".csv": "csv", ".parquet": "parquet", ".arrow": "arrow"}.get(suffix, "json")
+
+
+def dataset_entry(ctx: ExportContext) -> dict:
+    entry: dict = {"path": ctx.dataset_path, "ds_type": _ds_type(ctx.dataset_path)}
+    fmt = ctx.dataset_format
+    if fmt == "alpaca":
+        entry["type"] = "alpaca"
+    elif fmt == "chat":
+        entry.update(type="chat_template", field_messages="messages", roles_to_train=["assistant"])
+    elif fmt == "completion":  # a user-defined prompt: the prompt verbatim, loss on the completion only
+        entry["type"] = {"field_instruction": "prompt", "field_output": "completion",
+                         "format": "{instruction}", "no_input_format": "{instruction}"}
+    else:
+        entry.update(type="completion", field="text")
+    return entry
+
+
+def render(ctx: ExportContext) -> Rendered:
+    t = ctx.training
+    p = ctx.peft
+    name = ctx.filename
+    run = [f"axolotl train {name}"]
+    if ctx.multi_gpu:
+        run = [f"axolotl train {name} --launcher accelerate -- --num_processes={ctx.gpu_count}"]
+        if uses_deepspeed(ctx.strategy):
+            run.insert(0, "pip install deepspeed   # the `deepspeed` block below")
+    doc = YamlDoc(header=ctx.header_lines(f"Axolotl config: {ctx.method} fine-tuning of {ctx.model_id}", run))
+    notes: list[str] = []
+
+    doc.section("model")
+    doc.put("base_model", ctx.model_ref, "Hub id or local directory")
+    if ctx.method in ("lora", "qlora"):
+        if ctx.method == "qlora":
+            q = ctx.quantization
+            doc.put("load_in_4bit", True, "QLoRA: frozen base in 4-bit")
+        doc.put("adapter", ctx.method, "the recommended method" if ctx.chosen else "an alternative to the recommendation")
+        doc.put("lora_r", int(p["r"]), ctx.why("r", p["r"]))
+        doc.put("lora_alpha", p["lora_alpha"], ctx.why("lora_alpha", p["lora_alpha"]))
+        doc.put("lora_dropout", p["lora_dropout"], ctx.why("lora_dropout", p["lora_dropout"]))
+        if ctx.targets == "all-linear":
+            doc.put("lora_target_linear", True, ctx.why("target_modules") or "every linear layer")
+        else:
+            doc.put("lora_target_modules", list(ctx.targets), ctx.why("target_modules", p.get("target_modules")))
+        if p.get("use_rslora"):
+            doc.put("peft_use_rslora", True)
+        if p.get("use_dora"):
+            doc.put("peft_use_dora", True)
+        if p.get("bias", "none") != "none":
+            notes.append(f"LoRA bias={p['bias']!r} has no Axolotl key; Axolotl trains no biases with LoRA")
+        if ctx.method == "qlora":
+            doc.put("bnb_config_kwargs", {"bnb_4bit_quant_type": q.bnb_4bit_quant_type,
+                                          "bnb_4bit_use_double_quant": q.bnb_4bit_use_double_quant},
+                    "compute dtype follows bf16/fp16 below")
+            if p.get("upcast_non_quantized"):
+                notes.append("upcast_non_quantized (norms/embeddings in fp32) has no Axolotl key")
+    elif ctx.method == "bitfit":
+        doc.put("unfrozen_parameters", [".+bias$"], "BitFit: only bias terms train, everything else frozen")
+
+    doc.section("data")
+    if ctx.dataset_format == "chat":
+        doc.put("chat_template", "tokenizer_default", "the model's own chat template")
+    doc.put("datasets", [dataset_entry(ctx)], f"{ctx.dataset_format} format")
+    doc.put("train_on_inputs", False, "loss on responses only")
+    doc.put("dataset_prepared_path", f"{ctx.output_dir}/prepared", "tokenized cache")
+    doc.put("val_set_size", ctx.val_split, "held-out split to watch eval loss" if ctx.val_split else None)
+    doc.put("sequence_len", t.max_seq_length, ctx.why("max_seq_length"))
+    doc.put("sample_packing", bool(t.packing), ctx.why("packing", t.packing))
+
+    doc.section("training")
+    doc.put("micro_batch_size", t.per_device_train_batch_size, ctx.why("per_device_train_batch_size"))
+    doc.put("gradient_accumulation_steps", t.gradient_accumulation_steps, ctx.why("gradient_accumulation_steps"))
+    doc.put("num_epochs", t.num_train_epochs, ctx.why("num_train_epochs", t.num_train_epochs))
+    doc.put("learning_rate", t.learning_rate, ctx.why("learning_rate", t.learning_rate))
+    doc.put("optimizer", t.optim, ctx.why("optim", t.optim))
+    if ctx.method == "galore":
+        doc.put("optim_target_modules", list(p["target_modules"]), "GaLore projects these blocks' 2-D weights")
+        doc.put("optim_args", {"rank": int(p["rank"]), "update_proj_gap": int(p["update_proj_gap"]),
+                               "scale": float(p["scale"]), "proj_type": p["proj_type"]},
+                ctx.why("rank", p["rank"]) or "GaLore projection")
+    doc.put("lr_scheduler", t.lr_scheduler_type, ctx.why("lr_scheduler_type", t.lr_scheduler_type))
+    doc.put("warmup_ratio", t.warmup_ratio, ctx.why("warmup_ratio", t.warmup_ratio))
+    doc.put("weight_decay", t.weight_decay, ctx.why("weight_decay", t.weight_decay))
+    doc.put("max_grad_norm", t.max_grad_norm, ctx.why("max_grad_norm", t.max_grad_norm))
+    doc.put("bf16", bool(t.bf16), ctx.why("bf16"))
+    doc.put("fp16", bool(t.fp16), ctx.why("fp16") if t.fp16 else None)
+    doc.put("gradient_checkpointing", bool(t.gradient_checkpointing), ctx.why("gradient_checkpointing"))
+    doc.put("attn_implementation", t.attn_implementation)
+    doc.put("seed", t.seed)
+    if ctx.multi_gpu:
+        doc.section(f"multi-GPU: {ctx.gpu_count} GPUs, {ctx.strategy}")
+        if uses_deepspeed(ctx.strategy):
+            doc.put("deepspeed", deepspeed_json(ctx.strategy), WORDS[ctx.strategy] + " (estimator's choice)")
+        else:
+            doc.comment(f"{WORDS[ctx.strategy]}: Axolotl's default multi-GPU mode, nothing to set")
+
+    doc.section("output")
+    doc.put("output_dir", ctx.output_dir)
+    doc.put("logging_steps", t.logging_steps)
+    doc.put("save_steps", t.save_steps)
+    if ctx.val_split:
+        doc.put("eval_steps", t.eval_steps)
+    doc.put("use_tensorboard", True, f"tensorboard --logdir {ctx.output_dir}/runs")
+    for n in notes:
+        doc.comment(f"note: {n}")
+    unknown = set(doc.values) - KNOWN_KEYS
+    if unknown:  # a programming error: every key must be one Axolotl's schema has
+        raise AssertionError(f"Axolotl export wrote keys outside KNOWN_KEYS: {sorted(unknown)}")
+    return Rendered(content=doc.render(), command=run[-1], notes=notes)
+
+
+def _check_bitfit(ctx: ExportContext) -> None:
+    from advisor.errors import AdvisorInputError
+
+    if ctx.method == "bitfit" and ctx.peft.get("bias_source") != "existing":
+        raise AdvisorInputError(
+            "config.peft.bias_source",
+            "Axolotl can train a model's existing biases (unfrozen_parameters) but cannot add new ones "
+            "(bias_source 'add'); export with --format script", allowed=["existing"])
+
+
+def _render_checked(ctx: ExportContext) -> Rendered:
+    _check_bitfit(ctx)
+    return render(ctx)
+
+
+FORMAT = register_format(ExportFormat(
+    id="axolotl", tool="Axolotl", filename="axolotl_config.yml", methods=METHODS, refusals=REFUSALS,
+    render=_render_checked, kinds=("causal_lm",),
+    kind_refusal="Axolotl trains decoder-only (causal) language models; encoder-decoder models such as T5 "
+                 "are not supported",
+    summary="Axolotl YAML: axolotl train config.yml",
+))

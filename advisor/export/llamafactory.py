@@ -1,0 +1,265 @@
+"""LLaMA-Factory YAML (`llamafactory-cli train config.yaml`) plus the `dataset_info.json` entry it reads.
+
+Key names are LLaMA-Factory's own (hiyouga/LLaMA-Factory, src/llamafactory/hparams/{model,data,finetuning}_args.py,
+snapshot of 2026-08-18) or those of transformers' `Seq2SeqTrainingArguments`, which its `TrainingArguments` extends.
+LLaMA-Factory refuses unknown keys ("Some specified arguments are not used by the HfArgumentParser"), so
+`OWN_KEYS` lists each of its own keys this exporter may write; the tests check the rest against the installed
+transformers' training arguments.
+
+What LLaMA-Factory can express (and what not), per method:
+
+    method          LLaMA-Factory                                        how
+    full            yes                                                  finetuning_type: full
+    lora            yes                                                  finetuning_type: lora, lora_rank/alpha/dropout/target
+    qlora           yes                                                  + quantization_bit: 4 (bnb, nf4, double quantization)
+    galore          yes                                                  finetuning_type: full, use_galore: true, galore_*
+    longlora        Llama models only, with transformers >=4.45,<4.48    shift_attn: true (S²-Attn, group size fixed at 1/4)
+                                                                         + additional_target: embed_tokens,norm
+    adalora         no: finetuning_type is one of lora, oft, freeze, full
+    ia3             no: idem
+    prompt_tuning   no: idem
+    prefix_tuning   no: idem
+    bitfit          no: `freeze` trains whole layers/modules, not bias terms
+    adapter         no: no bottleneck adapters
+    molora          no: no mixture-of-LoRA experts
+
+Data: LLaMA-Factory reads datasets by name from `<dataset_dir>/dataset_info.json`; the export writes that entry
+(alpaca → formatting alpaca; chat → sharegpt with role/content tags; completion → alpaca columns prompt/response;
+text → `stage: pt` with the prompt column). Warmup is written as whole `warmup_steps` when the run's length is known,
+because LLaMA-Factory runs on transformers 4.55-5.8 and `warmup_ratio` is gone from transformers >= 5.2.
+Encoder-decoder text models (T5) are refused: LLaMA-Factory's SFT data pipeline builds decoder-only sequences.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+from advisor.errors import AdvisorInputError
+from advisor.export.base import ExportContext, ExportFormat, Rendered, register_format
+from advisor.export.multigpu import WORDS, deepspeed_json, uses_deepspeed
+from advisor.export.yamldoc import YamlDoc
+
+METHODS = ("full", "lora", "qlora", "galore", "longlora")
+REFUSALS = {
+    "adalora": "LLaMA-Factory's finetuning_type is one of lora, oft, freeze, full; it has no AdaLoRA",
+    "ia3": "LLaMA-Factory's finetuning_type is one of lora, oft, freeze, full; it has no IA3",
+    "prompt_tuning": "LLaMA-Factory's finetuning_type is one of lora, oft, freeze, full; it has no prompt tuning",
+    "prefix_tuning": "LLaMA-Factory's finetuning_type is one of lora, oft, freeze, full; it has no prefix tuning",
+    "bitfit": "LLaMA-Factory's `freeze` tuning trains whole layers or modules, not bias terms alone",
+    "adapter": "LLaMA-Factory has no bottleneck (Houlsby/Pfeiffer) adapters",
+    "molora": "LLaMA-Factory has no mixture-of-LoRA-experts adapter",
+}
+# LLaMA-Factory's own keys this exporter may write (every other key is a transformers training argument)
+OWN_KEYS = frozenset({
+    "model_name_or_path", "quantization_bit", "quantization_method", "quantization_type", "double_quantization",
+    "upcast_layernorm", "flash_attn", "shift_attn", "disable_gradient_checkpointing",
+    "stage", "finetuning_type", "lora_rank", "lora_alpha", "lora_dropout", "lora_target", "use_rslora", "use_dora",
+    "additional_target", "use_galore", "galore_target", "galore_rank", "galore_update_interval", "galore_scale",
+    "galore_proj_type", "galore_layerwise", "plot_loss",
+    "dataset", "dataset_dir", "template", "cutoff_len", "packing", "train_on_prompt", "val_size",
+})
+TRAINING_ARG_KEYS = frozenset({
+    "do_train", "output_dir", "logging_steps", "save_steps", "report_to", "per_device_train_batch_size",
+    "gradient_accumulation_steps", "learning_rate", "num_train_epochs", "lr_scheduler_type", "warmup_steps",
+    "warmup_ratio", "weight_decay", "max_grad_norm", "optim", "bf16", "fp16", "seed", "deepspeed", "eval_strategy",
+    "eval_steps", "per_device_eval_batch_size",
+})
+DATASET_NAME = "advisor_train"
+ATTENTION = {"sdpa": "sdpa", "flash_attention_2": "fa2", "eager": "disabled"}
+GALORE_OPTIM = {"galore_adamw": "adamw_torch", "galore_adamw_8bit": "adamw_8bit", "galore_adafactor": "adafactor"}
+# chat/instruct checkpoints need their family's template (LLaMA-Factory data/template.py names); base models: default
+TEMPLATES = (
+    (r"llama-?3|llama3", "llama3"), (r"llama-?2.*chat", "llama2"), (r"mi[sx]tral", "mistral"),
+    (r"qwen3", "qwen3"), (r"qwen", "qwen"), (r"gemma-?3", "gemma3"), (r"gemma-?2", "gemma2"), (r"gemma", "gemma"),
+    (r"phi-?4", "phi4"), (r"phi-?3", "phi"), (r"falcon", "falcon"), (r"\byi\b|/yi-", "yi"),
+)
+CHAT_MARKERS = re.compile(r"instruct|chat|-it\b|-it-", re.IGNORECASE)
+
+
+def template_for(model_id: str) -> tuple[str, str]:
+    if not CHAT_MARKERS.search(model_id):
+        return "default", "base model: LLaMA-Factory's plain default template"
+    low = model_id.lower()
+    for pattern, name in TEMPLATES:
+        if re.search(pattern, low):
+            return name, f"chat model: its family's template ({name})"
+    return "default", "no family template known for this chat model; check LLaMA-Factory's template list"
+
+
+def dataset_info(ctx: ExportContext, file_name: str) -> dict:
+    entry: dict = {"file_name": file_name}
+    fmt = ctx.dataset_format
+    if fmt == "alpaca":
+        entry.update(formatting="alpaca", columns={"prompt": "instruction", "query": "input", "response": "output"})
+    elif fmt == "chat":
+        entry.update(formatting="sharegpt", columns={"messages": "messages"},
+                     tags={"role_tag": "role", "content_tag": "content", "user_tag": "user",
+                           "assistant_tag": "assistant", "system_tag": "system"})
+    elif fmt == "completion":
+        entry.update(formatting="alpaca", columns={"prompt": "prompt", "response": "completion"})
+    else:
+        entry.update(columns={"prompt": "text"})
+    return {DATASET_NAME: entry}
+
+
+def render(ctx: ExportContext) -> Rendered:
+    """dataset_info.json goes to `ctx.companion_dir` beside the config (CLI --out), else it belongs in the data's folder."""
+    t = ctx.training
+    companion_dir = ctx.companion_dir
+    p = ctx.peft
+    _check(ctx)
+    data = Path(ctx.dataset_path)
+    if companion_dir is not None:
+        dataset_dir, file_name = companion_dir, str(data if data.is_absolute() else data.resolve())
+    else:
+        dataset_dir, file_name = str(data.parent) if str(data.parent) else ".", data.name
+    info = dataset_info(ctx, file_name)
+    name = ctx.filename
+    run = [f"llamafactory-cli train {name}"]
+    if ctx.multi_gpu:
+        run = [f"FORCE_TORCHRUN=1 NPROC_PER_NODE={ctx.gpu_count} llamafactory-cli train {name}"]
+        if uses_deepspeed(ctx.strategy):
+            run.insert(0, "pip install deepspeed   # the `deepspeed` block below")
+    header = ctx.header_lines(f"LLaMA-Factory config: {ctx.method} fine-tuning of {ctx.model_id}", run)
+    header += ["", f"LLaMA-Factory reads the dataset by name from {dataset_dir}/dataset_info.json:"]
+    header += ["  " + line for line in json.dumps(info, indent=2).splitlines()]
+    if ctx.method == "longlora":
+        header += ["LongLoRA needs transformers>=4.45,<4.48 in LLaMA-Factory (its S²-Attn patch checks the version)."]
+    doc = YamlDoc(header=header)
+    notes: list[str] = []
+
+    doc.section("model")
+    doc.put("model_name_or_path", ctx.model_ref, "Hub id or local directory")
+    if ctx.method == "qlora":
+        q = ctx.quantization
+        doc.put("quantization_bit", 4, "QLoRA: frozen base in 4-bit")
+        doc.put("quantization_method", "bnb")
+        doc.put("quantization_type", q.bnb_4bit_quant_type)
+        doc.put("double_quantization", bool(q.bnb_4bit_use_double_quant))
+        if p.get("upcast_non_quantized"):
+            doc.put("upcast_layernorm", True, "upcast_non_quantized: norms in fp32")
+    doc.put("flash_attn", ATTENTION[t.attn_implementation], f"attn_implementation {t.attn_implementation}")
+    if ctx.method == "longlora":
+        doc.put("shift_attn", True, "LongLoRA's shifted sparse attention (S²-Attn), group size 1/4")
+    if not t.gradient_checkpointing:
+        doc.put("disable_gradient_checkpointing", True, ctx.why("gradient_checkpointing"))
+    else:
+        doc.comment(f"gradient checkpointing: on (LLaMA-Factory's default) -- {ctx.why('gradient_checkpointing')}")
+
+    doc.section("method")
+    doc.put("stage", "pt" if ctx.dataset_format == "text" else "sft",
+            "plain text: continued pre-training" if ctx.dataset_format == "text" else "supervised fine-tuning")
+    doc.put("do_train", True)
+    if ctx.method in ("lora", "qlora", "longlora"):
+        doc.put("finetuning_type", "lora", "the recommended method" if ctx.chosen else "an alternative")
+        doc.put("lora_rank", int(p["r"]), ctx.why("r", p["r"]))
+        doc.put("lora_alpha", p["lora_alpha"], ctx.why("lora_alpha", p["lora_alpha"]))
+        doc.put("lora_dropout", p["lora_dropout"], ctx.why("lora_dropout", p["lora_dropout"]))
+        target = "all" if ctx.targets == "all-linear" else ",".join(ctx.targets)
+        doc.put("lora_target", target, ctx.why("target_modules", p.get("target_modules")))
+        if p.get("use_rslora"):
+            doc.put("use_rslora", True)
+        if p.get("use_dora"):
+            doc.put("use_dora", True)
+        if p.get("bias", "none") != "none":
+            notes.append(f"LoRA bias={p['bias']!r} has no LLaMA-Factory key; it trains no biases with LoRA")
+        if ctx.method == "longlora":
+            doc.put("additional_target", "embed_tokens,norm", "LongLoRA also trains embeddings and norms")
+    else:
+        doc.put("finetuning_type", "full", "every weight trains")
+        if ctx.method == "galore":
+            doc.put("use_galore", True, "GaLore: low-rank projected optimizer state")
+            doc.put("galore_target", ",".join(p["target_modules"]), "linear layers whose names contain these")
+            doc.put("galore_rank", int(p["rank"]), ctx.why("rank", p["rank"]))
+            doc.put("galore_update_interval", int(p["update_proj_gap"]), ctx.why("update_proj_gap", p["update_proj_gap"]))
+            doc.put("galore_scale", float(p["scale"]), ctx.why("scale", p["scale"]))
+            doc.put("galore_proj_type", p["proj_type"])
+            doc.put("galore_layerwise", False, "layer-wise GaLore cannot accumulate gradients or run distributed")
+
+    doc.section("dataset")
+    doc.put("dataset", DATASET_NAME, f"{ctx.dataset_format} file, see dataset_info.json above")
+    doc.put("dataset_dir", dataset_dir)
+    template, why_template = template_for(ctx.model_id)
+    doc.put("template", template, why_template)
+    doc.put("cutoff_len", t.max_seq_length, ctx.why("max_seq_length"))
+    doc.put("packing", bool(t.packing), ctx.why("packing", t.packing))
+    if ctx.dataset_format != "text":
+        doc.put("train_on_prompt", False, "loss on responses only")
+    doc.put("val_size", ctx.val_split, "held-out split to watch eval loss" if ctx.val_split else None)
+
+    doc.section("train")
+    doc.put("per_device_train_batch_size", t.per_device_train_batch_size, ctx.why("per_device_train_batch_size"))
+    doc.put("gradient_accumulation_steps", t.gradient_accumulation_steps, ctx.why("gradient_accumulation_steps"))
+    doc.put("learning_rate", t.learning_rate, ctx.why("learning_rate", t.learning_rate))
+    doc.put("num_train_epochs", float(t.num_train_epochs), ctx.why("num_train_epochs", t.num_train_epochs))
+    doc.put("lr_scheduler_type", t.lr_scheduler_type, ctx.why("lr_scheduler_type", t.lr_scheduler_type))
+    warmup = ctx.warmup_steps()
+    if warmup is not None:
+        doc.put("warmup_steps", warmup, f"warmup_ratio {t.warmup_ratio:g} of {ctx.total_steps()} steps")
+    else:
+        doc.put("warmup_ratio", t.warmup_ratio, "run length unknown; on transformers >= 5.2 use warmup_steps")
+    doc.put("weight_decay", t.weight_decay, ctx.why("weight_decay", t.weight_decay))
+    doc.put("max_grad_norm", t.max_grad_norm, ctx.why("max_grad_norm", t.max_grad_norm))
+    optim = GALORE_OPTIM.get(t.optim, t.optim) if ctx.method == "galore" else t.optim
+    doc.put("optim", optim, "GaLore's base optimizer (LLaMA-Factory builds the GaLore one)" if ctx.method == "galore"
+            else ctx.why("optim", t.optim))
+    doc.put("bf16", bool(t.bf16), ctx.why("bf16"))
+    doc.put("fp16", bool(t.fp16), ctx.why("fp16") if t.fp16 else None)
+    doc.put("seed", t.seed)
+    if ctx.multi_gpu:
+        doc.section(f"multi-GPU: {ctx.gpu_count} GPUs, {ctx.strategy}")
+        if uses_deepspeed(ctx.strategy):
+            doc.put("deepspeed", deepspeed_json(ctx.strategy), WORDS[ctx.strategy] + " (estimator's choice)")
+        else:
+            doc.comment(f"{WORDS[ctx.strategy]}: torchrun data parallel, nothing to set")
+
+    doc.section("output")
+    doc.put("output_dir", ctx.output_dir)
+    doc.put("logging_steps", t.logging_steps)
+    doc.put("save_steps", t.save_steps)
+    doc.put("plot_loss", True)
+    doc.put("report_to", "tensorboard", f"tensorboard --logdir {ctx.output_dir}")
+    if ctx.val_split:
+        doc.section("eval")
+        doc.put("per_device_eval_batch_size", t.per_device_train_batch_size)
+        doc.put("eval_strategy", "steps")
+        doc.put("eval_steps", t.eval_steps)
+    for n in notes:
+        doc.comment(f"note: {n}")
+    unknown = set(doc.values) - OWN_KEYS - TRAINING_ARG_KEYS
+    if unknown:  # a programming error: LLaMA-Factory would refuse the file
+        raise AssertionError(f"LLaMA-Factory export wrote unknown keys: {sorted(unknown)}")
+    return Rendered(content=doc.render(), files={"dataset_info.json": json.dumps(info, indent=2) + "\n"},
+                    command=run[-1], notes=notes)
+
+
+def _check(ctx: ExportContext) -> None:
+    if ctx.method == "longlora":
+        if ctx.model_type != "llama":
+            raise AdvisorInputError(
+                "method", f"LLaMA-Factory's LongLoRA (shift_attn) supports Llama models only; {ctx.model_id} is "
+                          f"{ctx.model_type!r}. Export with --format script", allowed=list(METHODS[:4]))
+        ratio = float(ctx.peft.get("group_size_ratio", 0.25))
+        if abs(ratio - 0.25) > 1e-9:
+            raise AdvisorInputError("config.peft.group_size_ratio",
+                                    f"LLaMA-Factory fixes the S²-Attn group size at 1/4; got {ratio:g}", allowed=["0.25"])
+    if ctx.method == "galore":
+        if ctx.training.optim not in GALORE_OPTIM:
+            raise AdvisorInputError("config.training.optim", f"LLaMA-Factory's GaLore has no {ctx.training.optim}",
+                                    allowed=list(GALORE_OPTIM))
+        if uses_deepspeed(ctx.strategy):
+            raise AdvisorInputError(
+                "method", f"LLaMA-Factory refuses GaLore with DeepSpeed (\"GaLore and APOLLO are incompatible with "
+                          f"DeepSpeed yet\"), and this run needs {ctx.strategy} to fit; export with --format script "
+                          "and --format accelerate", allowed=list(METHODS))
+
+
+FORMAT = register_format(ExportFormat(
+    id="llamafactory", tool="LLaMA-Factory", filename="llamafactory_config.yaml", methods=METHODS, refusals=REFUSALS,
+    render=render, kinds=("causal_lm",),
+    kind_refusal="LLaMA-Factory's SFT data pipeline builds decoder-only sequences; encoder-decoder text models such "
+                 "as T5 are not supported",
+    summary="LLaMA-Factory YAML + dataset_info.json: llamafactory-cli train config.yaml",
+))
