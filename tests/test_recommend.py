@@ -167,10 +167,11 @@ def test_a_dataset_file_is_profiled_with_the_models_tokenizer(tiny_dirs, tmp_pat
     prof = r["dataset_profile"]
     assert prof["num_examples"] == 150 and prof["format"] == "alpaca"
     assert "model's tokenizer" in prof["tokenizer"]
-    tok = AutoTokenizer.from_pretrained(tiny_dirs["llama"])
-    rows = [json.loads(line) for line in path.read_text().splitlines()]
-    longest = max(len(tok("\n".join(t for t in (x["instruction"], x["input"], x["output"]) if t))["input_ids"]) + 1
-                  for x in rows)
+    from advisor.train.data import encode_row, read_rows
+
+    tok = AutoTokenizer.from_pretrained(tiny_dirs["llama"])  # what the trainer feeds, row by row
+    longest = max(len(encode_row(row, "alpaca", tok, "causal").input_ids) for row in read_rows(path))
+    assert longest > 10
     assert prof["max_tokens"] == longest
     assert r["scenario"]["dataset"]["num_examples"] == 150 and r["decision"] == "fine_tune"
     assert r["config"]["training"]["max_seq_length"] == min(longest, 2048)

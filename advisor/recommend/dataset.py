@@ -2,12 +2,12 @@
 
 The recommender needs three numbers from a dataset — how many examples, their mean length and the length of the
 *longest* (the longest batch sets the memory peak) — plus a sense of the distribution (p50/p90/p99). Given a
-path instead of counts, this module reads the file (JSONL, JSON, CSV or Parquet; alpaca, chat, completion or text
-rows, detected from the first row's keys) and counts tokens:
+path instead of counts, this module reads the file with the trainer's reader (`advisor.train.data`: JSONL, JSON,
+CSV or Parquet; alpaca, chat, completion or text rows, detected from the first row) and counts tokens:
 
 - with the model's own tokenizer when one is available offline (a local model directory with tokenizer files, or a
-  Hub id already in the local Hugging Face cache): exact counts of the text the trainer will feed, chat messages
-  through the tokenizer's chat template when it has one;
+  Hub id already in the local Hugging Face cache): exact counts of what the trainer will feed — each row encoded by
+  the trainer's own `advisor.train.data.encode_row` (prompt template or chat template, end of sequence);
 - otherwise with a documented approximation, ``ceil(characters / 4)`` per text field plus 4 tokens per chat message
   for role markers (OpenAI's "a token is about 4 characters of English" rule of thumb; Llama/Mistral tokenizers
   give 3.5-4.2 characters per token on English prose, so it errs slightly long, the safe side for memory).
@@ -17,7 +17,6 @@ The answer says which one was used (`tokenizer`).
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 from typing import Any
@@ -30,64 +29,8 @@ CHAT_MESSAGE_OVERHEAD_TOKENS = 4
 MAX_PROFILE_ROWS = 200_000  # beyond this the lengths are a uniform sample of the rows (the count stays exact)
 
 
-def read_rows(path: Path, field: str = "dataset.path") -> list[dict[str, Any]]:
-    """Rows of a JSONL / JSON / CSV / Parquet file as dicts; errors name the line or row."""
-    suffix = path.suffix.lower()
-    if suffix in (".jsonl", ".ndjson"):
-        rows = []
-        with path.open(encoding="utf-8") as fh:
-            for lineno, line in enumerate(fh, 1):
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as err:
-                    raise AdvisorInputError(field, f"{path.name} line {lineno} is not valid JSON ({err.msg})") from None
-                if not isinstance(row, dict):
-                    raise AdvisorInputError(field, f"{path.name} line {lineno}: expected a JSON object per line")
-                rows.append(row)
-        return rows
-    if suffix == ".json":
-        try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as err:
-            raise AdvisorInputError(field, f"{path.name} is not valid JSON ({err.msg} at line {err.lineno})") from None
-        if isinstance(data, dict):  # {"data": [...]} / {"train": [...]} style
-            lists = [v for v in data.values() if isinstance(v, list)]
-            data = lists[0] if len(lists) == 1 else None
-        if not isinstance(data, list) or not all(isinstance(r, dict) for r in data):
-            raise AdvisorInputError(field, f"{path.name}: expected a JSON array of objects")
-        return data
-    if suffix in (".csv", ".parquet", ".pq"):
-        import pandas as pd
-
-        try:
-            frame = pd.read_csv(path) if suffix == ".csv" else pd.read_parquet(path)
-        except Exception as err:  # noqa: BLE001 - pandas raises many types for unreadable files
-            raise AdvisorInputError(field, f"{path.name} could not be read as {suffix[1:]}: {err}") from None
-        return frame.where(frame.notna(), None).to_dict("records")
-    raise AdvisorInputError(field, f"unsupported file type {suffix or '(none)'!r}",
-                            allowed=[".jsonl", ".json", ".csv", ".parquet"])
-
-
-def detect_format(row: dict[str, Any], field: str = "dataset.format") -> str:
-    keys = set(row)
-    if "messages" in keys or "conversations" in keys:
-        return "chat"
-    if "instruction" in keys and "output" in keys:
-        return "alpaca"
-    if "prompt" in keys and "completion" in keys:
-        return "completion"
-    if "text" in keys:
-        return "text"
-    raise AdvisorInputError(
-        field, f"cannot tell the format from the first row's fields {sorted(keys)}; expected alpaca "
-               "(instruction/input/output), chat (messages), completion (prompt/completion) or text",
-        allowed=list(FORMATS))
-
-
 def _messages(row: dict[str, Any]) -> list[dict[str, str]]:
-    msgs = row.get("messages") or row.get("conversations") or []
+    msgs = row.get("messages") or []
     out = []
     for m in msgs if isinstance(msgs, list) else []:
         if isinstance(m, dict):
@@ -133,39 +76,38 @@ def _load_tokenizer(resolved) -> tuple[Any | None, str]:
     return None, "no tokenizer available offline"
 
 
-def _exact_tokens(tok, row: dict[str, Any], fmt: str) -> int:
-    if fmt == "chat" and getattr(tok, "chat_template", None):
-        ids = tok.apply_chat_template(_messages(row), tokenize=True)
-        ids = ids["input_ids"] if isinstance(ids, dict) else ids
-        return len(ids)
-    texts = [t for t in example_texts(row, fmt) if t]
-    text = "\n".join(texts)
-    return len(tok(text, add_special_tokens=True)["input_ids"]) + 1  # + end of sequence
+def _exact_tokens(tok, row, fmt: str, kind: str) -> int:
+    """Tokens of the example exactly as the trainer encodes it (advisor.train.data.encode_row: prompt template or
+    chat template, end of sequence; for encoder-decoders the longer of source and target)."""
+    from advisor.train.data import encode_row
+
+    ex = encode_row(row, fmt, tok, kind)
+    return max(len(ex.input_ids), len(ex.labels)) if kind == "seq2seq" else len(ex.input_ids)
 
 
 def profile_dataset(path: str | Path, resolved_model=None, fmt: str = "auto") -> dict[str, Any]:
     """Rows, detected format and token-length distribution of a training file."""
-    p = Path(path).expanduser()
-    if not p.is_file():
-        raise AdvisorInputError("dataset.path", f"no such file: {path}")
+    from advisor.train.data import FORMAT_CHOICES, check_readable, detect_format, read_rows
+
+    p = check_readable(Path(path).expanduser())
     rows = read_rows(p)
     if not rows:
         raise AdvisorInputError("dataset.path", f"{p.name} holds no examples")
     fmt = (fmt or "auto").strip().lower()
     if fmt == "auto":
-        fmt = detect_format(rows[0])
+        fmt = detect_format(rows[0], p.name)
     elif fmt not in FORMATS:
-        raise AdvisorInputError("dataset.format", f"unknown format {fmt!r}", allowed=["auto", *FORMATS])
+        raise AdvisorInputError("dataset.format", f"unknown format {fmt!r}", allowed=list(FORMAT_CHOICES))
     sample = rows
     if len(rows) > MAX_PROFILE_ROWS:
         step = len(rows) / MAX_PROFILE_ROWS
         sample = [rows[int(i * step)] for i in range(MAX_PROFILE_ROWS)]
     tok, tok_source = (None, "no model given") if resolved_model is None else _load_tokenizer(resolved_model)
     if tok is not None:
-        lengths = [_exact_tokens(tok, r, fmt) for r in sample]
+        lengths = [_exact_tokens(tok, r, fmt, resolved_model.kind) for r in sample]
         how = f"the model's tokenizer ({tok_source})"
     else:
-        lengths = [_approx_tokens(r, fmt) for r in sample]
+        lengths = [_approx_tokens(r.data, fmt) for r in sample]
         how = (f"approximation: ceil(characters / {CHARS_PER_TOKEN:g}) per field"
                f"{f' + {CHAT_MESSAGE_OVERHEAD_TOKENS} per chat message' if fmt == 'chat' else ''} + 1 "
                f"({tok_source})")
