@@ -150,7 +150,7 @@ def test_llamafactory_yaml_for_qlora_lora_full(tiny_dirs, data):
     assert cfg["lora_target"] == "q_proj,k_proj,v_proj,o_proj"
     assert (cfg["cutoff_len"], cfg["per_device_train_batch_size"], cfg["gradient_accumulation_steps"]) == (64, 2, 2)
     assert (cfg["learning_rate"], cfg["num_train_epochs"], cfg["lr_scheduler_type"]) == (2e-4, 3.0, "cosine")
-    assert cfg["warmup_steps"] == 2  # ceil(0.03 × 48 steps): works before and after transformers 5.2
+    assert cfg["warmup_steps"] == 1  # round(0.03 × 48 steps): whole steps work before and after transformers 5.2
     assert cfg["bf16"] is True and cfg["fp16"] is False and cfg["optim"] == "adamw_torch_fused"
     assert "disable_gradient_checkpointing" not in cfg  # checkpointing on: LLaMA-Factory's default
     assert cfg["train_on_prompt"] is False and cfg["val_size"] == 0.1 and cfg["packing"] is False

@@ -71,7 +71,7 @@ def render(ctx: ExportContext) -> Rendered:
     doc.put("debug", False)
     distributed = {"none": "NO", "ddp": "MULTI_GPU", "fsdp": "FSDP", "deepspeed": "DEEPSPEED"}[kind]
     doc.put("distributed_type", distributed, f"estimator strategy {ctx.strategy}")
-    doc.put("mixed_precision", ctx.precision, ctx.why("bf16") if ctx.precision != "no" else "float32")
+    doc.put("mixed_precision", ctx.precision, ctx.why("bf16", t.bf16) if ctx.precision != "no" else "float32")
     doc.put("num_machines", machines, f"{GPUS_PER_NODE} GPUs per node assumed" if machines > 1 else None)
     doc.put("num_processes", count, "one process per GPU")
     doc.put("machine_rank", 0)

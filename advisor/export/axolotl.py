@@ -97,7 +97,7 @@ def render(ctx: ExportContext) -> Rendered:
         doc.put("lora_alpha", p["lora_alpha"], ctx.why("lora_alpha", p["lora_alpha"]))
         doc.put("lora_dropout", p["lora_dropout"], ctx.why("lora_dropout", p["lora_dropout"]))
         if ctx.targets == "all-linear":
-            doc.put("lora_target_linear", True, ctx.why("target_modules") or "every linear layer")
+            doc.put("lora_target_linear", True, ctx.why("target_modules", p.get("target_modules")) or "every linear layer")
         else:
             doc.put("lora_target_modules", list(ctx.targets), ctx.why("target_modules", p.get("target_modules")))
         if p.get("use_rslora"):
@@ -122,12 +122,12 @@ def render(ctx: ExportContext) -> Rendered:
     doc.put("train_on_inputs", False, "loss on responses only")
     doc.put("dataset_prepared_path", f"{ctx.output_dir}/prepared", "tokenized cache")
     doc.put("val_set_size", ctx.val_split, "held-out split to watch eval loss" if ctx.val_split else None)
-    doc.put("sequence_len", t.max_seq_length, ctx.why("max_seq_length"))
+    doc.put("sequence_len", t.max_seq_length, ctx.why("max_seq_length", t.max_seq_length))
     doc.put("sample_packing", bool(t.packing), ctx.why("packing", t.packing))
 
     doc.section("training")
-    doc.put("micro_batch_size", t.per_device_train_batch_size, ctx.why("per_device_train_batch_size"))
-    doc.put("gradient_accumulation_steps", t.gradient_accumulation_steps, ctx.why("gradient_accumulation_steps"))
+    doc.put("micro_batch_size", t.per_device_train_batch_size, ctx.why("per_device_train_batch_size", t.per_device_train_batch_size))
+    doc.put("gradient_accumulation_steps", t.gradient_accumulation_steps, ctx.why("gradient_accumulation_steps", t.gradient_accumulation_steps))
     doc.put("num_epochs", t.num_train_epochs, ctx.why("num_train_epochs", t.num_train_epochs))
     doc.put("learning_rate", t.learning_rate, ctx.why("learning_rate", t.learning_rate))
     doc.put("optimizer", t.optim, ctx.why("optim", t.optim))
@@ -140,9 +140,9 @@ def render(ctx: ExportContext) -> Rendered:
     doc.put("warmup_ratio", t.warmup_ratio, ctx.why("warmup_ratio", t.warmup_ratio))
     doc.put("weight_decay", t.weight_decay, ctx.why("weight_decay", t.weight_decay))
     doc.put("max_grad_norm", t.max_grad_norm, ctx.why("max_grad_norm", t.max_grad_norm))
-    doc.put("bf16", bool(t.bf16), ctx.why("bf16"))
-    doc.put("fp16", bool(t.fp16), ctx.why("fp16") if t.fp16 else None)
-    doc.put("gradient_checkpointing", bool(t.gradient_checkpointing), ctx.why("gradient_checkpointing"))
+    doc.put("bf16", bool(t.bf16), ctx.why("bf16", t.bf16))
+    doc.put("fp16", bool(t.fp16), ctx.why("fp16", t.fp16) if t.fp16 else None)
+    doc.put("gradient_checkpointing", bool(t.gradient_checkpointing), ctx.why("gradient_checkpointing", t.gradient_checkpointing))
     doc.put("attn_implementation", t.attn_implementation)
     doc.put("seed", t.seed)
     if ctx.multi_gpu:

@@ -59,9 +59,9 @@ class ExportFormat:
         others = [f.id for f in all_formats() if method in f.methods and f.id != self.id]
         raise AdvisorInputError(
             "method",
-            f"{self.tool} cannot express method {method!r}: {why}. Formats that can: {', '.join(others) or 'none'}; "
-            f"or export an alternative of this recommendation with --method ({', '.join(available)}). "
-            f"{self.tool} supports",
+            f"{self.tool} cannot express method {method!r} ({why}); formats that can: {', '.join(others) or 'none'}; "
+            f"alternatives in this recommendation (--method): {', '.join(available)}; methods {self.tool} can express "
+            "are listed as allowed",
             allowed=list(self.methods),
         )
 
@@ -164,7 +164,7 @@ class ExportContext:
 
     def warmup_steps(self) -> int | None:
         steps = self.total_steps()
-        return None if steps is None else max(0, math.ceil(self.training.warmup_ratio * steps))
+        return None if steps is None else max(0, round(self.training.warmup_ratio * steps))
 
     # ---- "why" comments ---------------------------------------------------------------------------
     def why(self, knob: str, value: Any = None) -> str | None:
@@ -174,6 +174,10 @@ class ExportContext:
             return f"{src.get('rule')} ({short_source(src.get('source', ''))})"
         t = self.training
         est = self.estimate
+        steps_src = self.sources.get("warmup_steps")
+        if knob == "warmup_ratio" and steps_src and self.total_steps():
+            return (f"{steps_src.get('value')} warmup steps of {self.total_steps()}: {steps_src.get('rule')} "
+                    f"({short_source(steps_src.get('source', ''))})")
         if knob == "per_device_train_batch_size":
             seed = self.spec.default_training().get(knob)
             mmb = est.get("max_micro_batch")

@@ -144,9 +144,9 @@ def render(ctx: ExportContext) -> Rendered:
     if ctx.method == "longlora":
         doc.put("shift_attn", True, "LongLoRA's shifted sparse attention (S²-Attn), group size 1/4")
     if not t.gradient_checkpointing:
-        doc.put("disable_gradient_checkpointing", True, ctx.why("gradient_checkpointing"))
+        doc.put("disable_gradient_checkpointing", True, ctx.why("gradient_checkpointing", t.gradient_checkpointing))
     else:
-        doc.comment(f"gradient checkpointing: on (LLaMA-Factory's default) -- {ctx.why('gradient_checkpointing')}")
+        doc.comment(f"gradient checkpointing: on (LLaMA-Factory's default) -- {ctx.why('gradient_checkpointing', t.gradient_checkpointing)}")
 
     doc.section("method")
     doc.put("stage", "pt" if ctx.dataset_format == "text" else "sft",
@@ -183,21 +183,22 @@ def render(ctx: ExportContext) -> Rendered:
     doc.put("dataset_dir", dataset_dir)
     template, why_template = template_for(ctx.model_id)
     doc.put("template", template, why_template)
-    doc.put("cutoff_len", t.max_seq_length, ctx.why("max_seq_length"))
+    doc.put("cutoff_len", t.max_seq_length, ctx.why("max_seq_length", t.max_seq_length))
     doc.put("packing", bool(t.packing), ctx.why("packing", t.packing))
     if ctx.dataset_format != "text":
         doc.put("train_on_prompt", False, "loss on responses only")
     doc.put("val_size", ctx.val_split, "held-out split to watch eval loss" if ctx.val_split else None)
 
     doc.section("train")
-    doc.put("per_device_train_batch_size", t.per_device_train_batch_size, ctx.why("per_device_train_batch_size"))
-    doc.put("gradient_accumulation_steps", t.gradient_accumulation_steps, ctx.why("gradient_accumulation_steps"))
+    doc.put("per_device_train_batch_size", t.per_device_train_batch_size, ctx.why("per_device_train_batch_size", t.per_device_train_batch_size))
+    doc.put("gradient_accumulation_steps", t.gradient_accumulation_steps, ctx.why("gradient_accumulation_steps", t.gradient_accumulation_steps))
     doc.put("learning_rate", t.learning_rate, ctx.why("learning_rate", t.learning_rate))
     doc.put("num_train_epochs", float(t.num_train_epochs), ctx.why("num_train_epochs", t.num_train_epochs))
     doc.put("lr_scheduler_type", t.lr_scheduler_type, ctx.why("lr_scheduler_type", t.lr_scheduler_type))
     warmup = ctx.warmup_steps()
     if warmup is not None:
-        doc.put("warmup_steps", warmup, f"warmup_ratio {t.warmup_ratio:g} of {ctx.total_steps()} steps")
+        doc.put("warmup_steps", warmup, ctx.why("warmup_ratio", t.warmup_ratio)
+                or f"warmup_ratio {t.warmup_ratio:g} of {ctx.total_steps()} steps")
     else:
         doc.put("warmup_ratio", t.warmup_ratio, "run length unknown; on transformers >= 5.2 use warmup_steps")
     doc.put("weight_decay", t.weight_decay, ctx.why("weight_decay", t.weight_decay))
@@ -205,8 +206,8 @@ def render(ctx: ExportContext) -> Rendered:
     optim = GALORE_OPTIM.get(t.optim, t.optim) if ctx.method == "galore" else t.optim
     doc.put("optim", optim, "GaLore's base optimizer (LLaMA-Factory builds the GaLore one)" if ctx.method == "galore"
             else ctx.why("optim", t.optim))
-    doc.put("bf16", bool(t.bf16), ctx.why("bf16"))
-    doc.put("fp16", bool(t.fp16), ctx.why("fp16") if t.fp16 else None)
+    doc.put("bf16", bool(t.bf16), ctx.why("bf16", t.bf16))
+    doc.put("fp16", bool(t.fp16), ctx.why("fp16", t.fp16) if t.fp16 else None)
     doc.put("seed", t.seed)
     if ctx.multi_gpu:
         doc.section(f"multi-GPU: {ctx.gpu_count} GPUs, {ctx.strategy}")
