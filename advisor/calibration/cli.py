@@ -1,5 +1,8 @@
 """`advisor calibrate [--methods a,b] [--quick] [--out PATH] [--json]` (registered in advisor/cli.py).
 
+`advisor calibrate --from-jobs [--refit PROFILE] [--out PATH]` refits with finished training jobs instead of probing
+(advisor/calibration/from_jobs.py).
+
 Also runnable on its own: ``python -m advisor.calibration.cli --quick``.
 """
 
@@ -44,12 +47,28 @@ def calibrate_command(
     )] = None,
     repredict: Annotated[bool, typer.Option(
         "--repredict", help="With --refit: ask the current fast estimator again for every probe.")] = False,
+    from_jobs: Annotated[bool, typer.Option(
+        "--from-jobs", help="Refit the profile (--refit PATH, default the one estimates use here) with the measured "
+                            "throughput/memory of succeeded training jobs (--methods filters them); no probing.")] = False,
 ) -> None:
     """Measure every method on this machine (CUDA if present, else CPU), fit the estimator's device terms and
     write a calibration profile; prints predicted vs measured on probes held out of the fit."""
     from advisor.calibration.run import calibrate, parse_methods
 
     parse_methods(methods)  # bad input fails before any work
+    if from_jobs:
+        if repredict:
+            raise AdvisorInputError("--repredict", "does not apply with --from-jobs")
+        from advisor.calibration.from_jobs import calibrate_from_jobs
+
+        result = calibrate_from_jobs(methods=parse_methods(methods) if methods else None, base=refit, out=out)
+        if as_json:
+            payload = {**_json_result(result), **{k: result[k] for k in ("base_profile", "jobs", "jobs_summary",
+                                                                          "skipped_jobs", "notes")}}
+            sys.stdout.write(json.dumps(payload, indent=2, default=str) + "\n")
+        else:
+            render_jobs(result)
+        return
     if refit is not None:
         from advisor.calibration.run import refit as run_refit
 
@@ -163,6 +182,26 @@ def render(result: dict) -> None:
         console.print(f"[yellow]failed:[/] {f['probe']}: {f['error']}")
     console.print(f"[green]wrote[/] {result['profile_path']}")
     console.print(f"[dim]{p['status']}[/]")
+
+
+def render_jobs(result: dict) -> None:
+    table = Table(title=f"Training jobs in the fit: error before (profile {result['base_profile']}) and after")
+    for col in ("job", "method", "b", "s", "time err before", "time err after", "mem err before", "mem err after"):
+        table.add_column(col, justify="left" if col in ("job", "method") else "right")
+    for r in result["jobs"]:
+        table.add_row(r["job"], r["method"], str(r["batch"]), str(r["seq"]), _pct(r["time_error_before"]),
+                      _pct(r["time_error_after"]), _pct(r["memory_error_before"]), _pct(r["memory_error_after"]))
+    console.print(table)
+    s = result["jobs_summary"]
+    console.print(f"{s['jobs']} jobs ({s['memory_rows']} with a comparable memory measurement): median |time error| "
+                  f"{_abs_pct(s['time_abs_error_median_before'])} → {_abs_pct(s['time_abs_error_median_after'])}, "
+                  f"median |memory error| {_abs_pct(s['memory_abs_error_median_before'])} → "
+                  f"{_abs_pct(s['memory_abs_error_median_after'])}")
+    for skip in result["skipped_jobs"]:
+        console.print(f"[dim]skipped {skip['job']} ({skip['method']}): {skip['why']}[/]")
+    for note in result["notes"]:
+        console.print(f"[yellow]note:[/] {note}")
+    console.print(f"[green]wrote[/] {result['profile_path']}")
 
 
 def main() -> None:  # pragma: no cover - `python -m advisor.calibration.cli`

@@ -24,16 +24,27 @@ import numpy as np
 import pandas as pd
 
 
-def ok_rows(df: pd.DataFrame) -> pd.DataFrame:
+MEMORY_COLUMNS = ("measured_device_bytes", "predicted_tensor_bytes")
+TIME_COLUMNS = ("step_seconds", "flops_per_step")
+
+
+def ok_rows(df: pd.DataFrame, need: tuple[str, ...] = MEMORY_COLUMNS + TIME_COLUMNS) -> pd.DataFrame:
     if df.empty:
         return df
     mask = df["error"].isna() if "error" in df else pd.Series(True, index=df.index)
-    need = ["measured_device_bytes", "predicted_tensor_bytes", "step_seconds", "flops_per_step"]
     for col in need:
         if col not in df:
             return df.iloc[0:0]
         mask &= df[col].notna()
     return df[mask]
+
+
+def has_memory(df: pd.DataFrame) -> pd.Series:
+    """Rows with a memory measurement (a training job on CPU has none comparable to the tensor bytes: the
+    process's RSS includes the Python runtime; such a row still informs the time fit)."""
+    if df.empty or "measured_device_bytes" not in df:
+        return pd.Series(False, index=df.index)
+    return df["measured_device_bytes"].notna()
 
 
 # --------------------------------------------------------------------------- memory
@@ -170,10 +181,10 @@ def _r(v) -> float | None:
 def fit_all(rows: list[dict]) -> dict[str, Any]:
     """Fit on the training split, evaluate on the held-out split; everything the profile and the table need."""
     df = pd.DataFrame(rows)
-    good = ok_rows(df)
+    good = ok_rows(df, ("predicted_tensor_bytes",) + TIME_COLUMNS)  # probes have all four; a job may lack memory
     train = good[~good["heldout"].astype(bool)] if not good.empty else good
     held = good[good["heldout"].astype(bool)] if not good.empty else good
-    mem = fit_memory(train)
+    mem = fit_memory(train[has_memory(train)])
     times = fit_time(train) if not train.empty else {}
     ev_train, ev_held = evaluate(train, mem, times), evaluate(held, mem, times)
     if not ev_held.empty:

@@ -247,11 +247,14 @@ def _device_from_profile(profile: dict) -> dict:
 
 
 def refit(source: str | Path, out: str | Path | None = None, repredict: bool = False,
-          progress: Progress | None = None) -> dict[str, Any]:
+          progress: Progress | None = None, extra_rows: list[dict] | None = None,
+          info: dict | None = None) -> dict[str, Any]:
     """Fit again from a profile's raw probe table, without probing (same device, same measurements).
 
     `repredict=True` asks the current fast estimator again for every probe (after an estimator change), so the
     overhead, band and held-out errors describe the estimator as it is now; the measurements are unchanged.
+    `extra_rows` (training jobs' measurements, arch ``job:<id>``, see advisor/calibration/from_jobs.py) join the
+    fit, replacing earlier rows of the same jobs.
     """
     from advisor.calibration.probes import Probe, predict, probe_config
 
@@ -261,17 +264,20 @@ def refit(source: str | Path, out: str | Path | None = None, repredict: bool = F
         cal = old["calibration"]
         rows = [dict(r) for r in cal["probe_table"]]
         dev = dict(cal.get("device_probe") or _device_from_profile(old))
+        if extra_rows:
+            replaced = {r["arch"] for r in extra_rows}
+            rows = [r for r in rows if r.get("arch") not in replaced] + [dict(r) for r in extra_rows]
     except (OSError, ValueError, KeyError, TypeError) as err:
         raise AdvisorInputError("refit", f"{source} is not a calibration profile with a probe table ({err})") from None
     grid = load_grid()
     report = progress or (lambda done, total, label: None)
     if repredict:
         with _quiet(), tempfile.TemporaryDirectory(prefix="advisor-refit-") as tmp:
-            archs = sorted({r["arch"] for r in rows}, key=list(grid["archs"]).index)
+            archs = sorted({r["arch"] for r in rows if r["arch"] in grid["archs"]}, key=list(grid["archs"]).index)
             model_dirs = write_models(grid, archs, Path(tmp))
             for i, r in enumerate(rows):
                 report(i, len(rows), f"predicting {r['method']}/{r['arch']}/b{r['batch']}/s{r['seq']}")
-                if r.get("error"):
+                if r.get("error") or r["arch"] not in model_dirs:  # a training job's row keeps its prediction
                     continue
                 probe = Probe(r["method"], r["arch"], r["batch"], r["seq"], bool(r["gc"]), 0, bool(r["heldout"]))
                 try:
@@ -281,7 +287,7 @@ def refit(source: str | Path, out: str | Path | None = None, repredict: bool = F
                     r["error"] = f"re-prediction failed: {type(err).__name__}: {err}"
     report(len(rows), len(rows), "fitting")
     info = {"date": _dt.date.today().isoformat(), "from": str(source), "repredicted": repredict,
-            "estimator_versions": versions()}
+            "estimator_versions": versions(), **(info or {})}
     return _finish(dev, grid, cal["grid"], cal["methods"], rows, cal.get("skipped", []), cal["steps_per_probe"],
                    cal["wall_seconds"], Path(out) if out else source, refit=info)
 

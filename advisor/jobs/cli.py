@@ -1,7 +1,8 @@
 """`advisor train PLAN` and `advisor jobs list|show|cancel|resume` (registered by advisor/cli.py via `register`).
 
     advisor train rec.json --model ./tiny-llama --dataset data/alpaca.jsonl      # a recommendation
-    advisor train plan.json                                                      # an `advisor export` plan / job body
+    advisor train plan.json                                                      # a job body, or an earlier run's
+                                                                                 # output_dir/plan.json
     advisor train scenario.json --dataset data/train.jsonl                       # a scenario: recommended first
     advisor train plan.json --server http://127.0.0.1:8000                       # submit to a running API
     advisor jobs list | show ID | cancel ID | resume ID                          # local database or --server
@@ -72,6 +73,9 @@ def body_from_plan(plan: Any, *, model: str | None = None, dataset: str | None =
     if not isinstance(plan, dict):
         raise AdvisorInputError("PLAN", "expected a JSON object")
     notes: list[str] = []
+    if isinstance(plan.get("job"), dict) and "method" in plan["job"]:  # a training output's plan.json: train it again
+        plan = {k: v for k, v in plan["job"].items() if k != "output_dir"}
+        notes.append("the plan of an earlier training run (a new output directory)")
     kind = plan_kind(plan)
     if kind == "scenario":
         if not dataset and not (isinstance(plan.get("dataset"), dict) and plan["dataset"].get("path")):

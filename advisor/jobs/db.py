@@ -9,7 +9,8 @@ The SQL is portable: JSON columns, floats for times (Unix seconds), no SQLite-on
 from a per-job counter (`jobs.last_event_id`) incremented in the same write transaction that inserts the event,
 so two writers (the API marking a job cancelled, the worker reporting a step) never reuse a number.
 
-SQLite specifics, applied only to SQLite URLs: WAL journal (the API reads while a worker writes), a 30 s busy
+SQLite specifics, applied only to SQLite URLs: WAL journal (the API reads while a worker writes) with
+synchronous=NORMAL (a killed process loses nothing committed; only a power cut can lose the last commits), a 30 s busy
 timeout, and write transactions opened with BEGIN IMMEDIATE (a deferred transaction that reads and then writes
 fails at once with "database is locked" when another process wrote in between; IMMEDIATE waits instead).
 """
@@ -117,6 +118,7 @@ def engines(url: str) -> tuple[Engine, Engine]:
             dbapi_conn.isolation_level = None  # SQLAlchemy emits BEGIN itself (below)
             cur = dbapi_conn.cursor()
             cur.execute("PRAGMA journal_mode=WAL")
+            cur.execute("PRAGMA synchronous=NORMAL")  # WAL: durable across process crashes, one fsync per checkpoint
             cur.execute("PRAGMA busy_timeout=30000")
             cur.execute("PRAGMA foreign_keys=ON")
             cur.close()

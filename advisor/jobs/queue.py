@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from advisor.jobs.db import Job
+from advisor.jobs.forkserver import UNKNOWN_EXIT, ForkedWorker, ForkServer
 from advisor.jobs.store import JobStore
 
 STOP_GRACE_S = 20.0
@@ -39,7 +40,7 @@ STOP_GRACE_S = 20.0
 @dataclass
 class Running:
     job_id: str
-    proc: subprocess.Popen
+    proc: subprocess.Popen | ForkedWorker
     devices: list[str]
     log_path: Path
     started: float = field(default_factory=time.time)
@@ -75,38 +76,6 @@ def spawn_worker(job: Job, store: JobStore, *, devices: list[str] | None = None,
     return proc
 
 
-def spawn_standby(store: JobStore, parent_pid: int | None = None) -> subprocess.Popen:
-    """A worker that imports torch/transformers/PEFT now and runs the job id it is given later on stdin."""
-    from advisor.jobs.service import data_root
-
-    env = {**os.environ, "ADVISOR_DB_URL": store.url, "ADVISOR_DATA_ROOT": str(data_root()),
-           "TOKENIZERS_PARALLELISM": "false"}
-    cmd = [sys.executable, "-m", "advisor.jobs.worker", "--standby", "--db", store.url,
-           "--parent-pid", str(parent_pid or os.getpid())]
-    log_path = data_root() / "jobs" / "standby.log"
-    log_path.parent.mkdir(parents=True, exist_ok=True)
-    with open(log_path, "ab") as log:
-        return subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.PIPE,
-                                start_new_session=True)
-
-
-def hand_over(proc: subprocess.Popen, job: Job, store: JobStore, log_path: Path) -> bool:
-    """Give a job to a standby worker; False if it is gone (the caller starts a fresh worker instead)."""
-    import json
-
-    if proc.poll() is not None:
-        return False
-    with open(log_path, "ab") as log:
-        log.write(f"\n=== attempt {job.attempts} {time.strftime('%Y-%m-%d %H:%M:%S')} (warm worker) ===\n".encode())
-    try:
-        proc.stdin.write((json.dumps({"job_id": job.id, "log": str(log_path)}) + "\n").encode())
-        proc.stdin.close()
-    except (BrokenPipeError, OSError):
-        return False
-    store.set_worker(job.id, proc.pid)
-    return True
-
-
 def log_tail(path: Path, chars: int = 1500) -> str:
     try:
         with open(path, "rb") as f:
@@ -119,6 +88,8 @@ def log_tail(path: Path, chars: int = 1500) -> str:
 
 
 def exit_reason(returncode: int) -> str:
+    if returncode == UNKNOWN_EXIT:
+        return "the worker process ended without an exit status (its fork server had stopped)"
     if returncode < 0:
         try:
             name = signal.Signals(-returncode).name
@@ -158,7 +129,8 @@ def pid_alive(pid: int | None, job_id: str | None = None) -> bool:
             text = cmdline.read_bytes().replace(b"\0", b" ").decode(errors="replace")
         except OSError:
             return True
-        if "advisor.jobs.worker" not in text or job_id not in text:
+        forked = "advisor.jobs.forkserver" in text  # a forked worker keeps its fork server's command line
+        if not forked and ("advisor.jobs.worker" not in text or job_id not in text):
             return False  # the pid was reused by another process
         try:
             state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
@@ -217,9 +189,10 @@ class Dispatcher:
         self.poll_s = poll_s
         self.auto_resume = auto_resume
         self.running: dict[str, Running] = {}
-        # one warm worker while jobs wait (single-device hosts: a GPU's visibility is fixed before torch starts)
-        self.use_standby = len(self.devices) == 1 and os.environ.get("ADVISOR_WARM_WORKER", "1") != "0"
-        self.standby: subprocess.Popen | None = None
+        # a fork server with the training stack imported (single-device hosts: which GPU a process sees is fixed
+        # before torch starts, so forking suits one device only)
+        self.use_forkserver = len(self.devices) == 1 and os.environ.get("ADVISOR_WARM_WORKER", "1") != "0"
+        self.forkserver: ForkServer | None = None
         self.recovered: list[str] = []
         self._wake = threading.Event()
         self._stop = threading.Event()
@@ -228,16 +201,26 @@ class Dispatcher:
 
     # ------------------------------------------------------------------ lifecycle
     def start(self) -> None:
+        self.recover()
+        if self.use_forkserver:
+            self._forkserver()  # its imports run while the API starts
+        self._thread.start()
+
+    def recover(self) -> list[str]:
+        """Startup: jobs whose worker is gone → interrupted; with auto_resume, every interrupted job → queued.
+        Returns the ids queued again."""
         from advisor.jobs import service
 
         self.recovered = recover(self.store)
+        requeued = []
         if self.auto_resume:
             for job in self.store.list(status="interrupted", limit=10_000):
                 try:
                     service.resume(job.id, self.store)
+                    requeued.append(job.id)
                 except service.JobStateError:
                     pass
-        self._thread.start()
+        return requeued
 
     def wake(self) -> None:
         self._wake.set()
@@ -250,8 +233,6 @@ class Dispatcher:
             self._thread.join(timeout=5)
         with self._lock:
             running = list(self.running.values())
-        if self.standby is not None:
-            self._drop_standby()
         for r in running:
             if r.proc.poll() is None:
                 try:
@@ -269,6 +250,9 @@ class Dispatcher:
             if job is not None and job.status == "running":
                 self.store.transition(r.job_id, "interrupted", ("running",), {"reason": "the server stopped"},
                                       worker_pid=None)
+        if self.forkserver is not None:
+            self.forkserver.close()
+            self.forkserver = None
 
     # ------------------------------------------------------------------ the loop
     def _loop(self) -> None:
@@ -277,7 +261,6 @@ class Dispatcher:
                 self._reap()
                 if not self._stop.is_set():
                     self._dispatch()
-                    self._keep_standby()
             except Exception as err:  # a database hiccup must not end the dispatcher
                 sys.stderr.write(f"job dispatcher: {type(err).__name__}: {err}\n")
             self._wake.wait(self.poll_s)
@@ -311,8 +294,7 @@ class Dispatcher:
             devices = free[:need]
             log_path = worker_log_path(job)
             try:
-                proc = self._take_standby(job, log_path) or spawn_worker(job, self.store, devices=devices,
-                                                                         log_path=log_path)
+                proc = self._fork(job, log_path) or spawn_worker(job, self.store, devices=devices, log_path=log_path)
             except OSError as err:
                 self.store.transition(job.id, "failed", ("running",), {"error": f"cannot start a worker: {err}"},
                                       error=f"cannot start a worker: {err}")
@@ -320,39 +302,28 @@ class Dispatcher:
             with self._lock:
                 self.running[job.id] = Running(job.id, proc, devices, log_path)
 
-    def _take_standby(self, job: Job, log_path: Path) -> subprocess.Popen | None:
-        proc, self.standby = self.standby, None
-        if proc is not None and hand_over(proc, job, self.store, log_path):
-            return proc
-        if proc is not None:
-            proc.wait()
-        return None
+    def _forkserver(self) -> ForkServer | None:
+        if not self.use_forkserver:
+            return None
+        if self.forkserver is None or not self.forkserver.alive():
+            from advisor.jobs.service import data_root
 
-    def _keep_standby(self) -> None:
-        """A warm worker exists while a job waits in the queue (and none when nothing waits)."""
-        if not self.use_standby:
-            return
-        if self.standby is not None and self.standby.poll() is not None:
-            self.standby = None  # it died (read its log: jobs/standby.log)
-        waiting = self.store.next_queued() is not None
-        if waiting and self.standby is None:
+            env = {**os.environ, "ADVISOR_DB_URL": self.store.url, "ADVISOR_DATA_ROOT": str(data_root()),
+                   "TOKENIZERS_PARALLELISM": "false"}
             try:
-                self.standby = spawn_standby(self.store)
+                self.forkserver = ForkServer(self.store.url, data_root() / "jobs" / "forkserver.log", env=env)
             except OSError:
-                self.use_standby = False
-        elif not waiting and self.standby is not None and not self.running:
-            self._drop_standby()
+                self.use_forkserver = False
+                return None
+        return self.forkserver
 
-    def _drop_standby(self) -> None:
-        proc, self.standby = self.standby, None
-        if proc is None:
-            return
-        try:
-            proc.stdin.close()  # EOF: it exits
-            proc.wait(timeout=5)
-        except (OSError, subprocess.TimeoutExpired):
-            proc.kill()
-            proc.wait()
+    def _fork(self, job: Job, log_path: Path):
+        server = self._forkserver()
+        if server is None:
+            return None
+        with open(log_path, "ab") as log:
+            log.write(f"\n=== attempt {job.attempts} {time.strftime('%Y-%m-%d %H:%M:%S')} (forked) ===\n".encode())
+        return server.start(job.id, log_path)
 
     def _head(self) -> Job | None:
         return self.store.next_queued()

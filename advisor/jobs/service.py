@@ -186,7 +186,11 @@ def comparison(predicted: dict | None, measured: dict | None) -> dict[str, Any] 
     p_mem, m_mem = predicted_bytes(predicted), _num(measured.get("peak_memory_bytes"))
     if p_mem and m_mem:
         out["peak_memory"] = {"predicted_gib": round(p_mem / GIB, 6), "measured_gib": round(m_mem / GIB, 6),
-                              "relative_error": round(m_mem / p_mem - 1, 6)}
+                              "relative_error": round(m_mem / p_mem - 1, 6),
+                              "measured_kind": measured.get("peak_memory_kind")}
+        if measured.get("peak_memory_kind") == "process_max_rss":
+            out["peak_memory"]["note"] = ("measured: the process's peak RSS (Python runtime and libraries included); "
+                                          "the estimate counts the training tensors only")
     p_tps, m_tps = _num(predicted.get("tokens_per_s")), _num(measured.get("tokens_per_s"))
     if m_tps:
         out["tokens_per_s"] = {"predicted": p_tps, "measured": round(m_tps, 3),
@@ -234,6 +238,7 @@ def describe(job: Job, store: JobStore | None = None) -> dict[str, Any]:
         "resumed_from": info.get("resumed_from"),
         "truncated": info.get("truncated"),
         "runner": job.runner,
+        "worker_pid": job.worker_pid if job.status == "running" else None,
         "last_event_id": job.last_event_id,
         "events_url": f"/v1/jobs/{job.id}/events",
     }

@@ -1,7 +1,7 @@
 """The worker: one process per job attempt, so a crash or an out-of-memory never takes the API down.
 
     python -m advisor.jobs.worker JOB_ID --db URL --parent-pid PID
-    python -m advisor.jobs.worker --standby --db URL --parent-pid PID     # imports first, then reads a job id
+    (or forked by advisor/jobs/forkserver.py, which has the training stack imported already)
 
 It reads the job's plan from the database, runs `advisor.train.run_training` on it and writes every trainer event
 (start, step, eval, checkpoint, oom_retry, log) to the job's history, with the job's progress fields, in the same
@@ -181,8 +181,11 @@ def _train(job, store: JobStore, stop: StopFlag) -> tuple[str, dict, dict]:
         from advisor.train import run_training
 
         resume = "latest" if job.attempts > 1 else None
-        result = run_training(dict(job.spec), output_dir=job.output_dir, on_event=sink, should_stop=stop,
-                              resume=resume)
+        if int(job.spec.get("num_processes") or 1) > 1:
+            result = _run_launched(job, sink, stop, resume)
+        else:
+            result = run_training(dict(job.spec), output_dir=job.output_dir, on_event=sink, should_stop=stop,
+                                  resume=resume)
     except Exception as err:  # every failure becomes the job's error; the API is another process
         kind = type(err).__name__
         names = {c.__name__ for c in type(err).__mro__}
@@ -194,11 +197,11 @@ def _train(job, store: JobStore, stop: StopFlag) -> tuple[str, dict, dict]:
         tb = traceback.format_exc(limit=8)
         sys.stderr.write(tb)
         return "failed", {"error": f"{kind}: {err}", "traceback": tb[-4000:]}, {"error": f"{kind}: {err}"}
-    fields: dict[str, Any] = {"result": _jsonable(result), "step": int(result.get("step") or 0)}
+    latest = store.get(job.id)
+    fields: dict[str, Any] = {"result": _jsonable(result), "step": int(result.get("step") or latest.step or 0)}
     if result.get("total_steps"):
         fields["total_steps"] = int(result["total_steps"])
     if result.get("status") == "succeeded":
-        latest = store.get(job.id)
         fields["metrics"] = {**(latest.metrics or {}), **_metrics_from_trainer(result.get("metrics") or {})}
         fields["measured"] = result.get("measured")
         if result.get("predicted") is not None:
@@ -208,6 +211,69 @@ def _train(job, store: JobStore, stop: StopFlag) -> tuple[str, dict, dict]:
     if stop.reason == "cancel" or store.cancel_requested(job.id):
         return "cancelled", {"step": fields["step"], "reason": "cancelled by request"}, fields
     return "interrupted", {"step": fields["step"], "reason": "the server stopped"}, fields
+
+
+class LaunchFailed(RuntimeError):
+    pass
+
+
+def _run_launched(job, sink: EventSink, stop: StopFlag, resume: str | None) -> dict:
+    """num_processes > 1: `accelerate launch` (advisor.train.launch) with the strategy of the plan; rank 0's event
+    file is followed into the job's history. A stop request ends the launch with SIGTERM (the entry module has no
+    stop hook): the job keeps its newest periodic checkpoint."""
+    import json
+    import subprocess
+
+    import torch
+
+    from advisor.train.launch import launch_command, write_launch_files
+    from advisor.train.runner import TrainingRefused
+
+    n = int(job.spec["num_processes"])
+    files = write_launch_files(dict(job.spec), job.output_dir, strategy=job.spec.get("strategy") or "ddp",
+                               num_processes=n, cpu=not torch.cuda.is_available())
+    cmd = launch_command(files, n, resume=resume or "none")
+
+    def die_with_worker():  # in the child, before exec: torchrun stops its ranks when it gets SIGTERM
+        _set_parent_death_signal(signal.SIGTERM)
+
+    proc = subprocess.Popen(cmd, stdout=sys.stdout, stderr=sys.stderr, preexec_fn=die_with_worker)
+    events_path = files.events_dir / "events-rank0.jsonl"
+    offset, buffer, result, error = 0, b"", None, None
+    stopped = False
+    while True:
+        exited = proc.poll() is not None  # read after this check: everything written before the exit is seen
+        if events_path.exists():
+            with open(events_path, "rb") as fh:
+                fh.seek(offset)
+                chunk = fh.read()
+            offset += len(chunk)
+            buffer += chunk
+            *lines, buffer = buffer.split(b"\n")
+            for line in lines:
+                if not line.strip():
+                    continue
+                ev = json.loads(line)
+                ev.pop("rank", None)
+                if ev.get("type") == "result":
+                    result = {k: v for k, v in ev.items() if k != "type"}
+                elif ev.get("type") == "error":
+                    error = ev
+                else:
+                    sink(ev)
+        if exited:
+            break
+        if not stopped and stop():
+            stopped = True
+            proc.terminate()
+        time.sleep(0.2)
+    if result is not None:
+        return result
+    if error is not None and error.get("refused"):
+        raise TrainingRefused(error["error"], error.get("details"))
+    if stopped:
+        return {"status": "cancelled", "step": None}
+    raise LaunchFailed((error or {}).get("error") or f"accelerate launch exited with code {proc.returncode}")
 
 
 def _checkpoint_step(path: Any, default: int | None) -> int:
@@ -240,43 +306,13 @@ def prewarm() -> None:
         import advisor.train.runner  # noqa: F401
 
 
-def standby(store_url: str | None, parent_pid: int | None) -> int:
-    """Import everything, then wait for one line on stdin: {"job_id": ..., "log": path}; run that job."""
-    import json
-
-    if parent_pid:
-        _set_parent_death_signal(signal.SIGKILL)  # nothing to save yet
-        if os.getppid() != parent_pid:
-            return 0
-    prewarm()
-    line = sys.stdin.readline()
-    if not line.strip():
-        return 0  # the dispatcher stopped without needing us
-    order = json.loads(line)
-    if order.get("log"):
-        fd = os.open(order["log"], os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os.dup2(fd, 1)
-        os.dup2(fd, 2)
-        os.close(fd)
-    status = run(order["job_id"], JobStore(store_url), parent_pid)
-    return 0 if status in ("succeeded", "cancelled", "interrupted") else 1
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m advisor.jobs.worker", description=__doc__.split("\n")[0])
-    parser.add_argument("job_id", nargs="?", help="The job to run (omit with --standby).")
+    parser.add_argument("job_id", help="The job to run (already claimed as running).")
     parser.add_argument("--db", help="SQLAlchemy URL of the jobs database (default: the settings').")
     parser.add_argument("--parent-pid", type=int, default=None, help="Stop when this process goes away.")
-    parser.add_argument("--standby", action="store_true",
-                        help="Import the trainer now and wait for a job id on stdin (the dispatcher's warm worker).")
     args = parser.parse_args(argv)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    if args.standby:
-        return standby(args.db, args.parent_pid)
-    if not args.job_id:
-        parser.error("a job id is required (or --standby)")
     status = run(args.job_id, JobStore(args.db), args.parent_pid)
     return 0 if status in ("succeeded", "cancelled", "interrupted") else 1
 
