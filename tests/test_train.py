@@ -264,7 +264,9 @@ def test_recommendation_body_and_defaults(tiny_dirs, data_dir):
     job = normalize_job({"recommendation": rec, "model": str(tiny_dirs["llama"]),
                          "dataset": {"path": str(data_dir / "chat.jsonl")}})
     assert job["method"] == "qlora" and job["config"]["peft"]["r"] == 8
-    assert job["config"]["peft"]["target_modules"] == "all-linear"  # filled from the registry
+    from advisor.methods import get_method
+
+    assert job["config"]["peft"]["target_modules"] == get_method("qlora").default_peft()["target_modules"]
     assert job["config"]["quantization"]["bnb_4bit_quant_type"] == "nf4"
     assert job["dataset"]["detected_format"] == "chat" and job["dataset"]["validation_split"] == 0.1
     with pytest.raises(AdvisorInputError) as err:
@@ -342,6 +344,17 @@ def test_merge_lora_and_refusals(tiny_dirs, data_dir, tmp_path):
     with pytest.raises(AdvisorInputError, match="prompt_tuning"):
         merge(prompt)
 
+    from typer.testing import CliRunner
+
+    from advisor.cli import app
+
+    runner = CliRunner()
+    refused = runner.invoke(app, ["merge", str(prompt)])
+    assert refused.exit_code == 2 and "prompt_tuning cannot be merged" in refused.output
+    ok = runner.invoke(app, ["merge", str(lora), "--out", str(tmp_path / "cli-merged")])
+    assert ok.exit_code == 0, ok.output
+    assert (tmp_path / "cli-merged" / "model.safetensors").is_file()
+
 
 # ----------------------------------------------------------------------------------------------- launcher
 def test_two_process_launch_trains_the_same_model(tiny_dirs, data_dir, tmp_path):
@@ -365,3 +378,31 @@ def test_two_process_launch_trains_the_same_model(tiny_dirs, data_dir, tmp_path)
     losses = [e["loss"] for e in per_rank[0] if e["type"] == "step"]
     assert len(losses) == 3 and losses[-1] != losses[0]
     assert (tmp_path / "out" / "adapter_model.safetensors").is_file()
+
+
+# ----------------------------------------------------------------------------------------------- fit check
+def test_fit_check_adjusts_micro_batch_or_refuses(tiny_dirs, data_dir, tmp_path):
+    """memory_limit_gib makes the fit check judge a budget on any device (here the CPU)."""
+    from advisor.train import TrainingRefused
+
+    events = []
+    job = _job(tiny_dirs["llama"], "lora", data_dir, max_steps=1)
+    run_training(job, output_dir=tmp_path / "free", device="cpu", on_event=events.append)
+    peak4 = events[0]["predicted"]["peak_bytes"]  # the estimator's peak for micro-batch 4 on this data
+    assert events[0]["adjusted"] is None
+
+    events.clear()
+    tight = _job(tiny_dirs["llama"], "lora", data_dir, max_steps=1, memory_limit_gib=0.9 * peak4 / 2**30)
+    result = run_training(tight, output_dir=tmp_path / "tight", device="cpu", on_event=events.append)
+    start = events[0]
+    assert start["adjusted"] is not None and start["micro_batch"] < 4
+    assert start["micro_batch"] * start["grad_accum"] == 4 == start["effective_batch"]
+    assert start["predicted"]["peak_bytes"] <= 0.9 * peak4
+    assert result["status"] == "succeeded" and result["measured"]["micro_batch"] == start["micro_batch"]
+
+    with pytest.raises(TrainingRefused) as err:
+        run_training(_job(tiny_dirs["llama"], "lora", data_dir, max_steps=1, memory_limit_gib=1e-5),
+                     output_dir=tmp_path / "none", device="cpu")
+    assert "does not fit" in str(err.value) and "micro-batch 1" in str(err.value)
+    assert err.value.details["peak_gib_at_micro_batch_1"] > err.value.details["device_memory_gib"] == 1e-5
+    assert isinstance(err.value, ValueError)

@@ -7,7 +7,9 @@ Accepted bodies::
 
 Extra keys the executor understands (all optional): ``max_steps`` (stop after this many optimizer steps, e.g. a
 smoke run), ``save_total_limit`` (checkpoints kept, default 2), ``estimate`` (run the fit check, default true),
-``strategy`` (multi-GPU strategy from the estimator: ddp | zero2 | zero3 | *_offload), ``num_processes``.
+``strategy`` (multi-GPU strategy from the estimator: ddp | zero2 | zero3 | *_offload), ``num_processes``,
+``memory_limit_gib`` (judge the fit against this much memory per device instead of all of it, e.g. on a shared
+GPU; on a CPU-only host it makes the fit check run against that budget).
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from advisor.errors import AdvisorInputError
 from advisor.train.data import FORMAT_CHOICES, check_readable, peek_format
 
 JOB_KEYS = ("model", "method", "config", "dataset", "output_dir", "recommendation", "max_steps", "save_total_limit",
-            "estimate", "strategy", "num_processes", "name")
+            "estimate", "strategy", "num_processes", "name", "memory_limit_gib")
 DATASET_KEYS = ("path", "format", "validation_split")
 DEFAULT_VALIDATION_SPLIT = 0.1
 
@@ -70,6 +72,7 @@ def normalize_job(body: dict) -> dict:
         "estimate": _bool(body.get("estimate", True), "estimate"),
         "strategy": _strategy(body.get("strategy")),
         "num_processes": _positive_int(body.get("num_processes"), "num_processes") or 1,
+        "memory_limit_gib": _positive_float(body.get("memory_limit_gib"), "memory_limit_gib"),
     }
     if body.get("name") is not None:
         job["name"] = str(body["name"])[:200]
@@ -162,6 +165,14 @@ def _positive_int(value: Any, field_name: str) -> int | None:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise AdvisorInputError(field_name, f"must be a positive integer, got {value!r}")
     return value
+
+
+def _positive_float(value: Any, field_name: str) -> float | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 1e6:
+        raise AdvisorInputError(field_name, f"must be a positive number of GiB, got {value!r}")
+    return float(value)
 
 
 def _bool(value: Any, field_name: str) -> bool:

@@ -256,21 +256,25 @@ class _Trainer:
             self._write_plan(plan, predicted, adjusted)
 
         while True:
+            message = None
             try:
                 result = self._attempt(plan)
                 break
             except torch.OutOfMemoryError as err:
-                self._release()
                 if plan.micro_batch <= 1:
+                    self._release()
                     self.emit.log(f"out of memory at micro-batch 1: giving up ({str(err).splitlines()[0][:200]})")
                     raise
-                latest = ckpt.latest_checkpoint(self.out)
-                retry = {"step": ckpt.read_trainer_state(latest)["step"] if latest else 0,
-                         "micro_batch": plan.micro_batch // 2, "grad_accum": plan.grad_accum * 2,
-                         "previous_micro_batch": plan.micro_batch, "error": str(err).splitlines()[0][:300]}
-                self.oom_retries.append(retry)
-                self.emit("oom_retry", **{k: v for k, v in retry.items() if k != "error"})
-                plan = Plan(plan.micro_batch // 2, plan.grad_accum * 2, plan.gradient_checkpointing, latest)
+                message = str(err).splitlines()[0][:300]
+            # outside the except block: the traceback (and the frames holding the model) is gone
+            self._release()
+            latest = ckpt.latest_checkpoint(self.out)
+            retry = {"step": ckpt.read_trainer_state(latest)["step"] if latest else 0,
+                     "micro_batch": plan.micro_batch // 2, "grad_accum": plan.grad_accum * 2,
+                     "previous_micro_batch": plan.micro_batch, "error": message}
+            self.oom_retries.append(retry)
+            self.emit("oom_retry", **{k: v for k, v in retry.items() if k != "error"})
+            plan = Plan(plan.micro_batch // 2, plan.grad_accum * 2, plan.gradient_checkpointing, latest)
         if self.main:
             self._write_plan(plan, predicted, adjusted, result)
         return result
@@ -316,13 +320,17 @@ class _Trainer:
             self.notes.append(f"estimator could not handle this plan ({type(err).__name__}: {str(err)[:200]}); "
                               "training without a prediction")
             return None, None
-        memory_gib = plan_obj.hardware.memory_gib
-        if self.device.type != "cuda" or memory_gib is None:
+        memory_gib = plan_obj.hardware.memory_gib if self.device.type == "cuda" else None
+        device_name = plan_obj.hardware.name
+        limit = self.job.get("memory_limit_gib")
+        if limit is not None and (memory_gib is None or limit < memory_gib):
+            memory_gib, device_name = float(limit), f"{device_name} limited to {limit:g} GiB (memory_limit_gib)"
+        if memory_gib is None:
             self.notes.append(f"fit is not judged on {self.device.type}: the estimate is recorded for comparison only")
             return est, None
-        if est["fits"]:
-            return est, None
         memory = memory_gib * GIB
+        if est["peak_bytes"] <= memory:
+            return est, None
         strategy = self.job.get("strategy") or "ddp"
         old = {"micro_batch": plan.micro_batch, "grad_accum": plan.grad_accum,
                "gradient_checkpointing": plan.gradient_checkpointing}
@@ -332,24 +340,25 @@ class _Trainer:
             best2 = mm2.max_micro_batch(memory, strategy, self.world)
             if best2 >= 1:
                 plan.gradient_checkpointing = True
-                est, mm, best = est2, mm2, best2
+            est, mm, best = est2, mm2, best2  # refused or not, the numbers are those with checkpointing
         if best < 1:
             peak1 = mm.peak(1, strategy, self.world)[0]
             details = {"peak_gib_at_micro_batch_1": round(peak1 / GIB, 3), "device_memory_gib": memory_gib,
-                       "device": plan_obj.hardware.name, "gradient_checkpointing": plan.gradient_checkpointing or
+                       "device": device_name, "gradient_checkpointing": plan.gradient_checkpointing or
                        self.spec.id != "prefix_tuning", "method": self.spec.id, "model": self.job["model"],
                        "seq_len": plan_obj.seq_len, "breakdown_gib": est.get("breakdown_gib")}
             raise TrainingRefused(
-                f"{self.spec.id} on {self.resolved.id} does not fit {plan_obj.hardware.name}: it needs "
+                f"{self.spec.id} on {self.resolved.id} does not fit {device_name}: it needs "
                 f"{peak1 / GIB:.2f} GiB at micro-batch 1 with gradient checkpointing "
                 f"(sequence {plan_obj.seq_len} tokens); the device has {memory_gib:.2f} GiB usable. "
                 "Use a smaller model, a shorter max_seq_length, or qlora.", details)
-        micro = min(best, plan.micro_batch)
-        accum = math.ceil(self.effective_rows / micro)
+        # the largest micro-batch that fits and divides the effective batch, so the effective batch is unchanged
+        micro = max(d for d in range(1, min(best, plan.micro_batch) + 1) if self.effective_rows % d == 0)
+        accum = self.effective_rows // micro
         plan.micro_batch, plan.grad_accum = micro, accum
         est, _, _ = self._estimate(micro, plan.gradient_checkpointing)
         adjusted = {"reason": f"the plan needs {old['micro_batch']} rows per micro-batch; the estimator allows at most "
-                              f"{best} on {plan_obj.hardware.name} ({memory_gib:.1f} GiB)",
+                              f"{best} on {device_name} ({memory_gib:.3g} GiB)",
                     "from": old, "to": {"micro_batch": micro, "grad_accum": accum,
                                         "gradient_checkpointing": plan.gradient_checkpointing},
                     "effective_batch_before": old["micro_batch"] * old["grad_accum"],
