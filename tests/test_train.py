@@ -406,3 +406,24 @@ def test_fit_check_adjusts_micro_batch_or_refuses(tiny_dirs, data_dir, tmp_path)
     assert "does not fit" in str(err.value) and "micro-batch 1" in str(err.value)
     assert err.value.details["peak_gib_at_micro_batch_1"] > err.value.details["device_memory_gib"] == 1e-5
     assert isinstance(err.value, ValueError)
+
+
+def test_entry_module_stops_on_stop_file_and_resumes(tiny_dirs, data_dir, tmp_path):
+    """The launcher's entry (single process here): a stop file cancels with a checkpoint; a second call resumes."""
+    from advisor.train import entry
+
+    job = _job(tiny_dirs["llama"], "lora", data_dir, max_steps=3, estimate=False)
+    (tmp_path / "job.json").write_text(json.dumps(job))
+    stop = tmp_path / "STOP"
+    stop.write_text("")
+    args = [str(tmp_path / "job.json"), str(tmp_path / "out"), "--events-dir", str(tmp_path / "ev"), "--device", "cpu"]
+    assert entry.main([*args, "--stop-file", str(stop)]) == 0
+    events = [json.loads(x) for x in (tmp_path / "ev" / "events-rank0.jsonl").read_text().splitlines()]
+    result = events[-1]
+    assert result["type"] == "result" and result["status"] == "cancelled" and result["step"] == 1
+    assert (tmp_path / "out" / "checkpoint-1").is_dir()
+    stop.unlink()
+    assert entry.main(args) == 0
+    events = [json.loads(x) for x in (tmp_path / "ev" / "events-rank0.jsonl").read_text().splitlines()]
+    assert events[-1]["status"] == "succeeded" and events[-1]["step"] == 3
+    assert [e for e in events if e["type"] == "start"][-1]["resumed_from"] == 1

@@ -4,6 +4,10 @@ Every process runs `run_training`; rank 0 writes every event, each rank writes i
 checksum of its trainable weights, so a parent can check the replicas agree) as JSON lines to
 `DIR/events-rank<r>.jsonl` (stdout when no directory is given). Exit code 0 on success or cancel, 3 when the plan
 was refused, 1 on any other failure (the error is written as an `error` event first).
+
+Stopping: when the file given by `--stop-file` exists, or the process gets SIGTERM (what torchrun forwards when the
+launcher is terminated), training stops after the current step with a checkpoint and the result has status
+"cancelled" (rank 0 decides; the decision is shared with every rank).
 """
 
 from __future__ import annotations
@@ -11,7 +15,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
+import threading
 import traceback
 from pathlib import Path
 
@@ -23,7 +29,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--events-dir", default=None)
     parser.add_argument("--resume", default="latest", help="'latest', a checkpoint directory, or 'none'")
     parser.add_argument("--device", default=None)
+    parser.add_argument("--stop-file", default=None, help="stop (with a checkpoint) once this file exists")
     args = parser.parse_args(argv)
+    stop = {"signal": False}
+
+    def on_sigterm(signum, frame):
+        stop["signal"] = True
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, on_sigterm)
+
+    def should_stop() -> bool:
+        return stop["signal"] or bool(args.stop_file and Path(args.stop_file).exists())
+
     rank = int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0")))
     sink = _sink(args.events_dir, rank)
 
@@ -37,7 +55,8 @@ def main(argv: list[str] | None = None) -> int:
     job = json.loads(Path(args.job).read_text())
     resume = None if args.resume in ("none", "") else args.resume
     try:
-        result = run_training(job, output_dir=args.output_dir, on_event=write, resume=resume, device=args.device)
+        result = run_training(job, output_dir=args.output_dir, on_event=write, resume=resume, device=args.device,
+                              should_stop=should_stop)
     except TrainingRefused as err:
         write({"type": "error", "error": err.message, "details": err.details, "refused": True})
         return 3

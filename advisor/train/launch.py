@@ -111,13 +111,18 @@ def _free_port() -> int:
 
 
 def launch_command(files: LaunchFiles, num_processes: int, *, resume: str = "latest", port: int | None = None,
-                   python: str | None = None) -> list[str]:
-    """`accelerate launch --config_file ... --num_processes N -m advisor.train.entry JOB OUTPUT_DIR ...`."""
-    return [python or sys.executable, "-m", "accelerate.commands.launch",
-            "--config_file", str(files.accelerate_config), "--num_processes", str(num_processes),
-            "--main_process_port", str(port or _free_port()),
-            "-m", "advisor.train.entry", str(files.job), str(files.output_dir),
-            "--events-dir", str(files.events_dir), "--resume", resume]
+                   python: str | None = None, stop_file: str | Path | None = None) -> list[str]:
+    """`accelerate launch --config_file ... --num_processes N -m advisor.train.entry JOB OUTPUT_DIR ...`.
+
+    `stop_file`: creating this file stops the run after the current step with a checkpoint (status cancelled)."""
+    cmd = [python or sys.executable, "-m", "accelerate.commands.launch",
+           "--config_file", str(files.accelerate_config), "--num_processes", str(num_processes),
+           "--main_process_port", str(port or _free_port()),
+           "-m", "advisor.train.entry", str(files.job), str(files.output_dir),
+           "--events-dir", str(files.events_dir), "--resume", resume]
+    if stop_file is not None:
+        cmd += ["--stop-file", str(stop_file)]
+    return cmd
 
 
 def read_events(files: LaunchFiles) -> dict[int, list[dict]]:
