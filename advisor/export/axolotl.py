@@ -7,13 +7,14 @@ be silently ignored; `KNOWN_KEYS` below lists every key this exporter may write,
 
 What Axolotl can express (and what not), per method:
 
-    method          Axolotl                                                   how
-    full            yes                                                       no `adapter`
-    lora            yes                                                       adapter: lora
-    qlora           yes                                                       adapter: qlora + load_in_4bit (+ bnb_config_kwargs)
-    galore          yes                                                       optimizer: galore_adamw*, optim_target_modules, optim_args
-    bitfit          only on models with biases (bias_source: existing)        unfrozen_parameters: [".+bias$"] (full FT, all else frozen)
-    longlora        no: `s2_attention` was removed ("shifted-sparse attention is no longer supported", schemas/deprecated.py)
+    method          Axolotl                                   how
+    full            yes                                       no `adapter`
+    lora            yes                                       adapter: lora
+    qlora           yes                                       adapter: qlora + load_in_4bit (+ bnb_config_kwargs)
+    galore          yes                                       optimizer: galore_adamw*, optim_target_modules, optim_args
+    bitfit          models with biases (bias_source existing) unfrozen_parameters: [".+bias$"] (full FT, rest frozen)
+    longlora        no: `s2_attention` was removed ("shifted-sparse attention is no longer supported",
+                    schemas/deprecated.py)
     adalora         no: built-in adapters are lora, qlora, llama-adapter (schemas/peft.py validate_adapter)
     ia3             no: idem
     prompt_tuning   no: idem
@@ -38,7 +39,8 @@ REFUSALS = {
     "adalora": "Axolotl's built-in adapters are lora, qlora and llama-adapter; AdaLoRA's rank reallocation is not one",
     "ia3": "Axolotl's built-in adapters are lora, qlora and llama-adapter; it has no IA3",
     "prompt_tuning": "Axolotl's built-in adapters are lora, qlora and llama-adapter; it has no prompt tuning",
-    "prefix_tuning": "Axolotl's built-in adapters are lora, qlora and llama-adapter (LLaMA-Adapter is not PEFT prefix tuning)",
+    "prefix_tuning": "Axolotl's built-in adapters are lora, qlora and llama-adapter "
+                     "(LLaMA-Adapter is not PEFT prefix tuning)",
     "adapter": "Axolotl has no bottleneck (Houlsby/Pfeiffer) adapters",
     "molora": "Axolotl has no mixture-of-LoRA-experts adapter",
 }
@@ -86,18 +88,23 @@ def render(ctx: ExportContext) -> Rendered:
     doc = YamlDoc(header=ctx.header_lines(f"Axolotl config: {ctx.method} fine-tuning of {ctx.model_id}", run))
     notes: list[str] = []
 
+    def knob(key: str, name: str, value) -> None:
+        """`key` in the tool's name, with the reason the advisor's `name` has this value."""
+        doc.put(key, value, ctx.why(name, value))
+
     doc.section("model")
     doc.put("base_model", ctx.model_ref, "Hub id or local directory")
     if ctx.method in ("lora", "qlora"):
         if ctx.method == "qlora":
             q = ctx.quantization
             doc.put("load_in_4bit", True, "QLoRA: frozen base in 4-bit")
-        doc.put("adapter", ctx.method, "the recommended method" if ctx.chosen else "an alternative to the recommendation")
+        doc.put("adapter", ctx.method, "the recommended method" if ctx.chosen else "an alternative")
         doc.put("lora_r", int(p["r"]), ctx.why("r", p["r"]))
-        doc.put("lora_alpha", p["lora_alpha"], ctx.why("lora_alpha", p["lora_alpha"]))
-        doc.put("lora_dropout", p["lora_dropout"], ctx.why("lora_dropout", p["lora_dropout"]))
+        knob("lora_alpha", "lora_alpha", p["lora_alpha"])
+        knob("lora_dropout", "lora_dropout", p["lora_dropout"])
         if ctx.targets == "all-linear":
-            doc.put("lora_target_linear", True, ctx.why("target_modules", p.get("target_modules")) or "every linear layer")
+            doc.put("lora_target_linear", True,
+                    ctx.why("target_modules", p.get("target_modules")) or "every linear layer")
         else:
             doc.put("lora_target_modules", list(ctx.targets), ctx.why("target_modules", p.get("target_modules")))
         if p.get("use_rslora"):
@@ -122,27 +129,27 @@ def render(ctx: ExportContext) -> Rendered:
     doc.put("train_on_inputs", False, "loss on responses only")
     doc.put("dataset_prepared_path", f"{ctx.output_dir}/prepared", "tokenized cache")
     doc.put("val_set_size", ctx.val_split, "held-out split to watch eval loss" if ctx.val_split else None)
-    doc.put("sequence_len", t.max_seq_length, ctx.why("max_seq_length", t.max_seq_length))
+    knob("sequence_len", "max_seq_length", t.max_seq_length)
     doc.put("sample_packing", bool(t.packing), ctx.why("packing", t.packing))
 
     doc.section("training")
-    doc.put("micro_batch_size", t.per_device_train_batch_size, ctx.why("per_device_train_batch_size", t.per_device_train_batch_size))
-    doc.put("gradient_accumulation_steps", t.gradient_accumulation_steps, ctx.why("gradient_accumulation_steps", t.gradient_accumulation_steps))
-    doc.put("num_epochs", t.num_train_epochs, ctx.why("num_train_epochs", t.num_train_epochs))
-    doc.put("learning_rate", t.learning_rate, ctx.why("learning_rate", t.learning_rate))
-    doc.put("optimizer", t.optim, ctx.why("optim", t.optim))
+    knob("micro_batch_size", "per_device_train_batch_size", t.per_device_train_batch_size)
+    knob("gradient_accumulation_steps", "gradient_accumulation_steps", t.gradient_accumulation_steps)
+    knob("num_epochs", "num_train_epochs", t.num_train_epochs)
+    knob("learning_rate", "learning_rate", t.learning_rate)
+    knob("optimizer", "optim", t.optim)
     if ctx.method == "galore":
         doc.put("optim_target_modules", list(p["target_modules"]), "GaLore projects these blocks' 2-D weights")
         doc.put("optim_args", {"rank": int(p["rank"]), "update_proj_gap": int(p["update_proj_gap"]),
                                "scale": float(p["scale"]), "proj_type": p["proj_type"]},
                 ctx.why("rank", p["rank"]) or "GaLore projection")
-    doc.put("lr_scheduler", t.lr_scheduler_type, ctx.why("lr_scheduler_type", t.lr_scheduler_type))
-    doc.put("warmup_ratio", t.warmup_ratio, ctx.why("warmup_ratio", t.warmup_ratio))
-    doc.put("weight_decay", t.weight_decay, ctx.why("weight_decay", t.weight_decay))
-    doc.put("max_grad_norm", t.max_grad_norm, ctx.why("max_grad_norm", t.max_grad_norm))
+    knob("lr_scheduler", "lr_scheduler_type", t.lr_scheduler_type)
+    knob("warmup_ratio", "warmup_ratio", t.warmup_ratio)
+    knob("weight_decay", "weight_decay", t.weight_decay)
+    knob("max_grad_norm", "max_grad_norm", t.max_grad_norm)
     doc.put("bf16", bool(t.bf16), ctx.why("bf16", t.bf16))
     doc.put("fp16", bool(t.fp16), ctx.why("fp16", t.fp16) if t.fp16 else None)
-    doc.put("gradient_checkpointing", bool(t.gradient_checkpointing), ctx.why("gradient_checkpointing", t.gradient_checkpointing))
+    knob("gradient_checkpointing", "gradient_checkpointing", bool(t.gradient_checkpointing))
     doc.put("attn_implementation", t.attn_implementation)
     doc.put("seed", t.seed)
     if ctx.multi_gpu:

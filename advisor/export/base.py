@@ -67,8 +67,9 @@ class ExportFormat:
 
     def check_kind(self, ctx: ExportContext) -> None:
         if ctx.kind not in self.kinds:
-            raise AdvisorInputError("model", f"{self.tool} cannot train {ctx.model_id} ({ctx.kind}): {self.kind_refusal}",
-                                    allowed=list(self.kinds))
+            raise AdvisorInputError(
+                "model", f"{self.tool} cannot train {ctx.model_id} ({ctx.kind}): {self.kind_refusal}",
+                allowed=list(self.kinds))
 
 
 _FORMATS: dict[str, ExportFormat] = {}
@@ -425,7 +426,8 @@ def build_context(
     facts = _model_facts(model_ref)
     rm = facts["resolved"]
     if rm.kind not in spec.kinds:
-        raise AdvisorInputError("method", f"{name} does not apply to {rm.kind} models ({rm.id})", allowed=list(spec.kinds))
+        raise AdvisorInputError("method", f"{name} does not apply to {rm.kind} models ({rm.id})",
+                                allowed=list(spec.kinds))
     targets, ff = _targets(rm, spec, cfg.peft)
     if name == "bitfit" and cfg.peft.get("bias_source") == "existing":
         if not any(n.endswith("bias") for n, _ in rm.build_meta().named_parameters()):

@@ -1,4 +1,4 @@
-"""`advisor export`: a recommendation as an Axolotl / LLaMA-Factory config, a training script or an accelerate config."""
+"""`advisor export`: a recommendation as an Axolotl / LLaMA-Factory config, a training script or accelerate config."""
 
 from __future__ import annotations
 
@@ -30,19 +30,32 @@ def _read_json(path: Path, field: str) -> dict:
     return data
 
 
+FORMAT = typer.Option("--format", "-F", help="axolotl | llamafactory | script | accelerate")
+FROM = typer.Option("--from", help="A Recommendation JSON (advisor recommend --json).")
+FILE = typer.Option("--file", "-f", help="A Scenario JSON: recommend first, then export.")
+METHOD = typer.Option(help="Export this alternative instead of the recommended method.")
+DATASET = typer.Option(help="Training data file (JSONL/JSON) to put in the config.")
+DATASET_FORMAT = typer.Option(help="auto | alpaca | chat | completion | text")
+OUT = typer.Option("--out", "-o", help="Write here (companion files beside it).")
+OUTPUT_DIR = typer.Option(help="Where the training run saves (default outputs/<model>-<method>).")
+VAL_SPLIT = typer.Option(help="Held-out fraction for evaluation (default 0.1).")
+BACKEND = typer.Option(help="accelerate only: auto | fsdp | deepspeed.")
+AS_JSON = typer.Option("--json", help="Print the API's JSON instead of the file.")
+
+
 @guard
 def export_command(
-    fmt: Annotated[str | None, typer.Option("--format", "-F", help="axolotl | llamafactory | script | accelerate")] = None,
-    from_file: Annotated[Path | None, typer.Option("--from", help="A Recommendation JSON (advisor recommend --json).")] = None,
-    file: Annotated[Path | None, typer.Option("--file", "-f", help="A Scenario JSON: recommend first, then export.")] = None,
-    method: Annotated[str | None, typer.Option(help="Export this alternative instead of the recommended method.")] = None,
-    dataset: Annotated[str | None, typer.Option(help="Training data file (JSONL/JSON) to put in the config.")] = None,
-    dataset_format: Annotated[str, typer.Option(help="auto | alpaca | chat | completion | text")] = "auto",
-    out: Annotated[Path | None, typer.Option("--out", "-o", help="Write here (companion files beside it).")] = None,
-    output_dir: Annotated[str | None, typer.Option(help="Where the training run saves (default outputs/<model>-<method>).")] = None,
-    val_split: Annotated[float | None, typer.Option(help="Held-out fraction for evaluation (default 0.1).")] = None,
-    backend: Annotated[str, typer.Option(help="accelerate only: auto | fsdp | deepspeed.")] = "auto",
-    as_json: Annotated[bool, typer.Option("--json", help="Print the API's JSON instead of the file.")] = False,
+    fmt: Annotated[str | None, FORMAT] = None,
+    from_file: Annotated[Path | None, FROM] = None,
+    file: Annotated[Path | None, FILE] = None,
+    method: Annotated[str | None, METHOD] = None,
+    dataset: Annotated[str | None, DATASET] = None,
+    dataset_format: Annotated[str, DATASET_FORMAT] = "auto",
+    out: Annotated[Path | None, OUT] = None,
+    output_dir: Annotated[str | None, OUTPUT_DIR] = None,
+    val_split: Annotated[float | None, VAL_SPLIT] = None,
+    backend: Annotated[str, BACKEND] = "auto",
+    as_json: Annotated[bool, AS_JSON] = False,
 ) -> None:
     """Export a recommendation as a config for the tool that trains it (the method's alternatives with --method)."""
     from advisor.export import FORMAT_IDS, export, get_format

@@ -8,13 +8,13 @@ transformers' training arguments.
 
 What LLaMA-Factory can express (and what not), per method:
 
-    method          LLaMA-Factory                                        how
-    full            yes                                                  finetuning_type: full
-    lora            yes                                                  finetuning_type: lora, lora_rank/alpha/dropout/target
-    qlora           yes                                                  + quantization_bit: 4 (bnb, nf4, double quantization)
-    galore          yes                                                  finetuning_type: full, use_galore: true, galore_*
-    longlora        Llama models only, with transformers >=4.45,<4.48    shift_attn: true (S²-Attn, group size fixed at 1/4)
-                                                                         + additional_target: embed_tokens,norm
+    method          LLaMA-Factory                      how
+    full            yes                                finetuning_type: full
+    lora            yes                                finetuning_type: lora, lora_rank/alpha/dropout/target
+    qlora           yes                                + quantization_bit: 4 (bnb, nf4, double quantization)
+    galore          yes                                finetuning_type: full, use_galore: true, galore_*
+    longlora        Llama only, transformers           shift_attn: true (S²-Attn, group size fixed at 1/4)
+                    >=4.45,<4.48                       + additional_target: embed_tokens,norm
     adalora         no: finetuning_type is one of lora, oft, freeze, full
     ia3             no: idem
     prompt_tuning   no: idem
@@ -105,7 +105,7 @@ def dataset_info(ctx: ExportContext, file_name: str) -> dict:
 
 
 def render(ctx: ExportContext) -> Rendered:
-    """dataset_info.json goes to `ctx.companion_dir` beside the config (CLI --out), else it belongs in the data's folder."""
+    """dataset_info.json goes to `ctx.companion_dir` beside the config (CLI --out), else in the data's folder."""
     t = ctx.training
     companion_dir = ctx.companion_dir
     p = ctx.peft
@@ -130,6 +130,10 @@ def render(ctx: ExportContext) -> Rendered:
     doc = YamlDoc(header=header)
     notes: list[str] = []
 
+    def knob(key: str, name: str, value) -> None:
+        """`key` in the tool's name, with the reason the advisor's `name` has this value."""
+        doc.put(key, value, ctx.why(name, value))
+
     doc.section("model")
     doc.put("model_name_or_path", ctx.model_ref, "Hub id or local directory")
     if ctx.method == "qlora":
@@ -146,7 +150,8 @@ def render(ctx: ExportContext) -> Rendered:
     if not t.gradient_checkpointing:
         doc.put("disable_gradient_checkpointing", True, ctx.why("gradient_checkpointing", t.gradient_checkpointing))
     else:
-        doc.comment(f"gradient checkpointing: on (LLaMA-Factory's default) -- {ctx.why('gradient_checkpointing', t.gradient_checkpointing)}")
+        why = ctx.why("gradient_checkpointing", True)
+        doc.comment(f"gradient checkpointing: on (LLaMA-Factory's default) -- {why}")
 
     doc.section("method")
     doc.put("stage", "pt" if ctx.dataset_format == "text" else "sft",
@@ -155,8 +160,8 @@ def render(ctx: ExportContext) -> Rendered:
     if ctx.method in ("lora", "qlora", "longlora"):
         doc.put("finetuning_type", "lora", "the recommended method" if ctx.chosen else "an alternative")
         doc.put("lora_rank", int(p["r"]), ctx.why("r", p["r"]))
-        doc.put("lora_alpha", p["lora_alpha"], ctx.why("lora_alpha", p["lora_alpha"]))
-        doc.put("lora_dropout", p["lora_dropout"], ctx.why("lora_dropout", p["lora_dropout"]))
+        knob("lora_alpha", "lora_alpha", p["lora_alpha"])
+        knob("lora_dropout", "lora_dropout", p["lora_dropout"])
         target = "all" if ctx.targets == "all-linear" else ",".join(ctx.targets)
         doc.put("lora_target", target, ctx.why("target_modules", p.get("target_modules")))
         if p.get("use_rslora"):
@@ -173,7 +178,7 @@ def render(ctx: ExportContext) -> Rendered:
             doc.put("use_galore", True, "GaLore: low-rank projected optimizer state")
             doc.put("galore_target", ",".join(p["target_modules"]), "linear layers whose names contain these")
             doc.put("galore_rank", int(p["rank"]), ctx.why("rank", p["rank"]))
-            doc.put("galore_update_interval", int(p["update_proj_gap"]), ctx.why("update_proj_gap", p["update_proj_gap"]))
+            knob("galore_update_interval", "update_proj_gap", int(p["update_proj_gap"]))
             doc.put("galore_scale", float(p["scale"]), ctx.why("scale", p["scale"]))
             doc.put("galore_proj_type", p["proj_type"])
             doc.put("galore_layerwise", False, "layer-wise GaLore cannot accumulate gradients or run distributed")
@@ -183,26 +188,26 @@ def render(ctx: ExportContext) -> Rendered:
     doc.put("dataset_dir", dataset_dir)
     template, why_template = template_for(ctx.model_id)
     doc.put("template", template, why_template)
-    doc.put("cutoff_len", t.max_seq_length, ctx.why("max_seq_length", t.max_seq_length))
+    knob("cutoff_len", "max_seq_length", t.max_seq_length)
     doc.put("packing", bool(t.packing), ctx.why("packing", t.packing))
     if ctx.dataset_format != "text":
         doc.put("train_on_prompt", False, "loss on responses only")
     doc.put("val_size", ctx.val_split, "held-out split to watch eval loss" if ctx.val_split else None)
 
     doc.section("train")
-    doc.put("per_device_train_batch_size", t.per_device_train_batch_size, ctx.why("per_device_train_batch_size", t.per_device_train_batch_size))
-    doc.put("gradient_accumulation_steps", t.gradient_accumulation_steps, ctx.why("gradient_accumulation_steps", t.gradient_accumulation_steps))
-    doc.put("learning_rate", t.learning_rate, ctx.why("learning_rate", t.learning_rate))
+    knob("per_device_train_batch_size", "per_device_train_batch_size", t.per_device_train_batch_size)
+    knob("gradient_accumulation_steps", "gradient_accumulation_steps", t.gradient_accumulation_steps)
+    knob("learning_rate", "learning_rate", t.learning_rate)
     doc.put("num_train_epochs", float(t.num_train_epochs), ctx.why("num_train_epochs", t.num_train_epochs))
-    doc.put("lr_scheduler_type", t.lr_scheduler_type, ctx.why("lr_scheduler_type", t.lr_scheduler_type))
+    knob("lr_scheduler_type", "lr_scheduler_type", t.lr_scheduler_type)
     warmup = ctx.warmup_steps()
     if warmup is not None:
         doc.put("warmup_steps", warmup, ctx.why("warmup_ratio", t.warmup_ratio)
                 or f"warmup_ratio {t.warmup_ratio:g} of {ctx.total_steps()} steps")
     else:
         doc.put("warmup_ratio", t.warmup_ratio, "run length unknown; on transformers >= 5.2 use warmup_steps")
-    doc.put("weight_decay", t.weight_decay, ctx.why("weight_decay", t.weight_decay))
-    doc.put("max_grad_norm", t.max_grad_norm, ctx.why("max_grad_norm", t.max_grad_norm))
+    knob("weight_decay", "weight_decay", t.weight_decay)
+    knob("max_grad_norm", "max_grad_norm", t.max_grad_norm)
     optim = GALORE_OPTIM.get(t.optim, t.optim) if ctx.method == "galore" else t.optim
     doc.put("optim", optim, "GaLore's base optimizer (LLaMA-Factory builds the GaLore one)" if ctx.method == "galore"
             else ctx.why("optim", t.optim))
@@ -245,7 +250,8 @@ def _check(ctx: ExportContext) -> None:
         ratio = float(ctx.peft.get("group_size_ratio", 0.25))
         if abs(ratio - 0.25) > 1e-9:
             raise AdvisorInputError("config.peft.group_size_ratio",
-                                    f"LLaMA-Factory fixes the S²-Attn group size at 1/4; got {ratio:g}", allowed=["0.25"])
+                                    f"LLaMA-Factory fixes the S²-Attn group size at 1/4; got {ratio:g}",
+                                    allowed=["0.25"])
     if ctx.method == "galore":
         if ctx.training.optim not in GALORE_OPTIM:
             raise AdvisorInputError("config.training.optim", f"LLaMA-Factory's GaLore has no {ctx.training.optim}",

@@ -297,7 +297,8 @@ def save(trainer, model, output_dir: str) -> None:
 def _longlora_snippet() -> str:
     from advisor.methods.modules import s2attn
 
-    parts = [inspect.getsource(f) for f in (s2attn._grouped_causal, s2attn._wraparound_mask, s2attn.s2_attention_forward)]
+    functions = (s2attn._grouped_causal, s2attn._wraparound_mask, s2attn.s2_attention_forward)
+    parts = [inspect.getsource(f) for f in functions]
     return _S2ATTN_HEAD + "\n\n".join(parts) + _LONGLORA_TAIL
 
 
@@ -375,8 +376,9 @@ def _training_why(ctx: ExportContext):
 
 def _check(ctx: ExportContext) -> None:
     if ctx.method == "prefix_tuning" and ctx.training.gradient_checkpointing:
-        raise AdvisorInputError("config.training.gradient_checkpointing",
-                                "prefix_tuning does not work with gradient checkpointing (PEFT refuses it); set it to false")
+        raise AdvisorInputError(
+            "config.training.gradient_checkpointing",
+            "prefix_tuning does not work with gradient checkpointing (PEFT refuses it); set it to false")
     if ctx.method == "longlora" and ctx.kind != "causal_lm":
         raise AdvisorInputError("method", "LongLoRA applies to causal language models only", allowed=["causal_lm"])
 

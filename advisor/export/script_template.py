@@ -68,7 +68,9 @@ def detect_format(row: dict) -> str:
 def chat_spans(tok, messages: list[dict]) -> tuple[str, list[tuple[int, int]]]:
     """The rendered conversation and the character spans of the assistant turns (the only trained tokens)."""
     if tok.chat_template:
-        render = lambda msgs, gen=False: tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=gen)  # noqa: E731
+        def render(msgs, gen=False):
+            return tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=gen)
+
         text = render(messages)
         spans = []
         for i, m in enumerate(messages):
