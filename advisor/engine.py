@@ -37,18 +37,21 @@ class _Dequant4bitMatmul(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         _packed, absmax = ctx.saved_tensors
-        scales = _dequant_scales(absmax)
+        scales = _dequant_scales(absmax, in_place=True)
         w = torch.empty(ctx.shape, dtype=ctx.dtype, device=grad_out.device)
         grad = torch.matmul(grad_out, w)
         del scales, w
         return grad, None, None, None, None
 
 
-def _dequant_scales(absmax: torch.Tensor) -> torch.Tensor | None:
-    """8-bit block scales → fp32 (dequantize_blockwise, then + offset: two fp32 buffers, the first freed)."""
+def _dequant_scales(absmax: torch.Tensor, in_place: bool = False) -> torch.Tensor | None:
+    """8-bit block scales → fp32: dequantize_blockwise, then + offset -- a second fp32 buffer in the forward
+    kernel (`gemm_4bit`'s default implementation), in place in backward (`F.dequantize_4bit`, bitsandbytes 0.50)."""
     if absmax.dtype != torch.uint8:
         return None
     tmp = torch.empty(absmax.shape, dtype=torch.float32, device=absmax.device)
+    if in_place:
+        return tmp.add_(0.0)
     return tmp + 0.0
 
 
@@ -65,10 +68,11 @@ class SimLinear4bit(nn.Module):
         self.weight = nn.Parameter(torch.empty(((n + 1) // 2, 1), dtype=torch.uint8, device=dev), requires_grad=False)
         self.weight.quant_shape = (out_f, in_f)
         blocks = math.ceil(n / blocksize)
-        if double_quant:  # 8-bit absmax per block, fp32 absmax per 256 of those, two 256-entry code tables
+        if double_quant:  # 8-bit absmax per block, fp32 absmax per 256 of those, the NF4 table (16 fp32), the
+            # 8-bit table of the block scales (256 fp32) and their fp32 offset -- a bitsandbytes QuantState's tensors
             self.register_buffer("absmax", torch.empty(blocks, dtype=torch.uint8, device=dev))
             self.register_buffer("absmax2", torch.empty(math.ceil(blocks / 256), dtype=torch.float32, device=dev))
-            self.register_buffer("code", torch.empty(512, dtype=torch.float32, device=dev))
+            self.register_buffer("code", torch.empty(16 + 256 + 1, dtype=torch.float32, device=dev))
         else:
             self.register_buffer("absmax", torch.empty(blocks, dtype=torch.float32, device=dev))
             self.register_buffer("code", torch.empty(16, dtype=torch.float32, device=dev))
@@ -206,11 +210,13 @@ def _untie_if_requested(resolved, model) -> None:
 
 
 def _copy_config(config):
+    """A private copy of the config. `use_cache` keeps the config's value, as `from_pretrained` does for a real
+    run: without gradient checkpointing a causal LM then fills a KV cache during training forwards (the cache
+    holds each layer's K/V; where attention saves other tensors than those -- LongLoRA's shifted groups, eager
+    attention with grouped KV heads -- that is memory a real step holds), so the simulation does the same."""
     import copy
 
-    c = copy.deepcopy(config)
-    c.use_cache = False
-    return c
+    return copy.deepcopy(config)
 
 
 @contextlib.contextmanager

@@ -164,7 +164,7 @@ def probe_config(grid: dict, probe: Probe) -> dict:
 
 def predict(model_dir: Path, method: str, config: dict) -> dict:
     """The fast estimator's tensor bytes (no device overhead) and training FLOPs per token for a probe."""
-    from advisor.estimator.fast import memory_model, training_flops_per_token
+    from advisor.estimator.fast import memory_model, step_flops, training_flops_per_token
     from advisor.estimator.plan import build_plan
     from advisor.estimator.profile import Profile
     from advisor.schemas import EstimateRequest
@@ -174,7 +174,8 @@ def predict(model_dir: Path, method: str, config: dict) -> dict:
     mm = memory_model(plan, profile=Profile("probe", "cpu", {}))
     peak, cats, phase = mm.peak(plan.batch_size)
     return {"predicted_tensor_bytes": int(peak), "predicted_phase": phase,
-            "flops_per_token": training_flops_per_token(mm)}
+            "flops_per_token": training_flops_per_token(mm),
+            "flops_per_step": step_flops(mm, plan.batch_size)}
 
 
 def _prefit_init() -> None:
@@ -296,7 +297,7 @@ def run_probe(grid: dict, probe: Probe, model_dir: Path, device: str, steps: int
         t_predict = time.perf_counter()
         row.update(predict(model_dir, probe.method, config))
         row["predict_seconds"] = round(time.perf_counter() - t_predict, 3)
-        row["flops_per_step"] = row["flops_per_token"] * row["tokens_per_step"]
+        row.setdefault("flops_per_step", row["flops_per_token"] * row["tokens_per_step"])
     except Exception as err:  # a probe that cannot run is recorded, the calibration goes on
         row["error"] = f"{type(err).__name__}: {err}"
         row["traceback"] = traceback.format_exc(limit=3)[-1500:]

@@ -282,7 +282,6 @@ def refit(source: str | Path, out: str | Path | None = None, repredict: bool = F
                 probe = Probe(r["method"], r["arch"], r["batch"], r["seq"], bool(r["gc"]), 0, bool(r["heldout"]))
                 try:
                     r.update(predict(model_dirs[r["arch"]], r["method"], probe_config(grid, probe)))
-                    r["flops_per_step"] = r["flops_per_token"] * r["tokens_per_step"]
                 except Exception as err:  # recorded like a failed probe
                     r["error"] = f"re-prediction failed: {type(err).__name__}: {err}"
     report(len(rows), len(rows), "fitting")

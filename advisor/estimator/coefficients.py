@@ -24,8 +24,10 @@ from advisor.config import MethodConfig
 from advisor.memory.counter import CATEGORIES
 from advisor.settings import get_settings
 
-FIT_VERSION = 1
-PHASES = ("forward", "backward", "optimizer")
+FIT_VERSION = 4
+# backward_* are windows of backward whose composition is linear in depth and batch (advisor.memory.counter);
+# "backward" (their maximum in the slice) is kept for models whose blocks the counter cannot find
+PHASES = ("forward", "backward", "backward_head", "backward_first", "backward_last", "backward_tail", "optimizer")
 _LOCK = threading.Lock()
 
 
@@ -133,6 +135,8 @@ def _fit(resolved, cfg: MethodConfig, seq_len: int, key: str) -> MemoryCoefficie
             runs[(layers, batch)] = simulate_in_process(sliced, cfg, batch, seq_len)["phases"]
     phases = {}
     for phase in PHASES:
+        if not all(phase in runs[lb] for lb in runs):  # a window the counter did not see in every slice
+            continue
         terms = {}
         for cat in CATEGORIES:
             v = {lb: runs[lb].get(phase, {}).get("breakdown_bytes", {}).get(cat, 0) for lb in runs}

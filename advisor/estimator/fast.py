@@ -47,27 +47,23 @@ class MemoryModel:
         layers = self.static.layers
         best: tuple[float, dict[str, float], str] | None = None
         phase_values = {}
+        windows = any(p.startswith("backward_") for p in self.coefficients.phases)
         for phase, coeffs in self.coefficients.phases.items():
+            if phase == "backward" and windows:
+                # the whole-backward peak of a 1-2 block slice is a maximum over moments whose composition
+                # differs (activations at the start, gradients at the end): extrapolating it mixes them. The
+                # windows (loss/head, top block, bottom block, embeddings) are each linear in depth and batch,
+                # and a deep model's backward peaks in one of them (advisor.memory.counter)
+                continue
             cats = coeffs.bytes_by_category(layers, batch)
             if cats.get("optimizer", 0) > 0:
                 cats["optimizer"] = float(self.static.optimizer_bytes)
             phase_values[phase] = cats
-        # backward can peak at its start (all activations + logit gradients) even when the slices saw it peak at its
-        # end (all gradients, full fine-tuning): keep that moment as a candidate. Measured on the simulator, the
-        # start of backward holds one more compute-dtype element per logit than the end of forward (bf16: forward
-        # 10 B/logit = bf16 logits + fp32 upcast + fp32 log-softmax; backward start 12 B/logit)
-        fwd = phase_values.get("forward")
-        if fwd is not None:
-            element = 4 if self.plan.training.torch_dtype == "float32" else 2
-            logits_grad = batch * self.plan.seq_len * self.static.vocab * element
-            start = dict(fwd)
-            start["temporaries"] = start.get("temporaries", 0) + logits_grad
-            phase_values["backward_start"] = start
         for phase, cats in phase_values.items():
             cats = _shard(cats, shard, devices, self.static)
             total = sum(cats.values())
             if best is None or total > best[0]:
-                best = (total, cats, phase.replace("_start", ""))
+                best = (total, cats, phase.split("_")[0])
         total, cats, phase = best
         overhead = self.profile.overhead_bytes(total)
         cats["overhead"] = overhead
@@ -121,18 +117,46 @@ def public_breakdown(cats: dict[str, float]) -> dict[str, float]:
 
 # --------------------------------------------------------------------------- time and cost
 def training_flops_per_token(mm: MemoryModel) -> float:
-    """≈ 2N forward + 2N input-gradient backward + 2N_trainable weight-gradient backward (+ 2N recompute with
-    checkpointing) + attention's QKᵀ/AV (4·L·s·q_dim per token forward, ×2 backward)."""
+    """Training FLOPs per token of the batch (tokens per step = micro-batch × sequence length):
+
+    ≈ 2N forward + 2N input-gradient backward + 2N_trained weight-gradient backward (+ 2N recompute with
+    checkpointing) + attention's QKᵀ and AV (4·L·kv·q_dim per token forward, ×2 backward, + forward again with
+    checkpointing), where N counts matmul parameters only: embedding tables are lookups (no FLOPs forward, a
+    scatter-add backward) and are left out, the output head is a matmul and stays in (Kaplan et al. 2020).
+    Method terms: prompt tuning runs every layer over its virtual tokens too (× (s + p) / s); prefix tuning's
+    keys include the p prefix tokens (kv = s + p); LongLoRA's S²-Attn attends within groups of ratio·s tokens
+    during training (kv = ratio·s, when the sequence splits into ≥ 2 whole groups). GaLore's per-step projections
+    do not scale with tokens: `step_flops` adds them per optimizer step."""
     st, plan = mm.static, mm.plan
-    n = st.total_params
-    trained = st.trainable_params
+    n = max(st.total_params - st.lookup_params, 0)
+    trained = max(st.trainable_params - st.trainable_lookup_params, 0)
+    gc = plan.training.gradient_checkpointing
     forward = 2 * n
     flops = forward + 2 * n + 2 * trained
-    if plan.training.gradient_checkpointing:
+    if gc:
         flops += forward
-    attention = 4 * st.layers * plan.seq_len * st.q_dim
-    flops += attention * (3 + (1 if plan.training.gradient_checkpointing else 0))
+    s = plan.seq_len
+    kv = s
+    peft = plan.config.peft or {}
+    method = plan.spec.id
+    if method == "prefix_tuning":
+        kv = s + int(peft.get("num_virtual_tokens") or 0)
+    elif method == "longlora":
+        ratio = float(peft.get("group_size_ratio") or 0.25)
+        group = int(s * ratio)
+        if group >= 2 and s % group == 0 and s >= 2 * group:
+            kv = group
+    attention = 4 * st.layers * kv * st.q_dim
+    flops += attention * (3 + (1 if gc else 0))
+    if method == "prompt_tuning" and s > 0:
+        flops *= (s + int(peft.get("num_virtual_tokens") or 0)) / s
     return float(flops)
+
+
+def step_flops(mm: MemoryModel, batch: int) -> float:
+    """Training FLOPs of one optimizer step of `batch` sequences: per-token FLOPs × tokens + the optimizer's
+    per-step FLOPs (GaLore's projections, `StaticTerms.optimizer_flops_per_step`)."""
+    return training_flops_per_token(mm) * batch * mm.plan.seq_len + float(mm.static.optimizer_flops_per_step)
 
 
 def time_and_cost(mm: MemoryModel, batch: int, strategy: str, devices: int) -> dict:
@@ -143,9 +167,13 @@ def time_and_cost(mm: MemoryModel, batch: int, strategy: str, devices: int) -> d
         return {"tokens_per_s": None, "train_hours": None, "cost_usd": None, "time_source": rate_source}
     rate *= mm.profile.method_speed_factor(plan.spec.id)
     scaling = mm.profile.multi_gpu_efficiency(strategy) if devices > 1 else 1.0
-    tokens_per_s = rate / per_token * devices * scaling
+    tokens_per_step = max(batch * plan.seq_len, 1)
+    # the optimizer's per-step FLOPs (GaLore) spread over the step's tokens (one step per micro-batch: gradient
+    # accumulation would spread them further, so this errs slow)
+    per_token_all = per_token + float(mm.static.optimizer_flops_per_step) / tokens_per_step
+    tokens_per_s = rate / per_token_all * devices * scaling
     out = {"tokens_per_s": round(tokens_per_s, 1), "train_hours": None, "cost_usd": None, "time_source": rate_source,
-           "flops_per_token": per_token}
+           "flops_per_token": per_token_all}
     ds = plan.request.dataset
     if ds is not None and ds.num_examples:
         avg = ds.avg_tokens or (ds.max_tokens or plan.seq_len)
@@ -184,6 +212,9 @@ def estimate_plan(plan: Plan, strategy: str | None = None, mm: MemoryModel | Non
     result = {
         "peak_vram_gib": round(peak / GIB, 3),
         "peak_bytes": peak,
+        # what torch.cuda.max_memory_reserved() reports: the peak without the CUDA context (the allocator's reserve)
+        "peak_reserved_gib": round((peak - mm.profile.context_bytes()) / GIB, 3),
+        "peak_reserved_bytes": int(peak - mm.profile.context_bytes()),
         "peak_vram_low_gib": round(peak * (1 + band_low) / GIB, 3),
         "peak_vram_high_gib": round(peak * (1 + band_high) / GIB, 3),
         "fits": None if memory_bytes is None else peak <= memory_bytes,

@@ -38,6 +38,10 @@ class Profile:
         o = self.data.get("overhead", {})
         return float(o.get("context_bytes", 0)) + float(o.get("allocator_fraction", 0.0)) * tensor_bytes
 
+    def context_bytes(self) -> float:
+        """The device's memory outside the caching allocator (CUDA context, library workspaces)."""
+        return float(self.data.get("overhead", {}).get("context_bytes", 0))
+
     def overhead_source(self) -> str:
         o = self.data.get("overhead", {})
         return f"{self.id}: {o.get('source', 'no overhead terms')}"

@@ -43,6 +43,9 @@ class StaticTerms:
     heads: int
     vocab: int
     family: str
+    lookup_params: int = 0  # embedding tables (no matmul): left out of training FLOPs
+    trainable_lookup_params: int = 0
+    optimizer_flops_per_step: float = 0.0  # per optimizer step, whatever the tokens (GaLore's projections)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -105,13 +108,39 @@ def _count(resolved, cfg: MethodConfig, layers: int) -> dict[str, int]:
             out["weights"] += nbytes
     trainable, total = prepared.param_counts()
     out["total_params"] = total
+    out["lookup_params"], out["trainable_lookup_params"] = _lookup_params(prepared.model)
     for b in prepared.model.buffers():
         if id(b) not in seen:
             seen.add(id(b))
             out["weights"] += b.numel() * b.element_size()
     opt_bytes, temp_bytes = optimizer_bytes(prepared, cfg)
     out["optimizer"], out["optimizer_temp"] = opt_bytes, temp_bytes
+    out["optimizer_flops"] = optimizer_flops(prepared, cfg)
     return out
+
+
+def _lookup_params(model) -> tuple[int, int]:
+    """Parameters used by table lookup, not by a matmul: embedding tables (token, position), except one shared
+    with the output head (that one is a matmul there). A lookup costs no FLOPs forward, and its gradient is a
+    scatter-add of the incoming gradients, not a matmul: training-FLOP counts leave these parameters out
+    (the convention of Kaplan et al. 2020, arXiv:2001.08361, for N). (all, trainable)"""
+    head = None
+    getter = getattr(model, "get_output_embeddings", None)
+    try:
+        head = getter() if getter else None
+    except (AttributeError, NotImplementedError):
+        head = None
+    head_weight = getattr(head, "weight", None)
+    seen, total, trainable = set(), 0, 0
+    for mod in model.modules():
+        if isinstance(mod, torch.nn.Embedding):
+            w = mod.weight
+            if id(w) in seen or w is head_weight:
+                continue
+            seen.add(id(w))
+            total += w.numel()
+            trainable += w.numel() if w.requires_grad else 0
+    return total, trainable
 
 
 def optimizer_bytes(prepared, cfg: MethodConfig) -> tuple[int, int]:
@@ -151,11 +180,36 @@ def optimizer_bytes(prepared, cfg: MethodConfig) -> tuple[int, int]:
     return state, max(foreach_temp, largest_temp)
 
 
+def optimizer_flops(prepared, cfg: MethodConfig) -> float:
+    """FLOPs of one optimizer step that do not scale with the tokens of the step.
+
+    GaLore (Zhao et al. 2024, arXiv:2403.03507; `galore_torch`): every step projects each 2-D gradient G (m×n) to
+    rank r (Pᵀ·G, 2·r·m·n FLOPs) and the rank-r update back (2·r·m·n); every `update_proj_gap` steps it recomputes
+    P from an SVD of G (`torch.linalg.svd`, ≈ 4·m·n·min(m, n) FLOPs, the Golub-Kahan-Reinsch count), amortised
+    over the gap. AdamW's elementwise work (~10 FLOPs per parameter) is left out, as for the other methods."""
+    if not cfg.training.optim.startswith("galore"):
+        return 0.0
+    groups = prepared.optimizer_params or []
+    flops = 0.0
+    for group in groups:
+        rank = group.get("rank")
+        if rank is None:
+            continue
+        gap = max(int(group.get("update_proj_gap") or 200), 1)
+        for p in group["params"]:
+            if p.dim() != 2:
+                continue
+            m, n = p.shape
+            r = min(rank, m, n)
+            flops += 4.0 * r * m * n + 4.0 * m * n * min(m, n) / gap
+    return flops
+
+
 def _key(resolved, cfg: MethodConfig) -> str:
     basis = {"config": resolved.config.to_dict(), "kind": resolved.kind,
              "method": cfg.model_dump(mode="json", include={"method", "peft", "quantization"}),
              "training": cfg.training.model_dump(mode="json", include={"torch_dtype", "optim", "bf16", "fp16"}),
-             "v": 1}
+             "v": 2}
     basis["config"].pop("_name_or_path", None)
     basis["config"].pop("transformers_version", None)
     return hashlib.sha256(json.dumps(basis, sort_keys=True, default=str).encode()).hexdigest()[:32]
@@ -215,4 +269,7 @@ def _compute(resolved, cfg: MethodConfig) -> dict:
         "layers": depth,
         **w,
         "family": resolved.config.model_type,
+        "lookup_params": extrapolate("lookup_params"),
+        "trainable_lookup_params": extrapolate("trainable_lookup_params"),
+        "optimizer_flops_per_step": extrapolate("optimizer_flops"),
     }

@@ -129,6 +129,10 @@ class LiveBytes(TorchDispatchMode):
         self._past_head = False
         self._hook_handles: list = []
         self._optimizers: list[torch.optim.Optimizer] = []
+        # backward windows (see `_block_hooks`): which sub-windows of backward are active, and the blocks seen
+        self._windows: set[str] = set()
+        self._blocks_called = 0
+        self._blocks_inside: set[int] = set()
 
     # ------------------------------------------------------------------ bookkeeping
     def _on_free(self, entry: _Entry, _ref: weakref.ref) -> None:
@@ -170,6 +174,11 @@ class LiveBytes(TorchDispatchMode):
         if self._total > pp.peak_bytes:
             pp.peak_bytes = self._total
             pp.breakdown = {k: v for k, v in self._current.items() if v}
+        for window in self._windows:
+            wp = self._phase_peaks.setdefault(f"{self._phase}_{window}", PhasePeak())
+            if self._total > wp.peak_bytes:
+                wp.peak_bytes = self._total
+                wp.breakdown = {k: v for k, v in self._current.items() if v}
         if self._total > self._peak:
             self._peak = self._total
             self._peak_phase = self._phase
@@ -197,6 +206,41 @@ class LiveBytes(TorchDispatchMode):
         if head is not None:
             self._hook_handles.append(head.register_forward_pre_hook(self._enter_head))
             self._hook_handles.append(head.register_forward_hook(self._leave_head))
+        for block in _blocks(model):
+            self._hook_handles.append(block.register_forward_hook(self._on_block_forward, with_kwargs=True))
+
+    # ------------------------------------------------------------------ backward windows
+    # Backward is split into windows whose composition is linear in the depth and the micro-batch, so that slice
+    # simulations (1-2 blocks) extrapolate each of them exactly: `head` (loss and output head, before the top
+    # block's backward), `first` (the top block's backward), `last` (the bottom block's), `tail` (after it:
+    # embeddings). The whole-backward peak of a deep model is at one of them: between blocks the live bytes
+    # change linearly with the number of blocks done (activations released, gradients accumulated), so their
+    # maximum is at an end. Marked by tensor hooks on each block's output (its backward starts) and input (it ends).
+    def _on_block_forward(self, module, args, kwargs, output) -> None:
+        if self._phase != "forward" or not torch.is_grad_enabled():
+            return  # checkpointed blocks run again during backward: only the first forward marks the windows
+        index = self._blocks_called
+        self._blocks_called += 1
+        inp = args[0] if args and isinstance(args[0], torch.Tensor) else kwargs.get("hidden_states")
+        out = output[0] if isinstance(output, (tuple, list)) and output else output
+        if isinstance(out, torch.Tensor) and out.requires_grad:
+            out.register_hook(lambda _g, i=index: self._block_backward(i, True))
+        if isinstance(inp, torch.Tensor) and inp.requires_grad:
+            inp.register_hook(lambda _g, i=index: self._block_backward(i, False))
+
+    def _block_backward(self, index: int, starting: bool) -> None:
+        if starting:
+            self._blocks_inside.add(index)
+        else:
+            self._blocks_inside.discard(index)
+        top, windows = self._blocks_called - 1, set()
+        if top in self._blocks_inside:
+            windows.add("first")
+        if 0 in self._blocks_inside:
+            windows.add("last")
+        if not starting and index == 0:
+            windows.add("tail")
+        self._windows = windows
 
     def register_batch(self, batch: dict) -> None:
         self.register([v for v in batch.values() if isinstance(v, torch.Tensor)], "inputs")
@@ -234,6 +278,10 @@ class LiveBytes(TorchDispatchMode):
             raise ValueError(f"phase must be one of {PHASES}, got {name!r}")
         previous, self._phase = self._phase, name
         self._past_head = False
+        if name == "forward":
+            self._blocks_called = 0
+        if name == "backward":
+            self._windows, self._blocks_inside = {"head"}, set()
         try:
             yield
         finally:
@@ -246,6 +294,7 @@ class LiveBytes(TorchDispatchMode):
                             self._reclassify(p.grad, "gradients")
             self._phase = previous
             self._past_head = False
+            self._windows = set()
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kernel = self._see_inside.get(func._schema.name) if self._see_inside else None
@@ -291,6 +340,21 @@ class LiveBytes(TorchDispatchMode):
         for h in self._hook_handles:
             h.remove()
         self._hook_handles.clear()
+
+
+def _blocks(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The model's repeated blocks: elements of the outermost ModuleLists of identical modules that hold
+    parameters (decoder layers; T5's encoder and decoder blocks), not lists nested inside them (MoLoRA experts)."""
+    found: list[str] = []
+    out = []
+    for name, mod in model.named_modules():
+        if not isinstance(mod, torch.nn.ModuleList) or len(mod) == 0 or len({type(m) for m in mod}) != 1:
+            continue
+        if any(name.startswith(f + ".") for f in found) or next(mod.parameters(), None) is None:
+            continue
+        found.append(name)
+        out.extend(mod)
+    return out
 
 
 def _output_head(model: torch.nn.Module) -> torch.nn.Module | None:

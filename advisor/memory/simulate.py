@@ -30,8 +30,9 @@ import torch
 from advisor.config import MethodConfig
 from advisor.engine import train_step
 from advisor.memory.counter import LiveBytes, cuda_memory_stats
+from advisor.memory.simattn import use_sim_masks
 
-SIM_VERSION = 1
+SIM_VERSION = 4
 
 
 def _versions() -> dict[str, str]:
@@ -51,6 +52,7 @@ def _measure(prepared, optimizer, batch, training, steps: int, register_extra=No
         register_extra(counter)
     best = {"peak": -1}
     per_step = []
+    phases: dict[str, dict] = {}  # each phase's (and backward window's) highest peak over all steps
     with counter:
         for step in range(steps):
             start = time.perf_counter()
@@ -60,15 +62,19 @@ def _measure(prepared, optimizer, batch, training, steps: int, register_extra=No
             per_step.append({"peak_bytes": rep.peak_bytes, "peak_phase": rep.peak_phase, "loss": res.loss,
                              "seconds": time.perf_counter() - start})
             if rep.peak_bytes > best["peak"]:
-                best = {"peak": rep.peak_bytes, "peak_phase": rep.peak_phase, "breakdown": rep.breakdown_at_peak,
-                        "phases": {k: {"peak_bytes": v.peak_bytes, "breakdown_bytes": v.breakdown} for k, v in rep.phases.items()}}
+                best = {"peak": rep.peak_bytes, "peak_phase": rep.peak_phase, "breakdown": rep.breakdown_at_peak}
+            for k, v in rep.phases.items():
+                if v.peak_bytes > phases.get(k, {}).get("peak_bytes", -1):
+                    phases[k] = {"peak_bytes": v.peak_bytes, "breakdown_bytes": dict(v.breakdown), "step": step}
     counter.close()
     return {
         "peak_bytes": best["peak"],
         "peak_gib": best["peak"] / 2**30,
         "peak_phase": best["peak_phase"],
         "breakdown_bytes": best["breakdown"],
-        "phases": best["phases"],
+        # per phase the highest peak over the steps (step 1 builds optimizer state, later steps hold it: a
+        # phase can peak in a different step than the run's peak does, and the slice fits need each phase's own)
+        "phases": phases,
         "steps": per_step,
         "end_bytes": counter.current_bytes,
     }
@@ -130,6 +136,7 @@ def simulate_in_process(resolved, cfg: MethodConfig, batch_size: int, seq_len: i
     model = load_base_model(resolved, cfg, on_meta=True)
     prepared = prepare(model, resolved, cfg, on_meta=True, total_steps=total_steps)
     trainable, total = prepared.param_counts()
+    use_sim_masks(prepared.model)
     # constants kept outside parameters/buffers (PEFT's virtual-token indices) are few bytes: let them in
     fake_mode = FakeTensorMode(allow_non_fake_inputs=True)
     with fake_mode:
