@@ -66,6 +66,13 @@ METHODS = ("full", "lora", "qlora", "adalora", "ia3", "bitfit", "prompt_tuning",
            "longlora", "galore", "molora")
 GRID = ((1, 512, False), (4, 1024, True), (2, 2048, False), (8, 256, True))
 
+# --medium (what fits in ~20-30 min of a shared 2-core machine): every method on three small models at two grid
+# points (no checkpointing at 512 tokens; checkpointing, batch 4 at 1024), plus Llama-2-7B at the second point
+MEDIUM_MODELS = [("Qwen/Qwen2.5-0.5B", "Qwen2.5-0.5B"), ("meta-llama/Llama-3.2-1B", "Llama-3.2-1B"),
+                 ("openai-community/gpt2", "gpt2")]
+MEDIUM_GRID = ((1, 512, False), (4, 1024, True))
+MEDIUM_EXTRA = [(("meta-llama/Llama-2-7b-hf", "Llama-2-7B"), ((4, 1024, True),))]
+
 QUICK_MODELS = [("openai-community/gpt2", "gpt2"), ("Qwen/Qwen2.5-0.5B", "Qwen2.5-0.5B"),
                 ("meta-llama/Llama-3.2-1B", "Llama-3.2-1B")]
 QUICK_METHODS = ("full", "lora", "qlora", "prompt_tuning")
@@ -177,7 +184,13 @@ def write_json(path: Path, data: dict) -> None:
 
 
 # --------------------------------------------------------------------------- plan
-def plan(quick: bool, large: bool) -> list[dict]:
+def plan(quick: bool, large: bool, medium: bool = False) -> list[dict]:
+    if medium:
+        cases = [{"model": m, "label": label, "method": meth, "b": b, "s": s, "gc": gc}
+                 for m, label in MEDIUM_MODELS for meth in METHODS for (b, s, gc) in MEDIUM_GRID]
+        cases += [{"model": m, "label": label, "method": meth, "b": b, "s": s, "gc": gc}
+                  for (m, label), grid in MEDIUM_EXTRA for meth in METHODS for (b, s, gc) in grid]
+        return cases
     models = QUICK_MODELS if quick else MODELS + (LARGE_MODELS if large else [])
     methods = QUICK_METHODS if quick else METHODS
     grid = QUICK_GRID if quick else GRID
@@ -377,6 +390,8 @@ def _table(head: list[str], lines: list[list[str]], markdown: bool) -> str:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="3 models × 4 methods × 2 grid points")
+    ap.add_argument("--medium", action="store_true",
+                    help="every method: 3 small models × 2 grid points + Llama-2-7B × 1 point (~20-30 min here)")
     ap.add_argument("--large", action="store_true", help="add Llama-2-13B, Llama-3-8B, Qwen2.5-14B, Llama-2-70B")
     ap.add_argument("--large-only", action="store_true", help="only the --large models (to extend an earlier run)")
     ap.add_argument("--merge", default=None, help="merge the rows of this earlier result JSON (same schema)")
@@ -397,14 +412,15 @@ def main(argv: list[str] | None = None) -> int:
     from advisor.settings import get_settings
 
     out_path = (REPO / args.out) if not Path(args.out).is_absolute() else Path(args.out)
-    cases = plan(args.quick, args.large or args.large_only)
+    cases = plan(args.quick, args.large or args.large_only, medium=args.medium)
     if args.large_only:
         cases = only_large(cases)
     env = environment()
     exact_cache = get_settings().cache_dir
     meta = {"benchmark": "accuracy", **env, "exact_cache": str(exact_cache), "jobs": args.jobs,
             "fast_cache": "data root (warm)" if args.warm_fast else "private empty dir (cold first call)",
-            "grid": [list(g) for g in (QUICK_GRID if args.quick else GRID)],
+            "grid": [list(g) for g in (QUICK_GRID if args.quick else MEDIUM_GRID if args.medium else GRID)],
+            "selection": "quick" if args.quick else "medium" if args.medium else "full",
             "hardware": "h100 (CUDA profile overhead on both sides)", "naive_rule": "total_params × 2 bytes × 4"}
     t_start = time.perf_counter()
 
