@@ -452,7 +452,7 @@ def _cli(server: Server, *args: str, **env: str) -> subprocess.CompletedProcess:
     return subprocess.run([*ADVISOR, *args], capture_output=True, text=True, timeout=600, env=full)
 
 
-def test_cli_train_locally_and_on_the_server(server, tmp_path):
+def test_cli_train_locally_and_on_the_server(server, tmp_path, monkeypatch):
     recommendation = {
         "decision": "fine_tune", "method": "ia3",
         "config": {"method": "ia3", "training": dict(TRAINING)},
@@ -471,13 +471,28 @@ def test_cli_train_locally_and_on_the_server(server, tmp_path):
     assert "copied" in run.stderr and Path(local["dataset"]["path"]).parent == server.root / "datasets"
     assert get_job(server, local["id"])["status"] == "succeeded"  # the same database the API serves
 
-    listed = json.loads(_cli(server, "jobs", "list", "--json").stdout)
+    # the small commands in-process (the same Typer app `advisor` runs), on the same database
+    from typer.testing import CliRunner
+
+    from advisor.cli import app
+    from advisor.settings import get_settings
+
+    monkeypatch.setenv("ADVISOR_DATA_ROOT", str(server.root))
+    monkeypatch.delenv("ADVISOR_API_TOKEN", raising=False)
+    get_settings.cache_clear()
+    runner = CliRunner()
+    listed = json.loads(runner.invoke(app, ["jobs", "list", "--json"]).stdout)
     assert local["id"] in [j["id"] for j in listed]
-    shown = json.loads(_cli(server, "jobs", "show", local["id"], "--json").stdout)
+    shown = json.loads(runner.invoke(app, ["jobs", "show", local["id"], "--json"]).stdout)
     assert shown["step"] == 2 and shown["metrics"]["loss"] is not None
-    refused = _cli(server, "jobs", "cancel", local["id"])
-    assert refused.returncode == 1 and "succeeded" in refused.stderr
-    assert _cli(server, "jobs", "show", "no-such-job").returncode == 1
+    refused = runner.invoke(app, ["jobs", "cancel", local["id"]])
+    assert refused.exit_code == 1 and "succeeded" in refused.stderr
+    assert runner.invoke(app, ["jobs", "show", "no-such-job"]).exit_code == 1
+    on_server = json.loads(runner.invoke(app, ["jobs", "show", local["id"], "--server", server.url, "--json"]).stdout)
+    assert on_server["id"] == local["id"]
+    no_token = runner.invoke(app, ["train", str(plan), "--model", llama, "--dataset", str(mine), "--server",
+                                   server.url])
+    assert no_token.exit_code == 1 and "401" in no_token.stderr
 
     remote = _cli(server, "train", str(plan), "--model", llama, "--dataset", str(mine), "--max-steps", "2",
                   "--server", server.url, "--token", TOKEN)
@@ -486,8 +501,6 @@ def test_cli_train_locally_and_on_the_server(server, tmp_path):
     job_id = remote.stderr.split("job ", 1)[1].split()[0]
     on_server = get_job(server, job_id)
     assert on_server["status"] == "succeeded" and on_server["runner"] == "server"
-    no_token = _cli(server, "train", str(plan), "--model", llama, "--dataset", str(mine), "--server", server.url)
-    assert no_token.returncode == 1 and "401" in no_token.stderr
 
 
 def test_calibrate_from_jobs_refits_the_profile(server, tmp_path):

@@ -91,6 +91,9 @@ def body_from_plan(plan: Any, *, model: str | None = None, dataset: str | None =
         if rec.get("decision") != "fine_tune":
             raise AdvisorInputError("PLAN", f"the advisor recommends {rec.get('decision')!r} for this scenario, not "
                                             "fine-tuning: nothing to train")
+        if not rec.get("method"):
+            why = "; ".join(sorted({r.get("why", "") for r in rec.get("rejected") or []}))[:500]
+            raise AdvisorInputError("PLAN", f"no method is feasible for this scenario ({why or 'see advisor recommend'})")
         notes.append(f"recommended: {rec['method']}")
         body = {"recommendation": rec, "model": plan["model"] if isinstance(plan["model"], str) else None}
         ds = plan.get("dataset") or {}
@@ -289,6 +292,23 @@ def _claim_and_run(job_id: str, view: ProgressView, allowed_from: tuple[str, ...
 
 
 # --------------------------------------------------------------------------- a server
+def _reachable(fn):
+    """A server that cannot be reached: one line on stderr and exit code 1, not a traceback."""
+    import functools
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        import httpx
+
+        try:
+            return fn(*args, **kwargs)
+        except httpx.TransportError as err:
+            err_console.print(f"[bold red]error:[/] cannot reach the server: {err}", highlight=False)
+            raise typer.Exit(code=1) from None
+
+    return wrapper
+
+
 def _client(server: str, token: str | None):
     import httpx
 
@@ -399,6 +419,8 @@ def _summary(job: dict) -> None:
         if key == "peak_memory":
             console.print(f"peak memory: predicted {row['predicted_gib']:.4f} GiB, measured {row['measured_gib']:.4f} "
                           f"GiB ({row['relative_error'] * 100:+.1f}%)")
+            if row.get("note"):
+                console.print(f"[dim]  {row['note']}[/]")
         elif key == "tokens_per_s" and row.get("predicted"):
             console.print(f"tokens/s: predicted {row['predicted']:.0f}, measured {row['measured']:.0f} "
                           f"({row['relative_error'] * 100:+.1f}%)")
@@ -417,6 +439,7 @@ def _exit_code(job: dict) -> int:
 
 # --------------------------------------------------------------------------- commands
 @guard
+@_reachable
 def train_command(
     plan: Annotated[Path, typer.Argument(help="A recommendation JSON, an `advisor export` plan (or a POST /v1/jobs "
                                               "body), or a scenario (with --dataset).")],
@@ -468,6 +491,7 @@ jobs_app = typer.Typer(no_args_is_help=True, add_completion=False, help="List, i
 
 @jobs_app.command("list")
 @guard
+@_reachable
 def list_command(status: Annotated[str | None, typer.Option(help="Only jobs in this status.")] = None,
                  limit: Annotated[int, typer.Option(min=1)] = 50, server: ServerOpt = None, token: TokenOpt = None,
                  as_json: JsonOpt = False) -> None:
@@ -489,19 +513,23 @@ def list_command(status: Annotated[str | None, typer.Option(help="Only jobs in t
         rows = [service.describe(j) for j in JobStore().list(status, limit)]
     if as_json:
         return _print_json(rows)
-    table = Table(title=f"Jobs ({len(rows)})")
-    for col in ("id", "status", "method", "step", "loss", "tok/s", "peak GiB", "created", "model"):
-        table.add_column(col, overflow="fold")
+    from rich import box
+
+    table = Table(title=f"Jobs ({len(rows)})", box=box.SIMPLE_HEAD, pad_edge=False, padding=(0, 1))
+    for col in ("id", "status", "method", "step", "loss", "tok/s", "peak GiB"):
+        table.add_column(col, no_wrap=True, min_width=22 if col == "id" else None,
+                         justify="right" if col in ("step", "loss", "tok/s", "peak GiB") else "left")
     for r in rows:
         m = r.get("metrics") or {}
         table.add_row(r["id"], r["status"], str(r.get("method")), f"{r.get('step')}/{r.get('total_steps') or '?'}",
-                      _fmt(m.get("loss"), "{:.4f}"), _fmt(m.get("tokens_per_s"), "{:.0f}"),
-                      _fmt(m.get("peak_vram_gib"), "{:.3f}"), str(r.get("created_at")), str(r.get("model")))
+                      _fmt(m.get("loss"), "{:.3f}"), _fmt(m.get("tokens_per_s"), "{:.0f}"),
+                      _fmt(m.get("peak_vram_gib"), "{:.3f}"))
     console.print(table)
 
 
 @jobs_app.command("show")
 @guard
+@_reachable
 def show_command(job_id: Annotated[str, typer.Argument(help="The job id.")], server: ServerOpt = None,
                  token: TokenOpt = None, as_json: JsonOpt = False) -> None:
     """Status, progress, metrics and predicted vs measured of one job."""
@@ -513,6 +541,7 @@ def show_command(job_id: Annotated[str, typer.Argument(help="The job id.")], ser
 
 @jobs_app.command("cancel")
 @guard
+@_reachable
 def cancel_command(job_id: Annotated[str, typer.Argument(help="The job id.")], server: ServerOpt = None,
                    token: TokenOpt = None, as_json: JsonOpt = False) -> None:
     """Cancel a queued or running job (a running one checkpoints first, so it can be resumed)."""
@@ -532,6 +561,7 @@ def cancel_command(job_id: Annotated[str, typer.Argument(help="The job id.")], s
 
 @jobs_app.command("resume")
 @guard
+@_reachable
 def resume_command(job_id: Annotated[str, typer.Argument(help="The job id.")], server: ServerOpt = None,
                    token: TokenOpt = None,
                    queue: Annotated[bool, typer.Option("--queue", help="Locally: queue it for a running server "

@@ -209,17 +209,19 @@ class Dispatcher:
     def recover(self) -> list[str]:
         """Startup: jobs whose worker is gone → interrupted; with auto_resume, every interrupted job → queued.
         Returns the ids queued again."""
+        self.recovered = recover(self.store)
+        return self._requeue_interrupted() if self.auto_resume else []
+
+    def _requeue_interrupted(self) -> list[str]:
         from advisor.jobs import service
 
-        self.recovered = recover(self.store)
         requeued = []
-        if self.auto_resume:
-            for job in self.store.list(status="interrupted", limit=10_000):
-                try:
-                    service.resume(job.id, self.store)
-                    requeued.append(job.id)
-                except service.JobStateError:
-                    pass
+        for job in self.store.list(status="interrupted", limit=10_000):
+            try:
+                service.resume(job.id, self.store)
+                requeued.append(job.id)
+            except service.JobStateError:
+                pass  # resumed or cancelled meanwhile
         return requeued
 
     def wake(self) -> None:
@@ -256,9 +258,15 @@ class Dispatcher:
 
     # ------------------------------------------------------------------ the loop
     def _loop(self) -> None:
+        last_resume_check = time.monotonic()
         while not self._stop.is_set():
             try:
                 self._reap()
+                if self.auto_resume and time.monotonic() - last_resume_check > 5:
+                    # a job interrupted after startup (a killed server's worker that was still saving, an
+                    # `advisor train` whose terminal closed) is queued again too
+                    last_resume_check = time.monotonic()
+                    self._requeue_interrupted()
                 if not self._stop.is_set():
                     self._dispatch()
             except Exception as err:  # a database hiccup must not end the dispatcher
@@ -267,7 +275,16 @@ class Dispatcher:
             self._wake.clear()
 
     def _busy_devices(self) -> set[str]:
-        return {d for r in self.running.values() for d in r.devices}
+        busy = {d for r in self.running.values() for d in r.devices}
+        # jobs this dispatcher did not start but that run on this machine (`advisor train` in a terminal, or a
+        # worker of a killed server still saving its checkpoint) hold devices too: the first free ones
+        host = socket.gethostname()
+        for job in self.store.running():
+            if job.id in self.running or job.worker_host not in (None, host) or not pid_alive(job.worker_pid, job.id):
+                continue
+            free = [d for d in self.devices if d not in busy]
+            busy.update(free[:devices_needed(job, len(self.devices))])
+        return busy
 
     def _reap(self) -> None:
         with self._lock:
