@@ -10,7 +10,9 @@ parent-death signal and watchdog (its parent being the fork server, which itself
 Protocol, one JSON object per line:
 
     dispatcher → server   {"job_id": "...", "log": "/path/worker.log"}
-    server → dispatcher   {"ready": true, "pid": N}              once, after the imports
+    server → dispatcher   {"ready": true, "pid": N, "usable": b}  once, after the imports (usable false: an import
+                                                                initialized CUDA, which a forked child cannot use;
+                                                                the dispatcher then starts fresh workers)
                           {"job_id": "...", "pid": N}            the child running a job
                           {"pid": N, "exit": code}               a child ended (code < 0: killed by signal -code)
 
@@ -89,8 +91,15 @@ def serve(db_url: str | None, parent_pid: int | None) -> int:
         if os.getppid() != parent_pid:
             return 0
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("PYTORCH_NVML_BASED_CUDA_CHECK", "1")  # is_available() without initializing CUDA
     prewarm()
-    _send({"ready": True, "pid": os.getpid()})
+    import torch
+
+    if torch.cuda.is_initialized():  # an import initialized CUDA: a forked child could not use the GPU
+        _send({"ready": True, "pid": os.getpid(), "usable": False,
+               "why": "CUDA was initialized while importing the training stack; forked workers could not use it"})
+        return 0
+    _send({"ready": True, "pid": os.getpid(), "usable": True})
     pending = b""
     while True:
         _reap()
@@ -182,6 +191,8 @@ class ForkServer:
                 stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log, env=env, start_new_session=True)
         self.exits: dict[int, int] = {}
         self.ready = threading.Event()
+        self.usable = True  # until the server says otherwise (CUDA initialized by an import: fresh workers instead)
+        self.why_unusable: str | None = None
         self._replies: dict[str, int] = {}
         self._cond = threading.Condition()
         self._lock = threading.Lock()
@@ -196,6 +207,8 @@ class ForkServer:
                 continue
             with self._cond:
                 if msg.get("ready"):
+                    self.usable = bool(msg.get("usable", True))
+                    self.why_unusable = msg.get("why")
                     self.ready.set()
                 elif "exit" in msg:
                     self.exits[int(msg["pid"])] = int(msg["exit"])
@@ -211,7 +224,7 @@ class ForkServer:
     def start(self, job_id: str, log_path: Path, timeout: float = 300) -> ForkedWorker | None:
         """Fork a worker for `job_id` (waits for the imports if they are still running); None if the server is gone."""
         with self._lock:
-            if not self.alive():
+            if not self.ready.wait(timeout) or not self.usable or not self.alive():
                 return None
             try:
                 self.proc.stdin.write((json.dumps({"job_id": job_id, "log": str(log_path)}) + "\n").encode())

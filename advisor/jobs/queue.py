@@ -338,9 +338,16 @@ class Dispatcher:
         server = self._forkserver()
         if server is None:
             return None
-        with open(log_path, "ab") as log:
-            log.write(f"\n=== attempt {job.attempts} {time.strftime('%Y-%m-%d %H:%M:%S')} (forked) ===\n".encode())
-        return server.start(job.id, log_path)
+        worker = server.start(job.id, log_path)
+        if worker is None and server.ready.is_set() and not server.usable:
+            sys.stderr.write(f"job dispatcher: no fork server ({server.why_unusable}); starting a process per job\n")
+            self.use_forkserver = False
+            server.close()
+            self.forkserver = None
+        if worker is not None:
+            with open(log_path, "ab") as log:
+                log.write(f"\n=== attempt {job.attempts} {time.strftime('%Y-%m-%d %H:%M:%S')} (forked) ===\n".encode())
+        return worker
 
     def _head(self) -> Job | None:
         return self.store.next_queued()
