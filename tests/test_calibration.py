@@ -153,6 +153,9 @@ def test_grid_plans_every_method_and_holds_out_as_documented():
     assert {p.arch for p in probes if p.method == "bitfit"} == {"llama_s", "llama_m", "gpt2_s"}
     quick, _ = plan_probes(grid, "quick", list(METHOD_IDS))
     assert {p.arch for p in quick} == {"llama_s"} and all(p.heldout == (p.index == 2) for p in quick)
+    # methods interleaved per grid point, so load drift on a shared machine does not fall on one method
+    assert [p.method for p in quick[:len(METHOD_IDS)]] == list(METHOD_IDS)
+    assert len({(p.arch, p.index) for p in probes[:len(METHOD_IDS)]}) == 1
 
 
 def test_fit_recovers_known_overhead_and_rate():
