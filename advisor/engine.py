@@ -142,6 +142,8 @@ def load_base_model(
     spec = get_method(cfg.method)
     dtype = DTYPES[cfg.training.torch_dtype]
     config = _copy_config(resolved.config)
+    if cfg.training.gradient_checkpointing:
+        config.use_cache = False  # transformers turns it off under checkpointing anyway (with a warning per run)
     auto = _auto_class(resolved.kind)
     attn = _attn(cfg, on_meta)
     if attn == "sim_sdpa" and not getattr(_model_class(auto, config), "_supports_attention_backend", False):
