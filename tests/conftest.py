@@ -35,3 +35,76 @@ def tiny_dirs(tmp_path_factory, tokenizer):
 
     root = tmp_path_factory.mktemp("tiny")
     return {arch: write_tiny_model(root / arch, arch, tokenizer) for arch in ("llama", "gpt2", "t5")}
+
+
+# ------------------------------------------------------------------------------------------- real server
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class AdvisorServer:
+    """`advisor serve` (a real uvicorn) on a free port of 127.0.0.1 with its own data root; the log goes to a file
+    beside the root. `base_env` is applied on every start, `start(**env)` adds to it; `kill()` is SIGKILL."""
+
+    def __init__(self, root, base_env: dict[str, str] | None = None, drop_env: tuple[str, ...] = ()):
+        from pathlib import Path
+
+        self.root = Path(root)
+        self.base_env = dict(base_env or {})
+        self.drop_env = drop_env
+        self.env_extra: dict[str, str] = {}
+        self.proc = None
+        self.log = self.root.parent / "server.log"
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self, timeout: float = 120, **env_extra: str) -> AdvisorServer:
+        import subprocess
+        import sys
+        import time
+
+        import httpx
+
+        self.env_extra = env_extra
+        self.port = free_port()
+        env = {k: v for k, v in os.environ.items() if k not in self.drop_env}
+        env.update(ADVISOR_DATA_ROOT=str(self.root), HF_HUB_OFFLINE="1", **self.base_env, **env_extra)
+        self.log.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.log, "ab") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "advisor.cli", "serve", "--port", str(self.port), "--log-level", "warning"],
+                env=env, stdout=log, stderr=subprocess.STDOUT)
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            if self.proc.poll() is not None:
+                pytest.fail(f"server exited: {self.log.read_text()[-3000:]}")
+            try:
+                if httpx.get(f"{self.url}/healthz", timeout=2).status_code == 200:
+                    return self
+            except httpx.HTTPError:
+                time.sleep(0.3)
+        self.proc.kill()
+        pytest.fail(f"server did not start: {self.log.read_text()[-3000:]}")
+
+    def kill(self) -> None:
+        import signal
+
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait(timeout=30)
+
+    def stop(self) -> None:
+        import subprocess
+
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()

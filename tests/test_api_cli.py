@@ -4,44 +4,21 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
-import time
-from pathlib import Path
 
 import httpx
 import pytest
+from conftest import AdvisorServer
 
 ADVISOR = [sys.executable, "-m", "advisor.cli"]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    port = _free_port()
-    env = {**os.environ, "ADVISOR_DATA_ROOT": str(tmp_path_factory.mktemp("srv") / "var"), "HF_HUB_OFFLINE": "1"}
-    proc = subprocess.Popen([*ADVISOR, "serve", "--port", str(port), "--log-level", "warning"], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    base = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 60
-    while time.time() < deadline:
-        try:
-            if httpx.get(f"{base}/healthz", timeout=1).status_code == 200:
-                break
-        except httpx.HTTPError:
-            time.sleep(0.2)
-    else:
-        proc.kill()
-        pytest.fail("server did not start: " + proc.stdout.read().decode()[-2000:])
-    yield base
-    proc.terminate()
-    proc.wait(timeout=10)
+    srv = AdvisorServer(tmp_path_factory.mktemp("srv") / "var").start(timeout=60)
+    yield srv.url
+    srv.stop()
 
 
 def test_health_docs_and_catalogs(server):

@@ -11,14 +11,13 @@ from __future__ import annotations
 import inspect
 import json
 import os
-import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import httpx
 import pytest
+from conftest import AdvisorServer
 import torch
 import yaml
 from typer.testing import CliRunner
@@ -474,35 +473,14 @@ def test_cli_entry_point_exports_a_runnable_script(tiny_dirs, tmp_path):
 
 
 # ------------------------------------------------------------------------------------------------ API
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    port = _free_port()
     root = tmp_path_factory.mktemp("srv") / "var"
     # fitted memory models are deterministic: the recommender's shares the repository's cache between runs
-    env = {**os.environ, "ADVISOR_DATA_ROOT": str(root), "HF_HUB_OFFLINE": "1",
-           "ADVISOR_CACHE_DIR": os.environ.get("ADVISOR_CACHE_DIR", str(ROOT / "var" / "cache"))}
-    proc = subprocess.Popen([*ADVISOR, "serve", "--port", str(port), "--log-level", "warning"], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    base = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 120
-    while time.time() < deadline:
-        try:
-            if httpx.get(f"{base}/healthz", timeout=1).status_code == 200:
-                break
-        except httpx.HTTPError:
-            time.sleep(0.3)
-    else:
-        proc.kill()
-        pytest.fail("server did not start: " + proc.stdout.read().decode()[-2000:])
-    yield base, root
-    proc.terminate()
-    proc.wait(timeout=10)
+    cache = os.environ.get("ADVISOR_CACHE_DIR", str(ROOT / "var" / "cache"))
+    srv = AdvisorServer(root, {"ADVISOR_CACHE_DIR": cache}).start()
+    yield srv.url, root
+    srv.stop()
 
 
 def test_export_over_http(server, tiny_dirs, data):

@@ -10,8 +10,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -20,6 +18,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+from conftest import AdvisorServer
 
 from advisor.methods import METHOD_IDS
 
@@ -33,58 +32,12 @@ TRAINING = {"max_seq_length": 64, "per_device_train_batch_size": 2, "gradient_ac
 REPO_PROFILES = Path(__file__).resolve().parents[1] / "profiles"
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Server:
-    """`advisor serve` on a free port of 127.0.0.1 with its own data root, token and upload limit."""
+class Server(AdvisorServer):
+    """The jobs test server: a token, a small upload limit, and no OOM injection unless a test starts it so."""
 
     def __init__(self, root: Path):
-        self.root = root
-        self.proc: subprocess.Popen | None = None
-        self.env_extra: dict[str, str] = {}
-        self.log = root.parent / "server.log"
-
-    def start(self, **env_extra: str) -> None:
-        self.env_extra = env_extra
-        self.port = _free_port()
-        env = {k: v for k, v in os.environ.items() if k != "ADVISOR_INJECT_OOM_AT_STEP"}
-        env.update(ADVISOR_DATA_ROOT=str(self.root), ADVISOR_API_TOKEN=TOKEN, HF_HUB_OFFLINE="1",
-                   ADVISOR_MAX_UPLOAD_MB=str(UPLOAD_LIMIT_MB), **env_extra)
-        with open(self.log, "ab") as log:
-            self.proc = subprocess.Popen([*ADVISOR, "serve", "--port", str(self.port), "--log-level", "warning"],
-                                         env=env, stdout=log, stderr=subprocess.STDOUT)
-        deadline = time.time() + 120
-        while time.time() < deadline:
-            if self.proc.poll() is not None:
-                pytest.fail(f"server exited: {self.log.read_text()[-3000:]}")
-            try:
-                if httpx.get(f"{self.url}/healthz", timeout=2).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                time.sleep(0.3)
-        self.proc.kill()
-        pytest.fail(f"server did not start: {self.log.read_text()[-3000:]}")
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def kill(self) -> None:
-        self.proc.send_signal(signal.SIGKILL)
-        self.proc.wait(timeout=30)
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        super().__init__(root, {"ADVISOR_API_TOKEN": TOKEN, "ADVISOR_MAX_UPLOAD_MB": str(UPLOAD_LIMIT_MB)},
+                         drop_env=("ADVISOR_INJECT_OOM_AT_STEP",))
 
 
 @pytest.fixture(scope="module")

@@ -13,6 +13,7 @@ import sys
 
 import httpx
 import pytest
+from conftest import AdvisorServer
 
 from advisor.errors import AdvisorInputError
 
@@ -198,32 +199,10 @@ def test_bad_scenarios_name_the_field(scenario, field):
 # ------------------------------------------------------------------------------------ REST and CLI
 @pytest.fixture(scope="module")
 def server(tmp_path_factory, shared_cache):
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
     root = tmp_path_factory.mktemp("srv") / "var"
-    env = {**os.environ, "ADVISOR_DATA_ROOT": str(root), "ADVISOR_CACHE_DIR": str(shared_cache),
-           "HF_HUB_OFFLINE": "1"}
-    proc = subprocess.Popen([*ADVISOR, "serve", "--port", str(port), "--log-level", "warning"], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    base = f"http://127.0.0.1:{port}"
-    import time
-
-    deadline = time.time() + 90
-    while time.time() < deadline:
-        try:
-            if httpx.get(f"{base}/healthz", timeout=1).status_code == 200:
-                break
-        except httpx.HTTPError:
-            time.sleep(0.3)
-    else:
-        proc.kill()
-        pytest.fail("server did not start: " + proc.stdout.read().decode()[-2000:])
-    yield base, root
-    proc.terminate()
-    proc.wait(timeout=10)
+    srv = AdvisorServer(root, {"ADVISOR_CACHE_DIR": str(shared_cache)}).start(timeout=90)
+    yield srv.url, root
+    srv.stop()
 
 
 def _same(a: dict, b: dict) -> bool:

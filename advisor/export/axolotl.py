@@ -30,7 +30,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from advisor.export.base import ExportContext, ExportFormat, Rendered, register_format
-from advisor.export.multigpu import WORDS, deepspeed_json, uses_deepspeed
+from advisor.export.multigpu import put_multi_gpu, uses_deepspeed
 from advisor.export.yamldoc import YamlDoc
 
 METHODS = ("full", "lora", "qlora", "galore", "bitfit")
@@ -152,12 +152,7 @@ def render(ctx: ExportContext) -> Rendered:
     knob("gradient_checkpointing", "gradient_checkpointing", bool(t.gradient_checkpointing))
     doc.put("attn_implementation", t.attn_implementation)
     doc.put("seed", t.seed)
-    if ctx.multi_gpu:
-        doc.section(f"multi-GPU: {ctx.gpu_count} GPUs, {ctx.strategy}")
-        if uses_deepspeed(ctx.strategy):
-            doc.put("deepspeed", deepspeed_json(ctx.strategy), WORDS[ctx.strategy] + " (estimator's choice)")
-        else:
-            doc.comment(f"{WORDS[ctx.strategy]}: Axolotl's default multi-GPU mode, nothing to set")
+    put_multi_gpu(doc, ctx, "Axolotl's default multi-GPU mode")
 
     doc.section("output")
     doc.put("output_dir", ctx.output_dir)

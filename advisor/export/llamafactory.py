@@ -38,7 +38,7 @@ from pathlib import Path
 
 from advisor.errors import AdvisorInputError
 from advisor.export.base import ExportContext, ExportFormat, Rendered, register_format
-from advisor.export.multigpu import WORDS, deepspeed_json, uses_deepspeed
+from advisor.export.multigpu import put_multi_gpu, uses_deepspeed
 from advisor.export.yamldoc import YamlDoc
 
 METHODS = ("full", "lora", "qlora", "galore", "longlora")
@@ -214,12 +214,7 @@ def render(ctx: ExportContext) -> Rendered:
     doc.put("bf16", bool(t.bf16), ctx.why("bf16", t.bf16))
     doc.put("fp16", bool(t.fp16), ctx.why("fp16", t.fp16) if t.fp16 else None)
     doc.put("seed", t.seed)
-    if ctx.multi_gpu:
-        doc.section(f"multi-GPU: {ctx.gpu_count} GPUs, {ctx.strategy}")
-        if uses_deepspeed(ctx.strategy):
-            doc.put("deepspeed", deepspeed_json(ctx.strategy), WORDS[ctx.strategy] + " (estimator's choice)")
-        else:
-            doc.comment(f"{WORDS[ctx.strategy]}: torchrun data parallel, nothing to set")
+    put_multi_gpu(doc, ctx, "torchrun data parallel")
 
     doc.section("output")
     doc.put("output_dir", ctx.output_dir)

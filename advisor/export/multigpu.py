@@ -56,3 +56,15 @@ def deepspeed_json(strategy: str) -> dict[str, Any]:
         "fp16": {"enabled": "auto", "loss_scale": 0, "initial_scale_power": 16},
         "zero_optimization": zero,
     }
+
+
+def put_multi_gpu(doc, ctx, default_mode: str) -> None:
+    """The multi-GPU section of a tool's YAML: the DeepSpeed config the estimator's strategy needs, or a comment
+    saying the tool's own default (`default_mode`) already is that strategy."""
+    if not ctx.multi_gpu:
+        return
+    doc.section(f"multi-GPU: {ctx.gpu_count} GPUs, {ctx.strategy}")
+    if uses_deepspeed(ctx.strategy):
+        doc.put("deepspeed", deepspeed_json(ctx.strategy), WORDS[ctx.strategy] + " (estimator's choice)")
+    else:
+        doc.comment(f"{WORDS[ctx.strategy]}: {default_mode}, nothing to set")
