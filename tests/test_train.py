@@ -380,6 +380,36 @@ def test_two_process_launch_trains_the_same_model(tiny_dirs, data_dir, tmp_path)
     assert (tmp_path / "out" / "adapter_model.safetensors").is_file()
 
 
+# ----------------------------------------------------------------------------------------------- closed loop
+@pytest.mark.parametrize("bf16,tolerance", [(False, 0.01), (True, 0.06)])
+def test_cpu_job_measures_tensor_bytes_and_meets_the_estimate(tiny_dirs, data_dir, tmp_path, bf16, tolerance):
+    """Off CUDA the first steps run under the live-bytes counter: the job's measured peak is tensor bytes like the
+    estimate (not the process RSS, reported beside it), compared at the shape those steps had. max_seq_length 32
+    truncates every demo row, so batches carry no padding (a padded batch's attention mask is not in the estimate:
+    +3.9% on this tiny model, well under 1% at real sizes). fp32 is exact; bf16 trains under accelerate's CPU
+    autocast while the estimate computes bf16 weights directly (-4%, see docs/estimator.md). Accelerate's fp32 copy of
+    the logits under mixed precision must not outlive the forward pass (it did: +13% on the demo run)."""
+    from advisor.jobs.service import comparison
+
+    events = []
+    job = _job(tiny_dirs["llama"], "lora", data_dir, max_steps=4, training={"bf16": bf16, "max_seq_length": 32})
+    result = run_training(job, output_dir=tmp_path / "out", device="cpu", on_event=events.append)
+    measured = result["measured"]
+    assert result["status"] == "succeeded" and measured["peak_memory_kind"] == "tensor_live_bytes"
+    peak = measured["tensor_peak"]
+    assert peak["peak_bytes"] == measured["peak_memory_bytes"] > 0
+    assert peak["breakdown_bytes"]["weights"] > 0 and peak["breakdown_bytes"]["activations"] > 0
+    assert measured["process_max_rss_bytes"] > 20 * measured["peak_memory_bytes"]  # what used to be compared
+    at = measured["predicted_at_measured_shape"]
+    assert at["micro_batch"] == peak["micro_batch"] == 4 and at["seq_len"] == peak["seq_len"] == 32
+    cmp_ = comparison(result["predicted"], measured)["peak_memory"]
+    assert cmp_["measured_kind"] == "tensor_live_bytes" and abs(cmp_["relative_error"]) < tolerance, cmp_
+    # the counted steps are left out of tokens/s, and the counter does not change what is computed
+    assert result["metrics"]["tokens_per_s"] > 0
+    plain = run_training({**job, "estimate": False}, output_dir=tmp_path / "plain", device="cpu")
+    assert plain["metrics"]["loss"] == pytest.approx(result["metrics"]["loss"], rel=1e-6)
+
+
 # ----------------------------------------------------------------------------------------------- fit check
 def test_fit_check_adjusts_micro_batch_or_refuses(tiny_dirs, data_dir, tmp_path):
     """memory_limit_gib makes the fit check judge a budget on any device (here the CPU)."""

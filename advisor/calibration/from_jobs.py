@@ -8,8 +8,9 @@ the estimate. Each becomes one row of the fit (arch ``job:<id>``), beside the pr
              FLOPs, so the choice only matters for the per-step constant t0)
     memory   on CUDA, max_memory_reserved + CUDA context when the trainer recorded them (the probes' target); the
              tensor bytes the fast estimator predicts for the job's config are the x of the fit. On CPU the trainer
-             measures the process's peak RSS, which also holds the Python runtime and libraries, not the tensor
-             peak the probes measure: such jobs inform the time terms only (and the report says so).
+             counts live tensor bytes over its first steps (the probes' instrument) and records their shape
+             (micro-batch × longest padded row): the memory row is predicted at that shape. Jobs that recorded only
+             the process's peak RSS (older runs) inform the time terms only.
 
 The profile is refitted with the same code as `advisor calibrate --refit` (advisor/calibration/run.py), so the
 job rows are kept in its probe table and a later refit sees them. The report gives, for every job, the error of
@@ -88,6 +89,18 @@ def job_rows(kind: str, methods: list[str] | None = None, store=None) -> tuple[l
         if kind == "cuda" and reserved is not None and context is not None:
             row.update(measured_device_bytes=int(reserved) + int(context), cuda_max_reserved_bytes=int(reserved),
                        cuda_context_bytes=int(context))
+        shape = measured.get("tensor_peak") or {}
+        if kind == "cpu" and measured.get("peak_memory_kind") == "tensor_live_bytes" and shape.get("seq_len"):
+            at = dict(training, per_device_train_batch_size=int(shape["micro_batch"]),
+                      max_seq_length=int(shape["seq_len"]))
+            try:
+                pred_at = predict(Path(str(job.spec["model"])), job.method, {**config, "training": at})
+                row.update(measured_device_bytes=int(measured["peak_memory_bytes"]),
+                           predicted_tensor_bytes=pred_at["predicted_tensor_bytes"],
+                           predicted_phase=pred_at.get("predicted_phase"), memory_batch=int(shape["micro_batch"]),
+                           memory_seq=int(shape["seq_len"]))
+            except Exception as err:
+                row["memory_skipped"] = f"no prediction at the measured shape: {type(err).__name__}: {err}"
         rows.append(row)
     return rows, skipped
 
@@ -187,8 +200,11 @@ def calibrate_from_jobs(methods: list[str] | None = None, base: str | Path | Non
         "memory_abs_error_median_after": _median_abs([t["memory_error_after"] for t in table]),
     }
     notes = []
-    if kind == "cpu":
-        notes.append("CPU jobs measure the process's peak RSS (Python runtime and libraries included), not the tensor "
-                     "peak the probes measure: they refit the time terms only")
+    rss_only = sum(1 for r in rows if kind == "cpu" and r["measured_device_bytes"] is None)
+    if rss_only:
+        notes.append(f"{rss_only} CPU job(s) recorded only the process's peak RSS (Python runtime and libraries "
+                     "included), not the tensor peak the probes measure: they refit the time terms only")
+    if summary["memory_rows"] and kind == "cpu":
+        notes.append("CPU memory rows: live tensor bytes of each job's first steps, predicted at those steps' shape")
     return {**result, "base_profile": str(source) if source else None, "jobs": table, "jobs_summary": summary,
             "skipped_jobs": skipped, "notes": notes}

@@ -184,10 +184,20 @@ def comparison(predicted: dict | None, measured: dict | None) -> dict[str, Any] 
         return None
     out: dict[str, Any] = {}
     p_mem, m_mem = predicted_bytes(predicted), _num(measured.get("peak_memory_bytes"))
+    at_shape = measured.get("predicted_at_measured_shape") or {}
+    if _num(at_shape.get("peak_bytes")):
+        # the counted steps' own shape: the plan's prediction is for its longest example, which they may not reach
+        p_mem = float(at_shape["peak_bytes"])
     if p_mem and m_mem:
         out["peak_memory"] = {"predicted_gib": round(p_mem / GIB, 6), "measured_gib": round(m_mem / GIB, 6),
                               "relative_error": round(m_mem / p_mem - 1, 6),
                               "measured_kind": measured.get("peak_memory_kind")}
+        if at_shape.get("seq_len"):
+            out["peak_memory"]["shape"] = {"micro_batch": at_shape.get("micro_batch"), "seq_len": at_shape["seq_len"]}
+        if measured.get("peak_memory_kind") == "tensor_live_bytes":
+            out["peak_memory"]["note"] = ("measured: live tensor bytes over the first optimizer steps (the CPU "
+                                          "calibration's instrument), predicted at those steps' shape; the "
+                                          f"process's peak RSS was {(_num(measured.get('process_max_rss_bytes')) or 0) / GIB:.3f} GiB")
         if measured.get("peak_memory_kind") == "process_max_rss":
             out["peak_memory"]["note"] = ("measured: the process's peak RSS (Python runtime and libraries included); "
                                           "the estimate counts the training tensors only")

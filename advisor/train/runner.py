@@ -9,6 +9,11 @@ Losses are token-weighted across the micro-batches of an optimizer step (each mi
 share of the step's label tokens), so halving the micro-batch and doubling accumulation after an OOM computes the
 same update.
 
+Peak memory: on CUDA, `torch.cuda.max_memory_allocated`. Elsewhere the first `COUNTED_STEPS` optimizer steps of
+each attempt run under the live-bytes counter (`advisor.memory.counter.LiveBytes`, the instrument the CPU
+calibration probes use), so the job's measured peak is tensor bytes like the estimate, not the process's RSS
+(which is reported beside it); those steps are left out of tokens/s.
+
 Fault injection for tests: ``ADVISOR_INJECT_OOM_AT_STEP=N`` raises a real ``torch.OutOfMemoryError`` while running
 optimizer step N (1-based), once per `run_training` call (the first attempt only).
 """
@@ -32,6 +37,7 @@ from advisor.train import checkpoint as ckpt
 from advisor.train.data import TrainData, collate, label_tokens, load_dataset, real_tokens, to_device
 
 GIB = 2**30
+COUNTED_STEPS = 2  # the first step creates the optimizer state, the second runs with it
 INJECT_ENV = "ADVISOR_INJECT_OOM_AT_STEP"
 
 
@@ -61,6 +67,9 @@ class RunState:
     position: int = 0  # rows of the current epoch's order already consumed
     tokens_seen: int = 0
     train_seconds: float = 0.0
+    # steps run under the live-bytes counter (CPU): slower, so left out of tokens/s
+    counted_tokens: int = 0
+    counted_seconds: float = 0.0
     last_loss: float | None = None
     eval_loss: float | None = None
     eval_loss_before: float | None = None
@@ -201,6 +210,7 @@ class _Trainer:
         self.device = accelerator.device
         self.inject_at = _int_env(INJECT_ENV)
         self.injected = False
+        self._live, self.tensor_peak, self._counted_shape = None, None, {}
         self.backend = str(accelerator.distributed_type).rsplit(".", 1)[-1]  # NO, MULTI_CPU, MULTI_GPU, FSDP, DEEPSPEED
         self.sharded = self.backend in ("FSDP", "DEEPSPEED")
         self.initial_checksum = self.final_checksum = None
@@ -365,13 +375,15 @@ class _Trainer:
                     "effective_batch_after": micro * accum}
         return est, adjusted
 
-    def _estimate(self, micro: int, checkpointing: bool):
+    def _estimate(self, micro: int, checkpointing: bool, seq_len: int | None = None):
         from advisor.estimator.fast import estimate_plan, memory_model
         from advisor.estimator.plan import build_plan
         from advisor.schemas import EstimateRequest
 
         config = self.cfg.model_dump(mode="json")
         config["training"].update(per_device_train_batch_size=micro, gradient_checkpointing=checkpointing)
+        if seq_len is not None:
+            config["training"]["max_seq_length"] = int(seq_len)
         lengths = [len(r.input_ids) for r in self.data.train]
         dataset = {"num_examples": max(1, len(self.data.train)), "avg_tokens": sum(lengths) / len(lengths),
                    "max_tokens": max(lengths)}
@@ -414,6 +426,7 @@ class _Trainer:
         return prepared, model_p, optimizer_p, scheduler
 
     def _release(self) -> None:
+        self._close_counter()
         for name in ("_model", "_optimizer", "_prepared", "_scheduler"):
             if hasattr(self, name):
                 delattr(self, name)
@@ -475,11 +488,16 @@ class _Trainer:
                 micro = [chunk[(j * self.world + self.rank) * plan.micro_batch:
                                (j * self.world + self.rank + 1) * plan.micro_batch] for j in range(plan.grad_accum)]
                 micro = [m for m in micro if m]
+                counter = self._counter(prepared, optimizer, session_steps)
                 t0 = time.perf_counter()
-                loss, tokens = self._step(st.step + 1, micro, prepared, model, optimizer, scheduler, trainable, pad_id)
+                loss, tokens = self._step(st.step + 1, micro, prepared, model, optimizer, scheduler, trainable, pad_id,
+                                          counter)
                 if self.device.type == "cuda":
                     torch.cuda.synchronize(self.device)
                 dt = time.perf_counter() - t0
+                if counter is not None:
+                    st.counted_tokens += tokens
+                    st.counted_seconds += dt
                 st.step += 1
                 st.position += len(chunk)
                 st.tokens_seen += tokens
@@ -505,6 +523,7 @@ class _Trainer:
                     break
             if status == "cancelled":
                 break
+        self._close_counter()
         if status == "succeeded":
             self._eval_event(model, st)
             from advisor.train.artifacts import save_outputs
@@ -518,8 +537,43 @@ class _Trainer:
         self.final_checksum = _checksum(self._trainable_tensors(model)) if self.world > 1 else None
         return self._result(status, st, plan)
 
-    def _step(self, step_no, micro, prepared, model, optimizer, scheduler, trainable, pad_id) -> tuple[float, int]:
-        """One optimizer step over the micro-batches; returns (token-weighted loss, real tokens)."""
+    # ---------------------------------------------------------------------------- tensor peak off CUDA
+    def _counter(self, prepared, optimizer, session_steps: int):
+        """The live-bytes counter for this step, or None: off CUDA, single process, the first COUNTED_STEPS steps
+        of an attempt (the model, optimizer and their state registered once)."""
+        if self.device.type == "cuda" or self.world > 1 or session_steps >= COUNTED_STEPS:
+            self._close_counter()
+            return None
+        if getattr(self, "_live", None) is None:
+            from advisor.memory.counter import LiveBytes
+
+            self._live = LiveBytes()
+            self._live.register_model(self.acc.unwrap_model(prepared.model))
+            self._live.register_optimizer(optimizer)
+        return self._live
+
+    def _close_counter(self) -> None:
+        live = getattr(self, "_live", None)
+        if live is not None:
+            live.close()
+            report = live.report()
+            if report.peak_bytes > (self.tensor_peak or {}).get("peak_bytes", 0):
+                self.tensor_peak = {"peak_bytes": report.peak_bytes, "peak_phase": report.peak_phase,
+                                    "breakdown_bytes": dict(report.breakdown_at_peak), **self._counted_shape}
+            self._live = None
+
+    def _step(self, step_no, micro, prepared, model, optimizer, scheduler, trainable, pad_id,
+              counter=None) -> tuple[float, int]:
+        """One optimizer step over the micro-batches; returns (token-weighted loss, real tokens). With a live-bytes
+        `counter` the step runs under it, phase by phase."""
+        if counter is None:
+            return self._step_inner(step_no, micro, prepared, model, optimizer, scheduler, trainable, pad_id, None)
+        with counter:
+            return self._step_inner(step_no, micro, prepared, model, optimizer, scheduler, trainable, pad_id, counter)
+
+    def _step_inner(self, step_no, micro, prepared, model, optimizer, scheduler, trainable, pad_id,
+                    counter) -> tuple[float, int]:
+        phase = counter.phase if counter is not None else (lambda _name: contextlib.nullcontext())
         t = self.cfg.training
         model.train()
         batches = [collate([self.data.train[i] for i in idx], pad_id, self.data.kind) for idx in micro]
@@ -531,24 +585,35 @@ class _Trainer:
         total = torch.zeros((), device=self.device)
         for j, batch in enumerate(batches):
             batch = to_device(batch, self.device)
+            if counter is not None:
+                counter.register_batch(batch)
+                shape = self._counted_shape
+                shape["micro_batch"] = max(shape.get("micro_batch", 0), int(batch["input_ids"].shape[0]))
+                shape["seq_len"] = max(shape.get("seq_len", 0), int(batch["input_ids"].shape[-1]))
             share = label_tokens(batch) / max(n_label, 1)
             sync = contextlib.nullcontext() if j == len(batches) - 1 else self.acc.no_sync(model)
             with sync:
-                out = model(**batch, **prepared.forward_kwargs)
-                loss = out.loss.float() * share
-                extra = prepared.extra_loss() if prepared.extra_loss else None
-                objective = loss + extra / len(batches) if extra is not None else loss
-                self.acc.backward(objective)
+                with phase("forward"):
+                    out = model(**batch, **prepared.forward_kwargs)
+                    loss = out.loss.float() * share
+                    # the outputs go before backward: under mixed precision accelerate returns an fp32 copy of the
+                    # logits (4 bytes × tokens × vocabulary) that backward does not need
+                    del out
+                    extra = prepared.extra_loss() if prepared.extra_loss else None
+                    objective = loss + extra / len(batches) if extra is not None else loss
+                with phase("backward"):
+                    self.acc.backward(objective)
             total += loss.detach()
-            del out, loss, objective
-        if t.max_grad_norm:
-            self.acc.clip_grad_norm_(trainable, t.max_grad_norm)
-        optimizer.step()
-        if prepared.after_optimizer_step is not None:
-            prepared.after_optimizer_step(step_no - 1)
-        if not getattr(optimizer, "step_was_skipped", False):
-            scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
+            del loss, objective
+        with phase("optimizer"):
+            if t.max_grad_norm:
+                self.acc.clip_grad_norm_(trainable, t.max_grad_norm)
+            optimizer.step()
+            if prepared.after_optimizer_step is not None:
+                prepared.after_optimizer_step(step_no - 1)
+            if not getattr(optimizer, "step_was_skipped", False):
+                scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
         if self.world > 1:
             total = self.acc.reduce(total, reduction="mean")
         return float(total), tokens
@@ -625,8 +690,14 @@ class _Trainer:
         self.emit("checkpoint", step=st.step, path=str(path))
 
     def _result(self, status: str, st: RunState, plan: Plan) -> dict:
-        peak = self._peak_bytes()
-        tps = st.tokens_seen * self.world / st.train_seconds if st.train_seconds else None
+        rss = None if self.device.type == "cuda" else self._peak_bytes()
+        peak = self.tensor_peak["peak_bytes"] if self.tensor_peak else self._peak_bytes()
+        kind = ("cuda_max_allocated" if self.device.type == "cuda"
+                else "tensor_live_bytes" if self.tensor_peak else "process_max_rss")
+        timed_tokens, timed_seconds = st.tokens_seen - st.counted_tokens, st.train_seconds - st.counted_seconds
+        if timed_tokens <= 0 or timed_seconds <= 0:  # every step was counted: the slower figure is all there is
+            timed_tokens, timed_seconds = st.tokens_seen, st.train_seconds
+        tps = timed_tokens * self.world / timed_seconds if timed_seconds else None
         metrics = {
             "loss": st.last_loss,
             "eval_loss": st.eval_loss if status == "succeeded" else None,
@@ -637,6 +708,21 @@ class _Trainer:
             "peak_memory_gib": round(peak / GIB, 4),
             "train_seconds": round(st.train_seconds, 3),
         }
+        measured = {"peak_memory_bytes": peak, "peak_memory_kind": kind, "tokens_per_s": metrics["tokens_per_s"],
+                    "device": str(self.device), "device_name": _device_name(self.device),
+                    "micro_batch": plan.micro_batch, "grad_accum": plan.grad_accum, "world_size": self.world}
+        if self.device.type == "cuda":  # what calibrate --from-jobs fits: the allocator's reserve + the context
+            from advisor.memory.counter import cuda_memory_stats
+
+            stats = cuda_memory_stats(self.device) or {}
+            measured.update(cuda_max_reserved_bytes=stats.get("max_reserved_bytes"),
+                            cuda_context_bytes=stats.get("context_bytes"))
+        if rss is not None:
+            metrics["process_rss_gib"] = round(rss / GIB, 4)
+            measured["process_max_rss_bytes"] = rss
+        if self.tensor_peak:
+            measured.update(tensor_peak=self.tensor_peak, counted_steps=COUNTED_STEPS,
+                            predicted_at_measured_shape=self._predict_at(self.tensor_peak, plan))
         return {
             "status": status,
             "step": st.step,
@@ -644,16 +730,25 @@ class _Trainer:
             "output_dir": str(self.out),
             "metrics": metrics,
             "predicted": self.predicted,
-            "measured": {"peak_memory_bytes": peak, "peak_memory_kind": "cuda_max_allocated"
-                         if self.device.type == "cuda" else "process_max_rss", "tokens_per_s": metrics["tokens_per_s"],
-                         "device": str(self.device), "device_name": _device_name(self.device),
-                         "micro_batch": plan.micro_batch, "grad_accum": plan.grad_accum, "world_size": self.world},
+            "measured": measured,
             "oom_retries": self.oom_retries,
             "truncated": self.data.truncated,
             "distributed": None if self.world == 1 else {
                 "rank": self.rank, "world_size": self.world, "backend": self.backend,
                 "initial_checksum": self.initial_checksum, "trainable_checksum": self.final_checksum},
         }
+
+    def _predict_at(self, shape: dict, plan: Plan) -> dict | None:
+        """The estimate at the shape the counted steps actually had (micro-batch × the longest padded row): the
+        prediction at the plan's longest example would compare a peak that these steps never reached."""
+        if not self.job.get("estimate", True) or not shape.get("seq_len"):
+            return None
+        try:
+            est, _, _ = self._estimate(shape["micro_batch"], plan.gradient_checkpointing, seq_len=shape["seq_len"])
+        except Exception as err:  # the comparison is informative; it never fails a job
+            return {"error": f"{type(err).__name__}: {str(err)[:200]}"}
+        return {"peak_bytes": est["peak_bytes"], "peak_vram_gib": est["peak_vram_gib"],
+                "micro_batch": shape["micro_batch"], "seq_len": shape["seq_len"]}
 
     def _write_plan(self, plan: Plan, predicted, adjusted, result: dict | None = None) -> None:
         doc = {"job": self.job, "config": self.cfg.model_dump(mode="json"), "method": self.spec.id,
