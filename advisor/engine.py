@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -15,6 +16,13 @@ from torch import nn
 
 from advisor.config import MethodConfig, TrainingConfig
 from advisor.methods import BuildContext, Prepared, get_method
+
+# Library messages that say nothing to a user of the advisor: PEFT asking transformers' deprecated
+# `is_gradient_checkpointing`, PEFT meeting the estimator's 4-bit stand-in (SimLinear4bit, below), and BEFT/BitFit
+# noting that a bias-less base layer cannot be merged (the estimator builds such layers to count bytes).
+for _message in (r"`is_gradient_checkpointing` is deprecated", r"Unsupported layer type .*SimLinear4bit",
+                 r"Detected that the base layer has no bias term"):
+    warnings.filterwarnings("ignore", message=_message)
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 

@@ -19,6 +19,10 @@ class Settings(BaseSettings):
     cache_dir_override: Path | None = Field(None, alias="ADVISOR_CACHE_DIR")
     auto_resume: bool = Field(False, description="Resume jobs found interrupted at startup without being asked.")
     max_upload_mb: float = Field(512, gt=0, description="Largest dataset upload accepted by POST /v1/datasets (MiB).")
+    warm_worker: bool = Field(True, description="Start job workers from a warm fork server (torch already imported); "
+                              "false starts each worker with a fresh interpreter.")
+    worker_stop_grace_s: float = Field(30.0, gt=0, description="Seconds a worker told to stop (cancel, server gone) "
+                                       "waits for the trainer's checkpoint before it records the job and exits hard.")
     host: str = "127.0.0.1"
     port: int = 8000
 

@@ -58,7 +58,7 @@ def _check_row(where: str, data: Any, declared: str | None) -> str:
     row = train_data.Row(where, data)
     try:
         fmt = declared or train_data.detect_format(row, "upload")
-        train_data._validate_row(row, fmt, "upload")
+        train_data.validate_row(row, fmt, "upload")
     except AdvisorInputError as err:
         text = err.message.removeprefix(f"{err.field}: ")
         if err.allowed:

@@ -33,6 +33,7 @@ from pathlib import Path
 from advisor.jobs.db import Job
 from advisor.jobs.forkserver import UNKNOWN_EXIT, ForkedWorker, ForkServer
 from advisor.jobs.store import JobStore
+from advisor.settings import Settings
 
 STOP_GRACE_S = 20.0
 
@@ -191,7 +192,7 @@ class Dispatcher:
         self.running: dict[str, Running] = {}
         # a fork server with the training stack imported (single-device hosts: which GPU a process sees is fixed
         # before torch starts, so forking suits one device only)
-        self.use_forkserver = len(self.devices) == 1 and os.environ.get("ADVISOR_WARM_WORKER", "1") != "0"
+        self.use_forkserver = len(self.devices) == 1 and Settings().warm_worker
         self.forkserver: ForkServer | None = None
         self.recovered: list[str] = []
         self._wake = threading.Event()

@@ -21,6 +21,7 @@ ADVISOR_WORKER_STOP_GRACE_S seconds (default 30) the worker records `interrupted
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import signal
 import sys
@@ -30,8 +31,10 @@ import traceback
 from typing import Any
 
 from advisor.jobs.store import JobStore
+from advisor.settings import Settings
 
-STOP_GRACE_S = float(os.environ.get("ADVISOR_WORKER_STOP_GRACE_S", "30"))
+def stop_grace_s() -> float:
+    return Settings().worker_stop_grace_s  # read when needed: a worker forked from a warm server sees today's value
 CANCEL_POLL_S = 0.5
 
 
@@ -136,10 +139,11 @@ def run(job_id: str, store: JobStore, parent_pid: int | None = None) -> str:
         threading.Thread(target=_deadline, daemon=True).start()
 
     def _deadline():
-        if done.wait(STOP_GRACE_S):
+        grace = stop_grace_s()
+        if done.wait(grace):
             return
         _finish_once(store, job_id, outcome, "interrupted",
-                     {"reason": f"the trainer did not stop within {STOP_GRACE_S:g} s of being asked; killed"})
+                     {"reason": f"the trainer did not stop within {grace:g} s of being asked; killed"})
         os._exit(3)
 
     signal.signal(signal.SIGTERM, on_term)
@@ -219,8 +223,9 @@ class LaunchFailed(RuntimeError):
 
 def _run_launched(job, sink: EventSink, stop: StopFlag, resume: str | None) -> dict:
     """num_processes > 1: `accelerate launch` (advisor.train.launch) with the strategy of the plan; rank 0's event
-    file is followed into the job's history. A stop request ends the launch with SIGTERM (the entry module has no
-    stop hook): the job keeps its newest periodic checkpoint."""
+    file is followed into the job's history. A stop request creates the launch's stop file: every rank stops after
+    its current step and rank 0 saves a checkpoint (status cancelled, resumable); a launch still running after the
+    stop grace gets SIGTERM (torchrun forwards it; the entry module checkpoints on it too)."""
     import json
     import subprocess
 
@@ -232,7 +237,9 @@ def _run_launched(job, sink: EventSink, stop: StopFlag, resume: str | None) -> d
     n = int(job.spec["num_processes"])
     files = write_launch_files(dict(job.spec), job.output_dir, strategy=job.spec.get("strategy") or "ddp",
                                num_processes=n, cpu=not torch.cuda.is_available())
-    cmd = launch_command(files, n, resume=resume or "none")
+    stop_file = files.events_dir / "STOP"
+    stop_file.unlink(missing_ok=True)  # a resume must not see the previous cancel's request
+    cmd = launch_command(files, n, resume=resume or "none", stop_file=stop_file)
 
     def die_with_worker():  # in the child, before exec: torchrun stops its ranks when it gets SIGTERM
         _set_parent_death_signal(signal.SIGTERM)
@@ -240,7 +247,7 @@ def _run_launched(job, sink: EventSink, stop: StopFlag, resume: str | None) -> d
     proc = subprocess.Popen(cmd, stdout=sys.stdout, stderr=sys.stderr, preexec_fn=die_with_worker)
     events_path = files.events_dir / "events-rank0.jsonl"
     offset, buffer, result, error = 0, b"", None, None
-    stopped = False
+    stopped_at = None
     while True:
         exited = proc.poll() is not None  # read after this check: everything written before the exit is seen
         if events_path.exists():
@@ -263,15 +270,18 @@ def _run_launched(job, sink: EventSink, stop: StopFlag, resume: str | None) -> d
                     sink(ev)
         if exited:
             break
-        if not stopped and stop():
-            stopped = True
+        if stopped_at is None and stop():
+            stopped_at = time.monotonic()
+            stop_file.touch()
+        elif stopped_at is not None and time.monotonic() - stopped_at > stop_grace_s() and proc.poll() is None:
             proc.terminate()
+            stopped_at = math.inf  # terminate once
         time.sleep(0.2)
     if result is not None:
         return result
     if error is not None and error.get("refused"):
         raise TrainingRefused(error["error"], error.get("details"))
-    if stopped:
+    if stopped_at is not None:
         return {"status": "cancelled", "step": None}
     raise LaunchFailed((error or {}).get("error") or f"accelerate launch exited with code {proc.returncode}")
 

@@ -199,7 +199,7 @@ def peek_format(path: str | os.PathLike, fmt: str = "auto") -> str:
     first = read_rows(path, limit=1)[0]
     if fmt == "auto":
         return detect_format(first, Path(path).name)
-    _validate_row(first, fmt, Path(path).name)
+    validate_row(first, fmt, Path(path).name)
     return fmt
 
 
@@ -245,7 +245,7 @@ def _messages(row: Row, name: str) -> list[dict]:
     return out
 
 
-def _validate_row(row: Row, fmt: str, name: str) -> None:
+def validate_row(row: Row, fmt: str, name: str) -> None:
     if fmt == "chat":
         _messages(row, name)
         return
