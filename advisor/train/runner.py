@@ -707,6 +707,7 @@ class _Trainer:
             "tokens_per_s": round(tps, 1) if tps else None,
             "peak_memory_gib": round(peak / GIB, 4),
             "train_seconds": round(st.train_seconds, 3),
+            "train_tokens": st.tokens_seen,
         }
         measured = {"peak_memory_bytes": peak, "peak_memory_kind": kind, "tokens_per_s": metrics["tokens_per_s"],
                     "device": str(self.device), "device_name": _device_name(self.device),
