@@ -31,6 +31,17 @@ DTYPES = ("bfloat16", "float16", "float32")
 LR_SCHEDULERS = ("cosine", "linear", "constant", "constant_with_warmup")
 
 
+class RopeScaling(BaseModel):
+    """RoPE position scaling: trains on sequences longer than the model's max_position_embeddings. `linear` is
+    position interpolation (Chen et al. 2023), what LongLoRA uses to extend Llama-2 from 4K to 32K-100K tokens;
+    the model's positions become max_position_embeddings × factor. Named as in Axolotl's `rope_scaling`."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    type: Literal["linear", "dynamic", "yarn"] = "linear"
+    factor: float = Field(..., gt=1, le=128, description="new context length / the model's max_position_embeddings")
+
+
 class TrainingConfig(BaseModel):
     """Training arguments, named as in transformers' `TrainingArguments` where one exists."""
 
@@ -53,6 +64,8 @@ class TrainingConfig(BaseModel):
     )
     optim: str = Field("adamw_torch_fused", description=f"Optimizer; one of {', '.join(OPTIMIZERS)}.")
     attn_implementation: Literal["sdpa", "flash_attention_2", "eager"] = "sdpa"
+    rope_scaling: RopeScaling | None = Field(None, description="Extend the context beyond the model's positions "
+                                             "(e.g. {'type': 'linear', 'factor': 8} for LongLoRA 4K → 32K).")
     packing: bool = False
     seed: int = 42
     logging_steps: int = Field(10, ge=1)

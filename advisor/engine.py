@@ -149,7 +149,7 @@ def load_base_model(
     """
     spec = get_method(cfg.method)
     dtype = DTYPES[cfg.training.torch_dtype]
-    config = _copy_config(resolved.config)
+    config = scaled_config(_copy_config(resolved.config), cfg.training)
     if cfg.training.gradient_checkpointing:
         config.use_cache = False  # transformers turns it off under checkpointing anyway (with a warning per run)
     auto = _auto_class(resolved.kind)
@@ -178,15 +178,38 @@ def load_base_model(
         )
         dev = str(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         return auto.from_pretrained(
-            source, quantization_config=bnb, dtype=dtype, device_map={"": dev}, attn_implementation=attn
+            source, quantization_config=bnb, dtype=dtype, device_map={"": dev}, attn_implementation=attn,
+            **({"config": config} if cfg.training.rope_scaling else {}),
         )
     if random_init:
         with _default_dtype(dtype):
             model = _from_config(auto, config, attn)
             _untie_if_requested(resolved, model)
     else:
-        model = auto.from_pretrained(source, dtype=dtype, attn_implementation=attn)
+        model = auto.from_pretrained(source, dtype=dtype, attn_implementation=attn,
+                                     **({"config": config} if cfg.training.rope_scaling else {}))
     return model.to(device) if device is not None else model
+
+
+def scaled_config(config, training: TrainingConfig):
+    """`config` with the training's RoPE scaling applied (in place): transformers' `rope_parameters` get the type and
+    factor (yarn also the original positions) and max_position_embeddings grows by the factor."""
+    rs = training.rope_scaling
+    if rs is None:
+        return config
+    from advisor.errors import AdvisorInputError
+
+    original = getattr(config, "max_position_embeddings", None)
+    if original is None or not hasattr(config, "rope_parameters"):
+        raise AdvisorInputError("config.training.rope_scaling",
+                                f"{type(config).__name__} has no rotary position embeddings to scale")
+    params = dict(getattr(config, "rope_parameters", None) or {})
+    params.update(rope_type=rs.type, factor=float(rs.factor))
+    if rs.type == "yarn":
+        params["original_max_position_embeddings"] = int(original)
+    config.rope_parameters = params
+    config.max_position_embeddings = int(original * rs.factor)
+    return config
 
 
 def _model_class(auto, config):

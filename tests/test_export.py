@@ -186,7 +186,14 @@ def test_llamafactory_galore_longlora_and_multi_gpu(tiny_dirs, data):
     assert err.value.field == "method" and "DeepSpeed" in err.value.message
 
     ll = yaml.safe_load(export("llamafactory", recommendation=make_rec(tiny_dirs["llama"], "longlora"))["content"])
-    assert ll["shift_attn"] is True and ll["finetuning_type"] == "lora"
+    assert ll["shift_attn"] is True and ll["finetuning_type"] == "lora" and "rope_scaling" not in ll
+    rope = {"type": "linear", "factor": 8}
+    long = yaml.safe_load(export("llamafactory", recommendation=make_rec(
+        tiny_dirs["llama"], "longlora", rope_scaling=rope, max_seq_length=8192))["content"])
+    assert long["rope_scaling"] == "linear" and long["cutoff_len"] == 8192  # LLaMA-Factory derives × 8 from these
+    ax = yaml.safe_load(export("axolotl", recommendation=make_rec(tiny_dirs["llama"], "lora", rope_scaling=rope))
+                        ["content"])
+    assert ax["rope_scaling"] == {"type": "linear", "factor": 8.0}
     assert ll["lora_target"] == "q_proj,k_proj,v_proj,o_proj" and ll["additional_target"] == "embed_tokens,norm"
     with pytest.raises(AdvisorInputError) as err:  # shift_attn patches Llama only
         export("llamafactory", recommendation=make_rec(tiny_dirs["gpt2"], "longlora"))
@@ -299,7 +306,7 @@ RUNS = [
     ("prefix_tuning", "gpt2", "text", {}),
     ("bitfit", "gpt2", "alpaca", {}),
     ("galore", "llama", "alpaca", {}),
-    ("longlora", "llama", "text", {}),
+    ("longlora", "llama", "text", {"rope_scaling": {"type": "linear", "factor": 2}}),  # the config path runs
     ("full", "llama", "chat", {"gradient_checkpointing": True}),
     ("lora", "t5", "alpaca", {}),
 ]

@@ -137,6 +137,34 @@ def test_math_widens_lora_to_the_mlp_and_four_domains_choose_experts():
     assert r["method"] == "molora" and r["config"]["peft"]["num_experts"] == 4
 
 
+def test_long_documents_get_longlora_with_rope_scaling_at_their_full_length():
+    """32K-token documents on Llama-2-7B (4,096 positions): LongLoRA trains them untruncated with linear RoPE scaling
+    × 8 (the LongLoRA paper's 4K → 32K setting), estimated at 32,768 tokens; the config estimates and exports as is."""
+    from advisor.estimator.fast import fast_estimate
+    from advisor.schemas import EstimateRequest
+
+    data = {"num_examples": 3000, "avg_tokens": 20000, "max_tokens": 32768}
+    r = rec(model=L7, hardware={"gpu": "A100-80GB"}, dataset=data, task="long_context")
+    assert r["method"] == "longlora", (r["method"], rejected(r))
+    t = r["config"]["training"]
+    assert t["rope_scaling"] == {"type": "linear", "factor": 8.0} and t["max_seq_length"] == 32768
+    assert r["estimate"]["seq_len"] == 32768 and r["estimate"]["fits"]
+    assert any("× 8" in n and "32768 positions" in n for n in r["notes"]), r["notes"]
+    est = fast_estimate(EstimateRequest.model_validate(
+        {"model": L7, "hardware": {"gpu": "A100-80GB"}, "method": "longlora", "config": r["config"]}))
+    assert est["peak_vram_gib"] == pytest.approx(r["estimate"]["peak_vram_gib"], rel=0.02)
+    # the same length without the scaling is refused, naming the key that allows it
+    cfg = {**r["config"], "training": {**t, "rope_scaling": None}}
+    with pytest.raises(AdvisorInputError) as err:
+        fast_estimate(EstimateRequest.model_validate(
+            {"model": L7, "hardware": {"gpu": "A100-80GB"}, "method": "longlora", "config": cfg}))
+    assert err.value.field == "config.training.max_seq_length" and "rope_scaling" in err.value.message
+    # other methods still truncate to the model's positions
+    for alt in r["alternatives"]:
+        if alt["method"] != "longlora":
+            assert alt["config"]["training"]["max_seq_length"] == 4096
+
+
 def test_priority_and_budget_change_the_answer_with_numbers():
     base = dict(model=L7, hardware={"gpu": "A100-80GB"}, dataset=DATA)
     cheap = rec(**base, priority="cost")

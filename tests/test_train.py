@@ -380,6 +380,29 @@ def test_two_process_launch_trains_the_same_model(tiny_dirs, data_dir, tmp_path)
     assert (tmp_path / "out" / "adapter_model.safetensors").is_file()
 
 
+# ----------------------------------------------------------------------------------------------- long context
+def test_longlora_trains_past_the_models_positions_with_rope_scaling(tokenizer, data_dir, tmp_path):
+    """A model with 32 positions trains 64-token rows with linear RoPE scaling × 2 (position interpolation): the
+    model is built with the scaled config, the estimate accepts the length, and the trained model comes back with it."""
+    from advisor.demo import write_tiny_model
+
+    short = write_tiny_model(tmp_path / "short-llama", "llama", tokenizer, max_position_embeddings=32)
+    job = _job(short, "longlora", data_dir, max_steps=2,
+               training={"max_seq_length": 64, "rope_scaling": {"type": "linear", "factor": 2}})
+    events = []
+    result = run_training(job, output_dir=tmp_path / "out", device="cpu", on_event=events.append)
+    assert result["status"] == "succeeded"
+    start = events[0]
+    assert start["predicted"] is not None and start["predicted"]["seq_len"] == 64  # estimated at the scaled length
+    assert result["measured"]["tensor_peak"]["seq_len"] > 32  # rows longer than the original positions trained
+    model, _ = load_trained(tmp_path / "out", device="cpu")
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    assert base.config.max_position_embeddings == 64
+    assert base.config.rope_parameters["rope_type"] == "linear" and base.config.rope_parameters["factor"] == 2.0
+    _, new = _generate(tmp_path / "out")
+    assert new > 0
+
+
 # ----------------------------------------------------------------------------------------------- closed loop
 @pytest.mark.parametrize("bf16,tolerance", [(False, 0.01), (True, 0.06)])
 def test_cpu_job_measures_tensor_bytes_and_meets_the_estimate(tiny_dirs, data_dir, tmp_path, bf16, tolerance):

@@ -41,11 +41,18 @@ def build_plan(req: EstimateRequest) -> Plan:
     limit = model.max_positions
     rope = getattr(model.config, "rope_parameters", None) or getattr(model.config, "rope_scaling", None) or {}
     rope_scaled = isinstance(rope, dict) and rope.get("rope_type", rope.get("type", "default")) not in (None, "default")
+    rs = cfg.training.rope_scaling
+    if rs is not None and limit is not None:
+        if not hasattr(model.config, "rope_parameters"):
+            raise AdvisorInputError("config.training.rope_scaling",
+                                    f"{model.id} has no rotary position embeddings to scale")
+        limit = int(limit * rs.factor)
     if limit is not None and seq > limit and not rope_scaled:
         raise AdvisorInputError(
             "config.training.max_seq_length",
-            f"{seq} tokens exceeds {model.id}'s max_position_embeddings ({limit}); lower it, or use a model "
-            "with rope_scaling (LongLoRA extends context that way)",
+            f"{seq} tokens exceeds {model.id}'s max_position_embeddings ({limit}"
+            + (f" with rope_scaling × {rs.factor:g}" if rs is not None else "") + "); lower it, or set "
+            "config.training.rope_scaling (e.g. {'type': 'linear', 'factor': 8}; LongLoRA extends context that way)",
         )
     return Plan(model, spec, cfg, hardware, cfg.training.per_device_train_batch_size, seq, req)
 

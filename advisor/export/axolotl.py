@@ -52,7 +52,7 @@ KNOWN_KEYS = frozenset({
     "sample_packing", "train_on_inputs", "micro_batch_size", "gradient_accumulation_steps", "num_epochs",
     "learning_rate", "optimizer", "optim_target_modules", "optim_args", "lr_scheduler", "warmup_ratio",
     "weight_decay", "max_grad_norm", "bf16", "fp16", "gradient_checkpointing", "attn_implementation", "seed",
-    "logging_steps", "save_steps", "eval_steps", "use_tensorboard", "deepspeed",
+    "logging_steps", "save_steps", "eval_steps", "use_tensorboard", "deepspeed", "rope_scaling",
 })
 
 
@@ -151,6 +151,9 @@ def render(ctx: ExportContext) -> Rendered:
     doc.put("fp16", bool(t.fp16), ctx.why("fp16", t.fp16) if t.fp16 else None)
     knob("gradient_checkpointing", "gradient_checkpointing", bool(t.gradient_checkpointing))
     doc.put("attn_implementation", t.attn_implementation)
+    if t.rope_scaling is not None:
+        doc.put("rope_scaling", {"type": t.rope_scaling.type, "factor": float(t.rope_scaling.factor)},
+                "RoPE scaling: trains past the model's max_position_embeddings")
     doc.put("seed", t.seed)
     put_multi_gpu(doc, ctx, "Axolotl's default multi-GPU mode")
 

@@ -54,7 +54,7 @@ REFUSALS = {
 # LLaMA-Factory's own keys this exporter may write (every other key is a transformers training argument)
 OWN_KEYS = frozenset({
     "model_name_or_path", "quantization_bit", "quantization_method", "quantization_type", "double_quantization",
-    "upcast_layernorm", "flash_attn", "shift_attn", "disable_gradient_checkpointing",
+    "upcast_layernorm", "flash_attn", "shift_attn", "disable_gradient_checkpointing", "rope_scaling",
     "stage", "finetuning_type", "lora_rank", "lora_alpha", "lora_dropout", "lora_target", "use_rslora", "use_dora",
     "additional_target", "use_galore", "galore_target", "galore_rank", "galore_update_interval", "galore_scale",
     "galore_proj_type", "galore_layerwise", "plot_loss",
@@ -147,6 +147,9 @@ def render(ctx: ExportContext) -> Rendered:
     doc.put("flash_attn", ATTENTION[t.attn_implementation], f"attn_implementation {t.attn_implementation}")
     if ctx.method == "longlora":
         doc.put("shift_attn", True, "LongLoRA's shifted sparse attention (S²-Attn), group size 1/4")
+    if t.rope_scaling is not None:
+        doc.put("rope_scaling", t.rope_scaling.type, f"× {t.rope_scaling.factor:g}: LLaMA-Factory derives the factor "
+                "from cutoff_len / the model's max_position_embeddings")
     if not t.gradient_checkpointing:
         doc.put("disable_gradient_checkpointing", True, ctx.why("gradient_checkpointing", t.gradient_checkpointing))
     else:

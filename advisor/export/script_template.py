@@ -168,6 +168,18 @@ def load_model(name: str, seq2seq: bool):
             q["bnb_4bit_quant_storage"] = dtype  # FSDP shards the 4-bit weights as this dtype
         kwargs["quantization_config"] = BitsAndBytesConfig(**q)
         kwargs["device_map"] = {"": device()}
+    rope = TRAINING.get("rope_scaling")
+    if rope:  # position interpolation past the model's max_position_embeddings
+        config = AutoConfig.from_pretrained(name)
+        original = config.max_position_embeddings
+        key = "rope_parameters" if TF5 else "rope_scaling"  # transformers 4 names it rope_scaling, with "type"
+        params = dict(getattr(config, key, None) or {})
+        params.update({"rope_type" if TF5 else "type": rope["type"], "factor": float(rope["factor"])})
+        if rope["type"] == "yarn":
+            params["original_max_position_embeddings"] = original
+        setattr(config, key, params)
+        config.max_position_embeddings = int(original * rope["factor"])
+        kwargs["config"] = config
     auto = AutoModelForSeq2SeqLM if seq2seq else AutoModelForCausalLM
     return auto.from_pretrained(name, **kwargs)
 

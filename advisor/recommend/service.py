@@ -143,13 +143,13 @@ def _fine_tune(out: dict, sc, rm, hw, ev) -> None:
     from advisor.estimator.profile import load_profile
 
     ds = sc.dataset
-    seq, seq_note = _sequence_length(ds, rm)
+    seq, seq_note, wanted = _sequence_length(ds, rm)
     precision = _precision(hw)
     profile = load_profile("cuda" if hw.has_gpu else "cpu")
     candidates = [Candidate(m, ev.method_scores[m]) for m in ev.ranking]
     for cand in candidates:
         try:
-            _configure_and_fit(cand, sc, rm, hw, ev, seq, precision, profile)
+            _configure_and_fit(cand, sc, rm, hw, ev, seq, precision, profile, wanted)
         except AdvisorInputError as err:  # a method that cannot be built for this model (e.g. BitFit w/o biases)
             cand.rejected = f"{cand.method} cannot be configured for {rm.id}: {err.message}"
     _apply_budget(candidates, sc.budget)
@@ -197,8 +197,9 @@ def _fine_tune(out: dict, sc, rm, hw, ev) -> None:
     out["notes"] += [n for n in best.estimate.get("notes", []) if n not in out["notes"]]
 
 
-def _sequence_length(ds, rm) -> tuple[int, str | None]:
-    """Tokens per example after truncation: the longest example, capped at the model's positions."""
+def _sequence_length(ds, rm) -> tuple[int, str | None, int]:
+    """(tokens per example after truncation: the longest example capped at the model's positions, a note, the
+    longest example uncapped: LongLoRA trains at that length with RoPE scaling)"""
     wanted = ds.max_tokens or (int(math.ceil(ds.avg_tokens * 2)) if ds.avg_tokens else 1024)
     limit = rm.max_positions
     note = None
@@ -206,11 +207,13 @@ def _sequence_length(ds, rm) -> tuple[int, str | None]:
         note = (f"max_tokens not given: the sequence length is {wanted} "
                 f"({'2 × avg_tokens' if ds.avg_tokens else 'the default'}); give dataset.max_tokens or "
                 "dataset.path for the longest example to set the memory peak.")
+    full = max(8, int(wanted))
     if limit is not None and wanted > limit:
         note = (f"The longest example ({wanted} tokens) exceeds {rm.id}'s {limit} positions: examples are "
-                f"truncated to {limit} tokens (LongLoRA or a model with rope scaling extends the context).")
+                f"truncated to {limit} tokens, except with LongLoRA, which extends the context by RoPE position "
+                f"interpolation (config.training.rope_scaling).")
         wanted = limit
-    return max(8, int(wanted)), note
+    return max(8, int(wanted)), note, full
 
 
 def _precision(hw) -> dict[str, Any]:
@@ -221,7 +224,8 @@ def _precision(hw) -> dict[str, Any]:
     return {"bf16": True, "fp16": False, "compute_dtype": "bfloat16", "note": None}
 
 
-def _configure_and_fit(cand: Candidate, sc, rm, hw, ev, seq: int, precision: dict, profile) -> None:
+def _configure_and_fit(cand: Candidate, sc, rm, hw, ev, seq: int, precision: dict, profile,
+                       wanted: int | None = None) -> None:
     from advisor.estimator.fast import time_and_cost
     from advisor.methods import get_method
 
@@ -234,6 +238,17 @@ def _configure_and_fit(cand: Candidate, sc, rm, hw, ev, seq: int, precision: dic
     accum = int(training.get("gradient_accumulation_steps", defaults.get("gradient_accumulation_steps", 4)))
     effective = micro * accum
     training.update(max_seq_length=seq, bf16=precision["bf16"], fp16=precision["fp16"], torch_dtype=None)
+    limit = rm.max_positions
+    if (cand.method == "longlora" and wanted and limit and wanted > limit
+            and hasattr(rm.config, "rope_parameters")):
+        # LongLoRA's purpose: train at the documents' length with position interpolation (Chen et al. 2023), the
+        # way the LongLoRA paper extends Llama-2 from 4K to 32K-100K tokens
+        factor = float(math.ceil(wanted / limit))
+        seq = wanted
+        training.update(max_seq_length=seq, rope_scaling={"type": "linear", "factor": factor})
+        cand.adjustments.append(
+            f"longlora: RoPE linear scaling × {factor:g} extends {rm.id} from {limit} to {int(limit * factor)} "
+            f"positions, so the longest example ({wanted} tokens) trains untruncated.")
     quant = {"bnb_4bit_compute_dtype": precision["compute_dtype"]} if spec.quantized else None
     devices = max(1, hw.count) if hw.has_gpu else 1
     memory = hw.memory_gib * GIB if hw.has_gpu else None
@@ -358,7 +373,7 @@ def _fitted_model(sc, rm, spec, cfg, hw, seq: int, profile) -> _Fitted:
 
     memory_cfg = cfg.model_dump_json(include={"method", "peft", "quantization"}) + cfg.training.model_dump_json(
         include={"torch_dtype", "optim", "bf16", "fp16", "gradient_checkpointing", "attn_implementation",
-                 "max_seq_length"})
+                 "max_seq_length", "rope_scaling"})
     key = (rm.recommend_key, memory_cfg, seq, profile.id, hw.has_gpu)
     found = _FITTED.get(key)
     if isinstance(found, AdvisorInputError):  # this config cannot be built (remembered: the fit is not retried)
