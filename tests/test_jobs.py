@@ -501,7 +501,10 @@ def test_calibrate_from_jobs_refits_the_profile(server, tmp_path):
     assert run.returncode == 0, run.stderr[-3000:]
     result = json.loads(run.stdout)
     used = {r["job"] for r in result["jobs"]}
-    expected = {j.id for j in store.list(status="succeeded") if j.method in ("lora", "ia3")}
+    expected = {j.id for j in store.list(status="succeeded") if j.method in ("lora", "ia3")
+                and int((j.measured or {}).get("world_size") or 1) == 1}  # per-device terms: one process
+    multi = {s["job"] for s in result["skipped_jobs"] if "multi-process" in s["why"]}
+    assert multi == {j.id for j in store.list(status="succeeded") if j.method in ("lora", "ia3")} - expected
     assert used == expected and used
     summary = result["jobs_summary"]
     assert summary["time_abs_error_median_before"] is not None and summary["time_abs_error_median_after"] is not None

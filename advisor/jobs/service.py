@@ -189,7 +189,8 @@ def comparison(predicted: dict | None, measured: dict | None) -> dict[str, Any] 
         # the counted steps' own shape: the plan's prediction is for its longest example, which they may not reach
         p_mem = float(at_shape["peak_bytes"])
     if p_mem and m_mem:
-        out["peak_memory"] = {"predicted_gib": round(p_mem / GIB, 6), "measured_gib": round(m_mem / GIB, 6),
+        # 9 decimals: CPU tensor peaks of small models are a few MiB, and the ratio below must be reproducible
+        out["peak_memory"] = {"predicted_gib": round(p_mem / GIB, 9), "measured_gib": round(m_mem / GIB, 9),
                               "relative_error": round(m_mem / p_mem - 1, 6),
                               "measured_kind": measured.get("peak_memory_kind")}
         if at_shape.get("seq_len"):
