@@ -49,7 +49,7 @@ class MemoryModel:
         phase_values = {}
         windows = any(p.startswith("backward_") for p in self.coefficients.phases)
         for phase, coeffs in self.coefficients.phases.items():
-            if phase == "backward" and windows:
+            if phase.split("|")[0] == "backward" and windows:
                 # the whole-backward peak of a 1-2 block slice is a maximum over moments whose composition
                 # differs (activations at the start, gradients at the end): extrapolating it mixes them. The
                 # windows (loss/head, top block, bottom block, embeddings) are each linear in depth and batch,
@@ -63,7 +63,7 @@ class MemoryModel:
             cats = _shard(cats, shard, devices, self.static)
             total = sum(cats.values())
             if best is None or total > best[0]:
-                best = (total, cats, phase.split("_")[0])
+                best = (total, cats, phase.split("|")[0].split("_")[0])
         total, cats, phase = best
         overhead = self.profile.overhead_bytes(total)
         cats["overhead"] = overhead
