@@ -37,6 +37,25 @@ def tiny_dirs(tmp_path_factory, tokenizer):
     return {arch: write_tiny_model(root / arch, arch, tokenizer) for arch in ("llama", "gpt2", "t5")}
 
 
+# ------------------------------------------------------------------------------------------- job store
+def record_concurrently(url: str, writers: list[tuple[str, int]]) -> None:
+    """One thread per (job id, n): each opens its own JobStore on `url` (other connections) and records n events."""
+    import threading
+
+    from advisor.jobs.store import JobStore
+
+    def write(job_id: str, n: int) -> None:
+        other = JobStore(url)
+        for i in range(n):
+            other.record(job_id, "log", {"i": i})
+
+    threads = [threading.Thread(target=write, args=w) for w in writers]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+
+
 # ------------------------------------------------------------------------------------------- real server
 def free_port() -> int:
     import socket

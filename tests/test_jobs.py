@@ -12,13 +12,12 @@ import os
 import shutil
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
 import httpx
 import pytest
-from conftest import AdvisorServer
+from conftest import AdvisorServer, record_concurrently
 
 from advisor.methods import METHOD_IDS
 
@@ -135,16 +134,7 @@ def test_event_ids_are_monotonic_per_job_under_concurrent_writers(tmp_path):
     store.create("job-a", {}, {"method": "lora", "model": "m"}, str(tmp_path / "a"))
     store.create("job-b", {}, {"method": "lora", "model": "m"}, str(tmp_path / "b"))
 
-    def writer(job_id: str, n: int):
-        other = JobStore(store.url)  # same engines, other connections
-        for i in range(n):
-            other.record(job_id, "log", {"i": i})
-
-    threads = [threading.Thread(target=writer, args=(j, 40)) for j in ("job-a", "job-a", "job-b")]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    record_concurrently(store.url, [("job-a", 40), ("job-a", 40), ("job-b", 40)])
     a = [e.seq for e in store.events_after("job-a")]
     b = [e.seq for e in store.events_after("job-b")]
     assert a == list(range(1, 82)) and b == list(range(1, 42))  # +1: the "queued" status event

@@ -10,12 +10,11 @@ import os
 import shutil
 import subprocess
 import tempfile
-import threading
 from pathlib import Path
 
 import httpx
 import pytest
-from conftest import AdvisorServer, free_port
+from conftest import AdvisorServer, free_port, record_concurrently
 
 TOKEN = "pg-token"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
@@ -79,16 +78,7 @@ def test_store_on_postgres_numbers_events_per_job_under_concurrent_writers(pg_ur
     store.create("pg-a", {"b": 1}, {"method": "lora", "model": "m", "nested": {"x": [1, 2]}}, str(tmp_path / "a"))
     store.create("pg-b", {}, {"method": "ia3", "model": "m"}, str(tmp_path / "b"))
 
-    def writer(job_id: str, n: int):
-        other = JobStore(store.url)
-        for i in range(n):
-            other.record(job_id, "log", {"i": i})
-
-    threads = [threading.Thread(target=writer, args=(j, 30)) for j in ("pg-a", "pg-a", "pg-b")]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    record_concurrently(store.url, [("pg-a", 30), ("pg-a", 30), ("pg-b", 30)])
     assert [e.seq for e in store.events_after("pg-a")] == list(range(1, 62))  # +1: the "queued" status event
     assert [e.seq for e in store.events_after("pg-b")] == list(range(1, 32))
     assert [e.seq for e in store.events_after("pg-a", 59)] == [60, 61]
