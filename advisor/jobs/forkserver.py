@@ -144,7 +144,7 @@ class ForkedWorker:
             code = self.server.exits.get(self.pid)
             if code is not None:
                 self.returncode = code
-            elif not self.server.alive() and not _exists(self.pid):
+            elif not self.server.alive() and not pid_exists(self.pid):
                 self.returncode = self.server.exits.get(self.pid, UNKNOWN_EXIT)
         return self.returncode
 
@@ -170,7 +170,8 @@ class ForkedWorker:
         self.send_signal(signal.SIGKILL)
 
 
-def _exists(pid: int) -> bool:
+def pid_exists(pid: int) -> bool:
+    """A process with this pid exists (ours or not; a zombie counts)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:

@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from advisor.jobs.db import Job
-from advisor.jobs.forkserver import UNKNOWN_EXIT, ForkedWorker, ForkServer
+from advisor.jobs.forkserver import UNKNOWN_EXIT, ForkedWorker, ForkServer, pid_exists
 from advisor.jobs.store import JobStore
 from advisor.settings import Settings
 
@@ -116,14 +116,8 @@ def fail_if_still_running(store: JobStore, job_id: str, returncode: int, log_pat
 
 def pid_alive(pid: int | None, job_id: str | None = None) -> bool:
     """Is `pid` a live process (and, where /proc tells, the worker of `job_id`)?"""
-    if not pid:
+    if not pid or not pid_exists(pid):
         return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
     cmdline = Path(f"/proc/{pid}/cmdline")
     if job_id and cmdline.exists():
         try:

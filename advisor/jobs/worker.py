@@ -247,7 +247,7 @@ def _run_launched(job, sink: EventSink, stop: StopFlag, resume: str | None) -> d
     proc = subprocess.Popen(cmd, stdout=sys.stdout, stderr=sys.stderr, preexec_fn=die_with_worker)
     events_path = files.events_dir / "events-rank0.jsonl"
     offset, buffer, result, error = 0, b"", None, None
-    stopped_at = None
+    terminate_at = None  # once a stop is asked: when the launch gets SIGTERM if it has not stopped by itself
     while True:
         exited = proc.poll() is not None  # read after this check: everything written before the exit is seen
         if events_path.exists():
@@ -270,18 +270,18 @@ def _run_launched(job, sink: EventSink, stop: StopFlag, resume: str | None) -> d
                     sink(ev)
         if exited:
             break
-        if stopped_at is None and stop():
-            stopped_at = time.monotonic()
+        if terminate_at is None and stop():
+            terminate_at = time.monotonic() + stop_grace_s()
             stop_file.touch()
-        elif stopped_at is not None and time.monotonic() - stopped_at > stop_grace_s() and proc.poll() is None:
+        elif terminate_at is not None and time.monotonic() > terminate_at and proc.poll() is None:
             proc.terminate()
-            stopped_at = math.inf  # terminate once
+            terminate_at = math.inf  # terminate once
         time.sleep(0.2)
     if result is not None:
         return result
     if error is not None and error.get("refused"):
         raise TrainingRefused(error["error"], error.get("details"))
-    if stopped_at is not None:
+    if terminate_at is not None:
         return {"status": "cancelled", "step": None}
     raise LaunchFailed((error or {}).get("error") or f"accelerate launch exited with code {proc.returncode}")
 
