@@ -35,7 +35,10 @@ class _Dequant4bitMatmul(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, packed, absmax, shape, dtype):
         ctx.shape, ctx.dtype = shape, dtype
-        ctx.save_for_backward(packed, absmax)
+        # kept on ctx, not save_for_backward, as MatMul4Bit keeps `ctx.tensors`/`ctx.state`: non-reentrant
+        # checkpointing stops its recomputation once every *saved* tensor is back, so a saved weight here would
+        # recompute the block's last 4-bit matmul (dequantized weight + output) that a real run skips
+        ctx.packed, ctx.absmax = packed, absmax
         scales = _dequant_scales(absmax)
         w = torch.empty(shape, dtype=dtype, device=x.device)
         out = torch.nn.functional.linear(x, w)
@@ -44,7 +47,7 @@ class _Dequant4bitMatmul(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out):
-        _packed, absmax = ctx.saved_tensors
+        absmax = ctx.absmax
         scales = _dequant_scales(absmax, in_place=True)
         w = torch.empty(ctx.shape, dtype=ctx.dtype, device=grad_out.device)
         grad = torch.matmul(grad_out, w)

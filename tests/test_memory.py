@@ -105,11 +105,14 @@ def test_simulated_peak_equals_real_peak_to_the_byte(small_llama, method, checkp
 
 
 @pytest.mark.parametrize("checkpointing", [False, True])
-def test_qlora_standin_within_2_percent_of_bitsandbytes(small_llama, checkpointing):
+def test_qlora_standin_equals_bitsandbytes_to_the_byte(small_llama, checkpointing):
+    # exact since the stand-in keeps its packed weight on ctx as MatMul4Bit does: a saved weight made checkpointing's
+    # recomputation run one 4-bit matmul past its early stop (+1.1-1.6% on the calibration's QLoRA probes)
     cfg = get_method("qlora").resolve_config({"training": {"gradient_checkpointing": checkpointing}})
     sim = simulate_in_process(small_llama, cfg, 2, 64)
     real = measure_real(small_llama, cfg, 2, 64)
-    assert abs(sim["peak_bytes"] - real["peak_bytes"]) / real["peak_bytes"] < 0.02
+    assert sim["peak_bytes"] == real["peak_bytes"], (sim["peak_bytes"], real["peak_bytes"])
+    assert sim["phases"]["backward"]["peak_bytes"] == real["phases"]["backward"]["peak_bytes"]
     assert sim["total_params"] == real["total_params"]
 
 

@@ -32,7 +32,7 @@ from advisor.engine import train_step
 from advisor.memory.counter import LiveBytes, cuda_memory_stats
 from advisor.memory.simattn import use_sim_masks
 
-SIM_VERSION = 4
+SIM_VERSION = 5
 
 
 def _versions() -> dict[str, str]:
