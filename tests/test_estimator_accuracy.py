@@ -213,3 +213,27 @@ def test_galore_step_flops_include_projections(tiny_dirs):
     assert galore.static.optimizer_flops_per_step > 0
     assert step_flops(galore, 1) - training_flops_per_token(galore) * 32 == galore.static.optimizer_flops_per_step
     assert 0 < full.static.lookup_params < full.static.total_params
+
+
+def test_breakdown_names_optimizer_state_at_an_optimizer_step_peak(tiny_dirs):
+    """fp32 full fine-tuning with foreach AdamW peaks in the optimizer step (states + one full-size intermediate).
+    Step 1 creates the states inside that phase, where the counter can only call them temporaries; the breakdown
+    must come from a step where they are state (it read optimizer 0 and activations 3x the parameters)."""
+    from advisor.estimator.exact import exact_from_plan
+    from advisor.estimator.fast import estimate_plan
+    from advisor.estimator.plan import build_plan
+    from advisor.schemas import EstimateRequest
+
+    req = EstimateRequest.model_validate({
+        "model": str(tiny_dirs["llama"]), "hardware": {"gpu": "a100-80gb"}, "method": "full",
+        "config": {"training": {"per_device_train_batch_size": 1, "max_seq_length": 16, "bf16": False,
+                                "torch_dtype": "float32", "optim": "adamw_torch"}},
+    })
+    plan = build_plan(req)
+    for est in (estimate_plan(plan), exact_from_plan(plan, use_cache=False)):
+        assert est["peak_phase"] == "optimizer"
+        params_gib = est["trainable_params"] * 4 / GIB
+        bd = est["breakdown_gib"]
+        # two fp32 AdamW states + the update's intermediate (foreach), all under optimizer; nothing is activation
+        assert bd["optimizer"] >= 2 * params_gib * 0.99, bd
+        assert bd["activations"] <= 0.05 * params_gib, bd

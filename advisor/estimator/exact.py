@@ -23,7 +23,7 @@ def exact_from_plan(plan: Plan, use_cache: bool = True) -> dict:
         "peak_vram_gib": round(peak / 2**30, 3),
         "peak_bytes": peak,
         **fit_fields(peak, plan.hardware),
-        "breakdown_gib": breakdown_from_counter(sim["breakdown_bytes"], overhead_bytes),
+        "breakdown_gib": breakdown_from_counter(sim["breakdown_bytes"], overhead_bytes, sim["peak_phase"]),
         "peak_phase": sim["peak_phase"],
         "micro_batch": plan.batch_size,
         "seq_len": plan.seq_len,

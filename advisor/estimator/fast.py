@@ -13,10 +13,10 @@ import math
 from dataclasses import dataclass
 
 from advisor.estimator.coefficients import MemoryCoefficients, fit_coefficients
-from advisor.estimator.plan import Plan, build_plan
+from advisor.estimator.plan import Plan, breakdown_from_counter, build_plan
 from advisor.estimator.profile import Profile, load_profile
 from advisor.estimator.static import StaticTerms, static_terms
-from advisor.schemas import BREAKDOWN_KEYS, EstimateRequest
+from advisor.schemas import EstimateRequest
 
 GIB = 2**30
 
@@ -108,11 +108,8 @@ def memory_model(plan: Plan, profile: Profile | None = None) -> MemoryModel:
                        profile)
 
 
-def public_breakdown(cats: dict[str, float]) -> dict[str, float]:
-    out = dict.fromkeys(BREAKDOWN_KEYS, 0.0)
-    for key, value in cats.items():
-        out[key if key in out else "activations"] += value
-    return {k: round(v / GIB, 4) for k, v in out.items()}
+def public_breakdown(cats: dict[str, float], phase: str | None = None) -> dict[str, float]:
+    return breakdown_from_counter(cats, cats.get("overhead", 0.0), phase)
 
 
 # --------------------------------------------------------------------------- time and cost
@@ -219,7 +216,7 @@ def estimate_plan(plan: Plan, strategy: str | None = None, mm: MemoryModel | Non
         "peak_vram_high_gib": round(peak * (1 + band_high) / GIB, 3),
         "fits": None if memory_bytes is None else peak <= memory_bytes,
         "headroom_gib": None if memory_bytes is None else round((memory_bytes - peak) / GIB, 3),
-        "breakdown_gib": public_breakdown(cats),
+        "breakdown_gib": public_breakdown(cats, phase),
         "peak_phase": phase,
         "micro_batch": batch,
         "seq_len": plan.seq_len,

@@ -63,12 +63,15 @@ def _methods_for(kind: str) -> list[str]:
     return [m.id for m in all_methods() if kind in m.kinds]
 
 
-def breakdown_from_counter(raw: dict[str, int], overhead_bytes: int = 0) -> dict[str, float]:
-    """Counter categories → the public breakdown (temporaries and the batch count as activations)."""
+def breakdown_from_counter(raw: dict[str, float], overhead_bytes: float = 0, phase: str | None = None) -> dict[str, float]:
+    """Counter categories → the public breakdown. Temporaries and the batch count as activations, except at an
+    optimizer-step peak, where the temporaries are the update's own buffers (foreach AdamW's full-size
+    intermediates) and count as optimizer."""
     out = dict.fromkeys(BREAKDOWN_KEYS, 0.0)
+    spill = "optimizer" if phase == "optimizer" else "activations"
     for key, value in raw.items():
-        target = key if key in out else "activations"
-        out[target] += value / 2**30
+        if key != "overhead":
+            out[key if key in out else spill] += value / 2**30
     out["overhead"] = overhead_bytes / 2**30
     return {k: round(v, 4) for k, v in out.items()}
 

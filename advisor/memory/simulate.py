@@ -32,7 +32,7 @@ from advisor.engine import train_step
 from advisor.memory.counter import LiveBytes, cuda_memory_stats
 from advisor.memory.simattn import use_sim_masks
 
-SIM_VERSION = 5
+SIM_VERSION = 6
 
 
 def _versions() -> dict[str, str]:
@@ -61,10 +61,13 @@ def _measure(prepared, optimizer, batch, training, steps: int, register_extra=No
             rep = counter.report()
             per_step.append({"peak_bytes": rep.peak_bytes, "peak_phase": rep.peak_phase, "loss": res.loss,
                              "seconds": time.perf_counter() - start})
-            if rep.peak_bytes > best["peak"]:
+            # ties go to the later step: step 1 creates the optimizer state inside its optimizer phase, where the
+            # counter can only call it temporaries; from step 2 on the same bytes are labelled optimizer state
+            # (foreach AdamW's fp32 run peaks equally in both steps and was reported as 0 optimizer, 3x activations)
+            if rep.peak_bytes >= best["peak"]:
                 best = {"peak": rep.peak_bytes, "peak_phase": rep.peak_phase, "breakdown": rep.breakdown_at_peak}
             for k, v in rep.phases.items():
-                if v.peak_bytes > phases.get(k, {}).get("peak_bytes", -1):
+                if v.peak_bytes >= phases.get(k, {}).get("peak_bytes", -1):
                     phases[k] = {"peak_bytes": v.peak_bytes, "breakdown_bytes": dict(v.breakdown), "step": step}
     counter.close()
     return {
