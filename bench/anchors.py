@@ -36,7 +36,19 @@ Mapping rules
 - The PEFT MetaMathQA rows are variable-length with a maximum of 768 tokens: estimated at 768 (the longest batch sets
   the peak).
 
-Run: `HF_HUB_OFFLINE=1 .venv/bin/python -m bench.anchors [--exact-rows N] [--out PATH] [--markdown]`.
+A second file, `bench/anchors_extra.csv` (72 rows collected from torchtune, PEFT's README and docs, Qwen's README,
+AnswerDotAI/fsdp_qlora, GaLore and LLaMA-Factory; each row's `source` names the file, commit and table it was read
+from), adds two columns: `unit` (GiB, GB, or unknown = read as GB) and `stat` (reserved → compared with
+`peak_reserved_gib`; allocated/active → the tensor bytes; device/unknown → `peak_vram_gib`). Its rows go through the
+same rules, plus: explicit target lists `(q,v,o,gate,up,down)` → the `*_proj` modules (T5/mT0: q, v; BLOOM:
+query_key_value); rows whose source names a technique the estimator does not model (chunked cross-entropy,
+torch.compile, optimizer step in backward, activation or CPU offload), a non-AdamW optimizer, multi-GPU sharding,
+unstated checkpointing, or lengths far below the stated cap are skipped with the reason; precision fp32 → fp32
+weights without autocast; and Qwen's full-parameter rows run its DeepSpeed bf16 script (fp32 master weights and
+states: `SOURCE_TRAINING`). Exact cross-checks default to none for this file.
+
+Run: `HF_HUB_OFFLINE=1 .venv/bin/python -m bench.anchors [--csv FILE] [--exact-rows N] [--out PATH] [--markdown]`
+(`--csv bench/anchors_extra.csv --out bench/results/anchors_extra.json` for the extra set).
 """
 
 from __future__ import annotations
@@ -77,10 +89,28 @@ QWEN1_YI: dict[str, dict[str, Any]] = {
                     "num_attention_heads": 56, "num_key_value_heads": 8, "intermediate_size": 20480,
                     "vocab_size": 64000, "max_position_embeddings": 4096, "tie_word_embeddings": False},
 }
-CATALOG = {"llama-3.2-3b": "meta-llama/Llama-3.2-3B", "llama3-8b-instruct": "meta-llama/Meta-Llama-3-8B"}
-GPUS = {"a100-80gb": "a100-80gb", "l40s-48gb": "l40s"}
+# Qwen-1 base models have their chat models' architecture (bench/anchors_extra.csv names the base models)
+QWEN1_YI.update({"qwen-1_8b": QWEN1_YI["qwen-1_8b-chat"], "qwen-7b": QWEN1_YI["qwen-7b-chat"],
+                 "qwen-14b": QWEN1_YI["qwen-14b-chat"]})
+CATALOG = {"llama-3.2-3b": "meta-llama/Llama-3.2-3B", "llama3-8b-instruct": "meta-llama/Meta-Llama-3-8B",
+           "meta-llama-3-8b-instruct": "meta-llama/Meta-Llama-3-8B", "llama-3.1-8b-instruct": "meta-llama/Llama-3.1-8B",
+           "llama-2-7b-hf": "meta-llama/Llama-2-7b-hf", "bigscience/t0_3b": "bigscience/T0_3B",
+           "bigscience/mt0-xxl": "bigscience/mt0-xxl", "bigscience/bloomz-7b1": "bigscience/bloomz-7b1"}
+# "unknown" (a source that does not name the card): the peak does not depend on which GPU, only the fit would
+GPUS = {"a100-80gb": "a100-80gb", "l40s-48gb": "l40s", "a100": "a100-80gb", "rtx4090-24gb": "rtx-4090",
+        "rtx3090-24gb": "rtx-3090", "unknown": "a100-80gb"}
 UNMODELLED = ("unsloth", "gptq", "dora", "loha", "vera", "boft", "oft", "fourierft", "llama-pro", "lisa",
-              "p-tuning", "adaption_prompt", "ln_tuning")
+              "p-tuning", "adaption_prompt", "ln_tuning", "lokr", "lora-fa", "osf", "trainable_tokens", "tinylora",
+              "miss", "randlora", "lily", "+ lm_head", "modules_to_save", "all-linear (q,k,v,o + mlp", "per-layer")
+# training techniques a row's source names that the estimator does not model (it would over-estimate them)
+UNMODELLED_TECHNIQUES = {"chunkedoutputloss": "chunked cross-entropy", "chunked ce": "chunked cross-entropy",
+                         "optimizer_in_bwd": "optimizer step fused into backward",
+                         "activation offload": "activation offloading", "fsdp_offload": "CPU offload",
+                         "torch.compile": "torch.compile (fused kernels save fewer activations)",
+                         "real lengths short": "lengths far below the stated cap (the longest batch is unknown)"}
+# short target names in method strings → module names per family (Llama-style *_proj; T5 q/v; BLOOM fused qkv)
+SHORT_TARGETS = {"q": "q_proj", "k": "k_proj", "v": "v_proj", "o": "o_proj", "gate": "gate_proj", "up": "up_proj",
+                 "down": "down_proj"}
 QKV = ["q_proj", "k_proj", "v_proj"]
 # rows simulated exactly as a cross-check when --exact-rows is not given (1-based CSV data rows): Qwen-7B LoRA,
 # full and QLoRA at 2048 (ms-swift), Llama-3.2-3B LoRA r32 and AdaLoRA r32 (PEFT MetaMathQA)
@@ -113,10 +143,13 @@ def map_method(text: str) -> tuple[str | None, dict, str | None]:
         return "adalora", peft, None
     if t.startswith("lora"):
         peft = {"r": r} if r else {}
+        listed = re.search(r"\(([a-z_,]+)\)", t.replace(" ", ""))
         if "all-linear" in t:
             peft["target_modules"] = "all-linear"
-        elif "(q,v)" in t.replace(" ", ""):
-            peft["target_modules"] = ["q_proj", "v_proj"]
+        elif listed and listed.group(1) == "query_key_value":  # BLOOM's fused attention projection
+            peft["target_modules"] = ["query_key_value"]
+        elif listed and all(x in SHORT_TARGETS for x in listed.group(1).split(",")):
+            peft["target_modules"] = [SHORT_TARGETS[x] for x in listed.group(1).split(",")]
         else:  # "(c_attn)" (Qwen-1's fused qkv) or no targets (ms-swift's default for Llama-type: q, k, v)
             peft["target_modules"] = list(QKV)
         return "lora", peft, None
@@ -154,6 +187,11 @@ SOURCE_PEFT = {
         "qlora": {"upcast_non_quantized": True},
     },
 }
+# Training settings a source's own scripts fix for a method (same rule for every row of the source):
+# - QwenLM/Qwen README: full-parameter finetuning runs finetune/finetune_ds.sh (`--bf16 True --deepspeed
+#   finetune/ds_config_zero3.json`); DeepSpeed's bf16 mode keeps fp32 master weights and fp32 AdamW states, i.e.
+#   mixed precision over fp32 parameters (its memory table is in GB: "We profile the memory (GB)").
+SOURCE_TRAINING = {"Qwen-README": {"full": {"torch_dtype": "float32"}}}
 # What each source measured: both report the caching allocator's reserve, without the CUDA context.
 #   ms-swift: swift's get_max_cuda_memory() = torch.cuda.max_memory_reserved() / 1024**3 (GiB);
 #   PEFT MetaMathQA run.py: torch.cuda.memory_reserved() after each step (the reserve only grows between its
@@ -171,19 +209,35 @@ def map_row(row: dict) -> tuple[dict | None, str | None]:
     peft = {**SOURCE_PEFT.get(source_short(row["source"]).split(" ")[0], {}).get(method, {}), **explicit}
     if method == "adalora" and "r" in explicit:  # the method string's rank wins over the source default
         peft.update(explicit)
+    low = row["source"].lower()
+    for word, technique in UNMODELLED_TECHNIQUES.items():
+        if word in low:
+            return None, f"{technique}: a technique the estimator does not model"
+    if row["grad_ckpt"].strip().lower() not in ("on", "off", "true", "false", "yes", "no", "1", "0"):
+        return None, f"gradient checkpointing {row['grad_ckpt']!r}: not stated by the source"
+    if row["optimizer"].strip().lower() != "adamw":
+        return None, f"optimizer {row['optimizer']!r}: not mapped"
     training = {
         "per_device_train_batch_size": int(row["batch"]),
         "max_seq_length": int(row["seq_len"]),
         "gradient_checkpointing": row["grad_ckpt"].strip().lower() in ("on", "true", "yes", "1"),
-        "optim": "adamw_torch" if row["optimizer"].strip().lower() == "adamw" else row["optimizer"],
+        "optim": "adamw_torch",
         "bf16": True,
     }
-    if "fa2 off" in row["source"].lower() or "eager" in row["source"].lower():
+    training.update(SOURCE_TRAINING.get(source_short(row["source"]), {}).get(method, {}))
+    if row.get("precision", "").strip().lower() == "fp32":  # weights loaded in fp32, no mixed precision
+        training.update(bf16=False, torch_dtype="float32")
+    if any(w in low for w in ("fa2 off", "eager", "matmul-softmax")):
         training["attn_implementation"] = "eager"
     gpu = GPUS.get(row["gpu"].strip().lower())
     if gpu is None:
         return None, f"no mapping for GPU {row['gpu']!r}"
-    payload = {"model": map_model(row["model"]), "hardware": {"gpu": gpu}, "method": method,
+    model = map_model(row["model"])
+    if isinstance(model, str) and model.startswith("bigscience/") and "target_modules" in peft:
+        # T5/mT0 name their attention projections q, k, v, o; BLOOM keeps its fused query_key_value
+        peft["target_modules"] = [{"q_proj": "q", "k_proj": "k", "v_proj": "v", "o_proj": "o"}.get(m, m)
+                                  for m in peft["target_modules"]]
+    payload = {"model": model, "hardware": {"gpu": gpu}, "method": method,
                "config": {"peft": peft, "training": training}}
     return payload, None
 
@@ -194,7 +248,30 @@ def source_short(src: str) -> str:
         return "ms-swift" + (" (eager)" if "fa2 off" in s else " (tuners)" if "tuners" in s else "")
     if "metamathqa" in s:
         return "peft-MetaMathQA"
+    for key, name in (("torchtune", "torchtune"), ("huggingface/peft readme", "peft-README"),
+                      ("qwenlm/qwen", "Qwen-README"), ("fsdp_qlora", "AnswerDotAI-fsdp_qlora"),
+                      ("galore", "GaLore"), ("llama-factory", "LLaMA-Factory"), ("peft docs", "peft-docs")):
+        if key in s:
+            return name
     return src[:30]
+
+
+def measured_gib(row: dict) -> float:
+    """The row's measurement in GiB: `unit` GiB as is; GB (and unstated units, the main file's convention) × 1e9/2³⁰."""
+    value = float(row["peak_gb"])
+    return value if (row.get("unit") or "").strip() == "GiB" else value * GB_TO_GIB
+
+
+def compared_quantity(row: dict, source: str) -> str:
+    """Which estimate a row's statistic corresponds to: the allocator's reserve (`max_memory_reserved`: the peak
+    without the CUDA context), tensor bytes (`max_memory_allocated` / active bytes: no allocator slack, no context),
+    or the device total (nvidia-smi, and statistics a source does not name)."""
+    stat = (row.get("stat") or "").strip().lower()
+    if stat == "reserved" or (not stat and source.split(" ")[0] in MEASURES_RESERVED):
+        return "reserved"
+    if stat in ("allocated", "active"):
+        return "tensor"
+    return "device"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -229,7 +306,7 @@ def main(argv: list[str] | None = None) -> int:
         base = {"row": n, "source": source_short(row["source"]), "model": row["model"], "method_text": row["method"],
                 "params_b": float(row["params_b"]), "batch": int(row["batch"]), "seq_len": int(row["seq_len"]),
                 "grad_ckpt": row["grad_ckpt"], "gpu": row["gpu"], "measured_gb": float(row["peak_gb"]),
-                "measured_gib": float(row["peak_gb"]) * GB_TO_GIB}
+                "measured_gib": measured_gib(row), "unit": row.get("unit") or "GB", "stat": row.get("stat") or ""}
         if payload is None:
             skipped.append({**base, "reason": reason})
             continue
@@ -242,12 +319,16 @@ def main(argv: list[str] | None = None) -> int:
             continue
         seconds = time.perf_counter() - t
         naive_gib = base["params_b"] * 1e9 * 2 * 4 / GIB
-        reserved = base["source"].split(" ")[0] in MEASURES_RESERVED
-        predicted = (est["peak_reserved_bytes"] if reserved else est["peak_bytes"]) / GIB
+        quantity = compared_quantity(row, base["source"])
+        tensor_bytes = est["peak_bytes"] - est["breakdown_gib"].get("overhead", 0.0) * GIB
+        predicted = {"reserved": est["peak_reserved_bytes"], "tensor": tensor_bytes,
+                     "device": est["peak_bytes"]}[quantity] / GIB
         results.append({
             **base, "payload": payload, "method": est["method"],
             "attn": payload["config"]["training"].get("attn_implementation", "sdpa"),
-            "compared": "peak_reserved_gib (no CUDA context)" if reserved else "peak_vram_gib",
+            "quantity": quantity,
+            "compared": {"reserved": "peak_reserved_gib (no CUDA context)", "tensor": "tensor bytes (no overhead)",
+                         "device": "peak_vram_gib"}[quantity],
             "predicted_gib": predicted, "device_total_gib": est["peak_bytes"] / GIB,
             "error_pct": (predicted - base["measured_gib"]) / base["measured_gib"] * 100,
             "naive_gib": naive_gib,
@@ -286,7 +367,9 @@ def main(argv: list[str] | None = None) -> int:
         except Exception as err:  # noqa: BLE001
             r["sensitivity"] = {"variant": name, "error": f"{type(err).__name__}: {err}"}
             continue
-        alt_gib = (alt["peak_reserved_bytes"] if r["compared"].startswith("peak_reserved") else alt["peak_bytes"]) / GIB
+        alt_tensor = alt["peak_bytes"] - alt["breakdown_gib"].get("overhead", 0.0) * GIB
+        alt_gib = {"reserved": alt["peak_reserved_bytes"], "tensor": alt_tensor,
+                   "device": alt["peak_bytes"]}[r["quantity"]] / GIB
         r["sensitivity"] = {"variant": name, "predicted_gib": alt_gib,
                             "error_pct": (alt_gib - r["measured_gib"]) / r["measured_gib"] * 100}
         print(f"  sensitivity [{r['row']}] {r['model']} {r['method_text']} with {name}: {alt_gib:.2f} GiB "
@@ -295,7 +378,7 @@ def main(argv: list[str] | None = None) -> int:
     # exact cross-check on a few rows
     ok = [r for r in results if "error_pct" in r]
     if args.exact_rows is None:
-        exact_rows = list(DEFAULT_EXACT)
+        exact_rows = list(DEFAULT_EXACT) if args.csv == DEFAULT_CSV else []
     elif args.exact_rows.strip().lower() == "none":
         exact_rows = []
     else:
@@ -324,9 +407,11 @@ def main(argv: list[str] | None = None) -> int:
     summary = summarize(ok)
     out = {"benchmark": "anchors", **env, "csv": args.csv, "rows": results, "skipped": skipped, "summary": summary,
            "seconds_total": time.perf_counter() - t0, "loadavg_end": loadavg(),
-           "notes": ["measured decimal GB converted to GiB (x 1e9 / 2**30)",
-                     "both sources measure torch.cuda max_memory_reserved: compared with peak_reserved_gib (the "
-                     "estimate without the CUDA profile's context; its allocator fraction is included)",
+           "notes": ["measured GB converted to GiB (x 1e9 / 2**30) unless the row's `unit` is GiB; unstated "
+                     "units are read as GB",
+                     "max_memory_reserved rows (ms-swift, PEFT MetaMathQA, `stat` reserved) are compared with "
+                     "peak_reserved_gib (the estimate without the CUDA profile's context; its allocator fraction is "
+                     "included); `stat` allocated/active with the tensor bytes; other rows with peak_vram_gib",
                      "PEFT MetaMathQA rows are variable-length (max 768): estimated at 768, the longest batch sets "
                      "the peak", "naive baseline = params_b x 1e9 x 2 bytes x 4"]}
     out_path = (REPO / args.out) if not Path(args.out).is_absolute() else Path(args.out)

@@ -13,7 +13,8 @@ Sources, and what `--run` re-runs to refresh them:
   today's estimator, no probing);
 - vs real GPU probes: a measured CUDA profile (`profiles/calibration/cuda-*.json` with a probe table), when one
   has been committed;
-- vs published measurements: `bench/results/anchors.json` (`python -m bench.anchors` into a scratch file);
+- vs published measurements: `bench/results/anchors.json` (`python -m bench.anchors` into a scratch file), and the
+  extra set `bench/results/anchors_extra.json` (`python -m bench.anchors --csv bench/anchors_extra.csv`);
 - estimate latency: `bench/results/latency.json` (not re-run: `python -m bench.latency`).
 """
 
@@ -30,6 +31,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
 CALIBRATION = ROOT / "profiles" / "calibration"
+EXTRA_CSV = ROOT / "bench" / "anchors_extra.csv"
 
 
 def _load(path: Path) -> dict | None:
@@ -85,16 +87,16 @@ def probes(profile: dict | None, path: Path | None, device: str, goal: str) -> d
     return row
 
 
-def anchors(doc: dict | None, origin: str) -> list[dict]:
+def anchors(doc: dict | None, origin: str, label: str = "published measurements", command: str = "") -> list[dict]:
     if not doc:
-        return [{"comparison": "vs published measurements", "goal": "reported", "source": origin,
-                 "ours": "no result: run `python -m bench.anchors`", "met": None}]
+        return [{"comparison": f"vs {label}", "goal": "reported", "source": origin,
+                 "ours": f"no result: run `python -m bench.anchors{command}`", "met": None}]
     rows = []
     s = doc["summary"]
     parts = [("all rows", s["ours"], s["naive"])] + [
         (name, v["ours"], v["naive"]) for name, v in sorted(s.get("by_source", {}).items())]
     for name, ours, naive in parts:
-        rows.append({"comparison": f"vs published measurements: {name}", "goal": "reported (README)", "source": origin,
+        rows.append({"comparison": f"vs {label}: {name}", "goal": "reported (README)", "source": origin,
                      "n": ours["n"], "ours": f"median {_pct(ours['median_abs_pct'])}, worst "
                                              f"{_pct(ours['worst_pct'], True)}; {ours['within_10pct']}/{ours['n']} "
                                              "within 10%",
@@ -123,12 +125,15 @@ def _profile(kind: str) -> tuple[dict | None, Path | None]:
 
 def collect(run: bool = False) -> list[dict]:
     accuracy_path, anchors_path = RESULTS / "accuracy.json", RESULTS / "anchors.json"
+    extra_path = RESULTS / "anchors_extra.json"
     cpu, cpu_path = _profile("cpu")
     if run:
         scratch = Path(tempfile.mkdtemp(prefix="advisor-report-"))
         accuracy_path, anchors_path = scratch / "accuracy.json", scratch / "anchors.json"
         _run(["-m", "bench.accuracy", "--quick", "--out", str(accuracy_path)])
         _run(["-m", "bench.anchors", "--out", str(anchors_path)])
+        extra_path = scratch / "anchors_extra.json"
+        _run(["-m", "bench.anchors", "--csv", str(EXTRA_CSV), "--out", str(extra_path)])
         if cpu_path is not None:
             refit = scratch / cpu_path.name
             _run(["-m", "advisor.cli", "calibrate", "--refit", str(cpu_path), "--repredict", "--out", str(refit)])
@@ -138,6 +143,8 @@ def collect(run: bool = False) -> list[dict]:
             probes(cpu, cpu_path, "CPU", "≤ 1% (the counter is exact there)"),
             probes(cuda, cuda_path, "GPU", "median ≤ 3%, p95 ≤ 8%, never under by more than 5%")]
     rows += anchors(_load(anchors_path), "re-run" if run else "bench/results/anchors.json")
+    rows += anchors(_load(extra_path), "re-run" if run else "bench/results/anchors_extra.json",
+                    "extra published set", " --csv bench/anchors_extra.csv")
     rows.append(latency(_load(RESULTS / "latency.json")))
     return rows
 
