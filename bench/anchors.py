@@ -126,6 +126,19 @@ def map_model(name: str) -> Any:
     raise KeyError(f"no mapping for model {name!r}")
 
 
+def _listed_targets(t: str) -> str | list[str] | None:
+    """The LoRA targets a method string names: "all-linear", a list "(q,v,o,gate,up,down)" of short names,
+    BLOOM's "(query_key_value)"; None when it names none (or Qwen-1's "(c_attn)", mapped by the caller)."""
+    if "all-linear" in t:
+        return "all-linear"
+    listed = re.search(r"\(([a-z_,]+)\)", t.replace(" ", ""))
+    if listed and listed.group(1) == "query_key_value":  # BLOOM's fused attention projection
+        return ["query_key_value"]
+    if listed and all(x in SHORT_TARGETS for x in listed.group(1).split(",")):
+        return [SHORT_TARGETS[x] for x in listed.group(1).split(",")]
+    return None
+
+
 def map_method(text: str) -> tuple[str | None, dict, str | None]:
     """(method id, peft, skip reason) for a CSV method string."""
     t = text.strip().lower()
@@ -134,8 +147,12 @@ def map_method(text: str) -> tuple[str | None, dict, str | None]:
             return None, {}, f"{word}: not a method the advisor models"
     rank = re.search(r"\br(\d+)\b", t)
     r = int(rank.group(1)) if rank else None
-    if t.startswith("qlora"):
-        return "qlora", {}, None
+    if t.startswith("qlora"):  # rank and targets when the string gives them; else the source's (SOURCE_PEFT)
+        peft = {"r": r} if r else {}
+        targets = _listed_targets(t)
+        if targets:
+            peft["target_modules"] = targets
+        return "qlora", peft, None
     if t.startswith("adalora"):
         peft = {"target_r": r, "init_r": 2 * r} if r else {}
         if "all-linear" in t:
@@ -143,13 +160,9 @@ def map_method(text: str) -> tuple[str | None, dict, str | None]:
         return "adalora", peft, None
     if t.startswith("lora"):
         peft = {"r": r} if r else {}
-        listed = re.search(r"\(([a-z_,]+)\)", t.replace(" ", ""))
-        if "all-linear" in t:
-            peft["target_modules"] = "all-linear"
-        elif listed and listed.group(1) == "query_key_value":  # BLOOM's fused attention projection
-            peft["target_modules"] = ["query_key_value"]
-        elif listed and all(x in SHORT_TARGETS for x in listed.group(1).split(",")):
-            peft["target_modules"] = [SHORT_TARGETS[x] for x in listed.group(1).split(",")]
+        targets = _listed_targets(t)
+        if targets:
+            peft["target_modules"] = targets
         else:  # "(c_attn)" (Qwen-1's fused qkv) or no targets (ms-swift's default for Llama-type: q, k, v)
             peft["target_modules"] = list(QKV)
         return "lora", peft, None
