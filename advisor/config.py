@@ -52,6 +52,12 @@ class TrainingConfig(BaseModel):
     per_device_train_batch_size: int = Field(4, ge=1, le=65536, description="Micro-batch per device.")
     gradient_accumulation_steps: int = Field(4, ge=1, le=65536)
     max_seq_length: int = Field(1024, ge=8, le=2_097_152, description="Tokens per example after truncation.")
+    max_target_length: int | None = Field(
+        None, ge=1, le=2_097_152,
+        description="Encoder-decoder models only: target (decoder) tokens per example after truncation, as "
+                    "`max_target_length` in transformers' seq2seq examples; default: max_seq_length. Short targets "
+                    "(labels of a classifier, a summary) make the decoder's activations and logits a fraction of "
+                    "the encoder's.")
     warmup_ratio: float = Field(0.03, ge=0, lt=1)
     weight_decay: float = Field(0.0, ge=0, le=1)
     lr_scheduler_type: Literal["cosine", "linear", "constant", "constant_with_warmup"] = "cosine"

@@ -374,15 +374,19 @@ def _is_fake(t: torch.Tensor) -> bool:
 
 
 def make_batch(
-    kind: str, batch_size: int, seq_len: int, vocab_size: int, *, device="cpu", generator=None, fake=False
+    kind: str, batch_size: int, seq_len: int, vocab_size: int, *, device="cpu", generator=None, fake=False,
+    target_len: int | None = None,
 ) -> dict[str, torch.Tensor]:
-    """A training batch of the given shape: random ids (real) or empty tensors (fake/meta)."""
+    """A training batch of the given shape: random ids (real) or empty tensors (fake/meta). Seq2seq models build
+    their decoder inputs by shifting the labels, so `labels` is the decoder's length: `target_len` (default
+    `seq_len`); a causal LM's labels are its inputs."""
     shape = (batch_size, seq_len)
+    target = (batch_size, target_len or seq_len) if kind == "seq2seq" else shape
     if fake:
         ids = torch.empty(shape, dtype=torch.long, device=device)
-        labels = torch.empty(shape, dtype=torch.long, device=device)
+        labels = torch.empty(target, dtype=torch.long, device=device)
     else:
         ids = torch.randint(4, vocab_size, shape, generator=generator, device=device)
-        labels = ids.clone()
-    # seq2seq models build decoder inputs by shifting the labels, so the same two tensors serve both kinds
+        labels = ids.clone() if target == shape else torch.randint(4, vocab_size, target, generator=generator,
+                                                                     device=device)
     return {"input_ids": ids, "labels": labels}

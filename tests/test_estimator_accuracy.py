@@ -237,3 +237,35 @@ def test_breakdown_names_optimizer_state_at_an_optimizer_step_peak(tiny_dirs):
         # two fp32 AdamW states + the update's intermediate (foreach), all under optimizer; nothing is activation
         assert bd["optimizer"] >= 2 * params_gib * 0.99, bd
         assert bd["activations"] <= 0.05 * params_gib, bd
+
+
+def test_seq2seq_max_target_length(tiny_dirs):
+    """The decoder's length is max_target_length: the fast model matches the simulation at a short target, costs
+    less than at target = source length, counts fewer FLOPs; a decoder-only model refuses the field by name."""
+    from advisor.errors import AdvisorInputError
+    from advisor.estimator.fast import estimate_plan, training_flops_per_token, memory_model
+    from advisor.estimator.plan import build_plan
+    from advisor.estimator.profile import Profile
+    from advisor.memory.simulate import simulate_in_process
+    from advisor.schemas import EstimateRequest
+
+    def plan(model, target):
+        training = {"per_device_train_batch_size": 3, "max_seq_length": 64}
+        if target is not None:
+            training["max_target_length"] = target
+        return build_plan(EstimateRequest.model_validate({
+            "model": str(model), "hardware": {"gpu": "none"}, "method": "lora", "config": {"training": training}}))
+
+    short, same = plan(tiny_dirs["t5"], 8), plan(tiny_dirs["t5"], None)
+    mm_short = memory_model(short, profile=Profile("none", "cpu", {}))
+    mm_same = memory_model(same, profile=Profile("none", "cpu", {}))
+    fast = mm_short.peak(3)[0]
+    sim = simulate_in_process(short.model, short.config, 3, 64)["peak_bytes"]
+    assert abs(fast - sim) / sim <= 0.001, (fast, sim)
+    assert fast < mm_same.peak(3)[0]
+    assert mm_short.static.decoder_matmul_params > 0
+    assert training_flops_per_token(mm_short) < training_flops_per_token(mm_same)
+    assert estimate_plan(short)["micro_batch"] == 3
+    with pytest.raises(AdvisorInputError) as err:
+        plan(tiny_dirs["llama"], 8)
+    assert err.value.field == "config.training.max_target_length"

@@ -134,6 +134,20 @@ def test_every_method_simulates_like_a_real_run(small_llama, method):
     assert abs(sim["peak_bytes"] - real["peak_bytes"]) <= tolerance * real["peak_bytes"], (sim["peak_bytes"], real["peak_bytes"])
 
 
+def test_seq2seq_target_length_simulates_like_a_real_run(tiny_dirs):
+    """An encoder-decoder's decoder runs over max_target_length tokens: simulated == real to the byte, and a short
+    target costs less than the default (target = source length)."""
+    t5 = resolve_model(str(tiny_dirs["t5"]))
+    peaks = {}
+    for target in (None, 4):
+        cfg = get_method("lora").resolve_config({"training": {"max_target_length": target}})
+        sim = simulate_in_process(t5, cfg, 2, 32)
+        real = measure_real(t5, cfg, 2, 32)
+        assert sim["peak_bytes"] == real["peak_bytes"], (target, sim["peak_bytes"], real["peak_bytes"])
+        peaks[target] = sim["peak_bytes"]
+    assert peaks[4] < peaks[None]
+
+
 def test_subprocess_simulation_is_cached_and_matches_in_process(small_llama):
     cfg = get_method("lora").resolve_config({})
     first = simulate(small_llama, cfg, 1, 32)

@@ -114,6 +114,23 @@ def test_t5_lora_seq2seq(tiny_dirs, data_dir, tmp_path):
     assert model.config.is_encoder_decoder and new_tokens > 0
 
 
+def test_t5_targets_truncated_to_max_target_length(tiny_dirs, data_dir, tmp_path):
+    """Seq2seq targets are cut at max_target_length (the sources at max_seq_length), and the job trains with it."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_dirs["t5"])
+    full = load_dataset(data_dir / "completion.jsonl", "auto", tok, kind="seq2seq", max_seq_length=256)
+    cut = load_dataset(data_dir / "completion.jsonl", "auto", tok, kind="seq2seq", max_seq_length=256,
+                       max_target_length=3)
+    assert max(len(e.labels) for e in full.train) > 3
+    assert max(len(e.labels) for e in cut.train) == 3
+    assert [e.input_ids for e in cut.train] == [e.input_ids for e in full.train]
+    assert any("max_target_length=3" in n for n in cut.notes)
+    job = _job(tiny_dirs["t5"], "lora", data_dir, fmt="completion", training={"max_target_length": 3}, estimate=False)
+    result = run_training(job, output_dir=tmp_path, device="cpu")
+    assert result["status"] == "succeeded" and math.isfinite(result["metrics"]["loss"])
+
+
 # ----------------------------------------------------------------------------------------------- data
 def _rows(path, rows):
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))

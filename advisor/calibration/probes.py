@@ -238,7 +238,7 @@ def time_steps(resolved, cfg, batch_size: int, seq_len: int, steps: int, device:
     optimizer = make_optimizer(prepared, cfg.training)
     gen = torch.Generator(device="cpu").manual_seed(seed)
     batch = {k: v.to(device) for k, v in make_batch(resolved.kind, batch_size, seq_len, _vocab_size(resolved.config),
-                                                      generator=gen).items()}
+                                                      generator=gen, target_len=cfg.training.max_target_length).items()}
     cuda = device.startswith("cuda")
     seconds = []
     for step in range(steps):

@@ -83,7 +83,8 @@ def coefficient_key(resolved, cfg: MethodConfig, seq_len: int) -> str:
         "method": _simulation_config(cfg).model_dump(
             mode="json", include={"method", "peft", "quantization"}),
         "training": cfg.training.model_dump(mode="json", include={"torch_dtype", "bf16", "fp16", "gradient_checkpointing",
-                                                                  "attn_implementation", "max_grad_norm"}),
+                                                                  "attn_implementation", "max_grad_norm",
+                                                                  "max_target_length"}),
         "optim_family": "galore" if cfg.training.optim.startswith("galore") else _simulation_config(cfg).training.optim,
         "seq_len": seq_len,
         "v": FIT_VERSION,

@@ -123,16 +123,24 @@ def training_flops_per_token(mm: MemoryModel) -> float:
     Method terms: prompt tuning runs every layer over its virtual tokens too (× (s + p) / s); prefix tuning's
     keys include the p prefix tokens (kv = s + p); LongLoRA's S²-Attn attends within groups of ratio·s tokens
     during training (kv = ratio·s, when the sequence splits into ≥ 2 whole groups). GaLore's per-step projections
-    do not scale with tokens: `step_flops` adds them per optimizer step."""
+    do not scale with tokens: `step_flops` adds them per optimizer step. Encoder-decoder models count per source
+    token: the decoder's matmul parameters see t = max_target_length tokens for every s source tokens (N_eff =
+    N_enc + N_dec·t/s, trained parameters in the same proportion), and attention is the encoder's self-attention
+    over s, the decoder's over t and its cross-attention over s (4·L·q·(s + t²/s + t) per source token)."""
     st, plan = mm.static, mm.plan
     n = max(st.total_params - st.lookup_params, 0)
     trained = max(st.trainable_params - st.trainable_lookup_params, 0)
+    s = plan.seq_len
+    seq2seq = plan.model.kind == "seq2seq"
+    t = (plan.training.max_target_length or s) if seq2seq else s
+    if seq2seq and s > 0 and n > 0:
+        n_eff = (n - st.decoder_matmul_params) + st.decoder_matmul_params * t / s
+        trained, n = trained * n_eff / n, n_eff
     gc = plan.training.gradient_checkpointing
     forward = 2 * n
     flops = forward + 2 * n + 2 * trained
     if gc:
         flops += forward
-    s = plan.seq_len
     kv = s
     peft = plan.config.peft or {}
     method = plan.spec.id
@@ -144,6 +152,8 @@ def training_flops_per_token(mm: MemoryModel) -> float:
         if group >= 2 and s % group == 0 and s >= 2 * group:
             kv = group
     attention = 4 * st.layers * kv * st.q_dim
+    if seq2seq and s > 0:
+        attention = 4 * st.layers * st.q_dim * (s + t * t / s + t)
     flops += attention * (3 + (1 if gc else 0))
     if method == "prompt_tuning" and s > 0:
         flops *= (s + int(peft.get("num_virtual_tokens") or 0)) / s

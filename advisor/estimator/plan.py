@@ -54,6 +54,10 @@ def build_plan(req: EstimateRequest) -> Plan:
             + (f" with rope_scaling × {rs.factor:g}" if rs is not None else "") + "); lower it, or set "
             "config.training.rope_scaling (e.g. {'type': 'linear', 'factor': 8}; LongLoRA extends context that way)",
         )
+    if cfg.training.max_target_length is not None and model.kind != "seq2seq":
+        raise AdvisorInputError("config.training.max_target_length",
+                                f"{model.id} is a decoder-only model: its labels are its inputs, so only "
+                                "max_seq_length applies (max_target_length is for encoder-decoder models such as T5)")
     return Plan(model, spec, cfg, hardware, cfg.training.per_device_train_batch_size, seq, req)
 
 

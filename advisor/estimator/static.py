@@ -46,6 +46,7 @@ class StaticTerms:
     lookup_params: int = 0  # embedding tables (no matmul): left out of training FLOPs
     trainable_lookup_params: int = 0
     optimizer_flops_per_step: float = 0.0  # per optimizer step, whatever the tokens (GaLore's projections)
+    decoder_matmul_params: int = 0  # encoder-decoder: the decoder's and the output head's matmul parameters
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -109,6 +110,7 @@ def _count(resolved, cfg: MethodConfig, layers: int) -> dict[str, int]:
     trainable, total = prepared.param_counts()
     out["total_params"] = total
     out["lookup_params"], out["trainable_lookup_params"] = _lookup_params(prepared.model)
+    out["decoder_matmul_params"] = _decoder_matmul_params(prepared.model) if resolved.kind == "seq2seq" else 0
     for b in prepared.model.buffers():
         if id(b) not in seen:
             seen.add(id(b))
@@ -141,6 +143,21 @@ def _lookup_params(model) -> tuple[int, int]:
             total += w.numel()
             trainable += w.numel() if w.requires_grad else 0
     return total, trainable
+
+
+def _decoder_matmul_params(model) -> int:
+    """Encoder-decoder: parameters the decoder's tokens go through as matmuls (its blocks, with cross-attention, and
+    the output head); tables (embeddings) are lookups. With a target length t ≠ s these see t tokens, not s."""
+    seen, total = set(), 0
+    for name, mod in model.named_modules():
+        parts = name.split(".")
+        if isinstance(mod, torch.nn.Embedding) or not ("decoder" in parts or "lm_head" in parts):
+            continue
+        for p in mod.parameters(recurse=False):
+            if id(p) not in seen:
+                seen.add(id(p))
+                total += p.numel()
+    return total
 
 
 def optimizer_bytes(prepared, cfg: MethodConfig) -> tuple[int, int]:
@@ -209,7 +226,7 @@ def _key(resolved, cfg: MethodConfig) -> str:
     basis = {"config": resolved.config.to_dict(), "kind": resolved.kind,
              "method": cfg.model_dump(mode="json", include={"method", "peft", "quantization"}),
              "training": cfg.training.model_dump(mode="json", include={"torch_dtype", "optim", "bf16", "fp16"}),
-             "v": 2}
+             "v": 3}
     basis["config"].pop("_name_or_path", None)
     basis["config"].pop("transformers_version", None)
     return hashlib.sha256(json.dumps(basis, sort_keys=True, default=str).encode()).hexdigest()[:32]
@@ -272,4 +289,5 @@ def _compute(resolved, cfg: MethodConfig) -> dict:
         "lookup_params": extrapolate("lookup_params"),
         "trainable_lookup_params": extrapolate("trainable_lookup_params"),
         "optimizer_flops_per_step": extrapolate("optimizer_flops"),
+        "decoder_matmul_params": extrapolate("decoder_matmul_params"),
     }

@@ -105,13 +105,14 @@ def prompt_and_response(row: dict, fmt: str) -> tuple[str, str]:
     raise SystemExit(f"format {fmt!r} needs a causal language model")
 
 
-def encode(row: dict, fmt: str, tok, max_len: int, seq2seq: bool) -> dict | None:
-    """input_ids / labels with the prompt masked out (IGNORE), so the loss is on responses only."""
+def encode(row: dict, fmt: str, tok, max_len: int, seq2seq: bool, target_len: int | None = None) -> dict | None:
+    """input_ids / labels with the prompt masked out (IGNORE), so the loss is on responses only (seq2seq: targets
+    truncated to target_len, default max_len)."""
     eos = tok.eos_token or ""
     if seq2seq:
         prompt, response = prompt_and_response(row, fmt)
         ids = tok(prompt, truncation=True, max_length=max_len)["input_ids"]
-        labels = tok(text_target=response, truncation=True, max_length=max_len)["input_ids"]
+        labels = tok(text_target=response, truncation=True, max_length=target_len or max_len)["input_ids"]
         return {"input_ids": ids, "attention_mask": [1] * len(ids), "labels": labels}
     if fmt == "text":
         ids = tok(str(row["text"]) + eos, truncation=True, max_length=max_len)["input_ids"]
@@ -218,6 +219,8 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--max-steps", type=int, default=-1, help="stop after N optimizer steps (default: whole epochs)")
     ap.add_argument("--epochs", type=float, default=TRAINING["num_train_epochs"])
     ap.add_argument("--seq-len", type=int, default=TRAINING["max_seq_length"], help="tokens per example")
+    ap.add_argument("--target-len", type=int, default=TRAINING.get("max_target_length"),
+                    help="encoder-decoder models: target tokens per example (default: --seq-len)")
     ap.add_argument("--val-split", type=float, default=VAL_SPLIT)
     return ap.parse_args()
 
@@ -261,7 +264,8 @@ def main() -> None:
 
     rows = read_rows(args.data)
     fmt = detect_format(rows[0]) if args.data_format == "auto" else args.data_format
-    examples = [ex for ex in (encode(r, fmt, tok, args.seq_len, seq2seq) for r in rows) if ex is not None]
+    examples = [ex for ex in (encode(r, fmt, tok, args.seq_len, seq2seq, args.target_len) for r in rows)
+                if ex is not None]
     if not examples:
         raise SystemExit(f"no trainable examples in {args.data}")
     random.Random(TRAINING["seed"]).shuffle(examples)

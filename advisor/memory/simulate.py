@@ -146,7 +146,8 @@ def simulate_in_process(resolved, cfg: MethodConfig, batch_size: int, seq_len: i
         _to_fake(prepared)
         optimizer = make_optimizer(prepared, cfg.training)
         vocab = _vocab_size(resolved.config)
-        batch = make_batch(resolved.kind, batch_size, seq_len, vocab, fake=True)
+        batch = make_batch(resolved.kind, batch_size, seq_len, vocab, fake=True,
+                           target_len=cfg.training.max_target_length)
         result = _measure(prepared, optimizer, batch, cfg.training, steps)
     result.update(trainable_params=trainable, total_params=total, seconds=time.perf_counter() - t0,
                   mode="simulated", device="fake-cpu", notes=prepared.notes)
@@ -166,7 +167,8 @@ def measure_real(resolved, cfg: MethodConfig, batch_size: int, seq_len: int, ste
     trainable, total = prepared.param_counts()
     optimizer = make_optimizer(prepared, cfg.training)
     gen = torch.Generator(device="cpu").manual_seed(seed)
-    batch = {k: v.to(device) for k, v in make_batch(resolved.kind, batch_size, seq_len, _vocab_size(resolved.config), generator=gen).items()}
+    batch = {k: v.to(device) for k, v in make_batch(resolved.kind, batch_size, seq_len, _vocab_size(resolved.config),
+                                                      generator=gen, target_len=cfg.training.max_target_length).items()}
     if device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
     result = _measure(prepared, optimizer, batch, cfg.training, steps,

@@ -393,8 +393,11 @@ def load_dataset(
     seed: int = 42,
     packing: bool = False,
     fixed_rows: bool = False,
+    max_target_length: int | None = None,
 ) -> TrainData:
-    """Read, validate, tokenize, split and truncate; pack the training split when asked (causal LMs)."""
+    """Read, validate, tokenize, split and truncate; pack the training split when asked (causal LMs). Seq2seq
+    targets are truncated to `max_target_length` (default: max_seq_length)."""
+    target_max = (max_target_length or max_seq_length) if kind == "seq2seq" else max_seq_length
     rows = read_rows(path)
     name = Path(path).name
     fmt = detect_format(rows[0], name) if fmt == "auto" else fmt
@@ -405,10 +408,11 @@ def load_dataset(
     for bucket, idx in ((kept_train, train_idx), (kept_val, val_idx)):
         for i in idx:
             ex = examples[i]
-            cut = len(ex.input_ids) > max_seq_length or (kind == "seq2seq" and len(ex.labels) > max_seq_length)
+            cut = len(ex.input_ids) > max_seq_length or (kind == "seq2seq" and len(ex.labels) > target_max)
             if cut:
                 truncated += 1
-                ex = Example(ex.input_ids[:max_seq_length], ex.labels[:max_seq_length])
+                ex = Example(ex.input_ids[:max_seq_length],
+                             ex.labels[:target_max] if kind == "seq2seq" else ex.labels[:max_seq_length])
             if not any(t != IGNORE for t in ex.labels) or not ex.input_ids:
                 dropped += 1
                 continue
@@ -418,7 +422,9 @@ def load_dataset(
                                 f"to max_seq_length={max_seq_length}")
     data = TrainData(kept_train, kept_val, fmt, kind, truncated, dropped, num_examples=len(kept_train))
     if truncated:
-        data.notes.append(f"{truncated} example(s) truncated to max_seq_length={max_seq_length}")
+        data.notes.append(f"{truncated} example(s) truncated to max_seq_length={max_seq_length}"
+                          + (f" / max_target_length={target_max}" if kind == "seq2seq" and target_max != max_seq_length
+                             else ""))
     if dropped:
         data.notes.append(f"{dropped} example(s) dropped: no response token left after truncation")
     if fixed_rows and kind != "seq2seq":

@@ -236,7 +236,7 @@ class _Trainer:
         self.data: TrainData = load_dataset(
             ds["path"], ds.get("format", "auto"), self.tokenizer, kind=self.resolved.kind,
             max_seq_length=t.max_seq_length, validation_split=ds.get("validation_split", 0.1), seed=t.seed,
-            packing=packing, fixed_rows=self.spec.id == "longlora",
+            packing=packing, fixed_rows=self.spec.id == "longlora", max_target_length=t.max_target_length,
         )
         self.notes += self.data.notes
 
@@ -385,6 +385,8 @@ class _Trainer:
         if seq_len is not None:
             config["training"]["max_seq_length"] = int(seq_len)
         lengths = [len(r.input_ids) for r in self.data.train]
+        if self.resolved.kind == "seq2seq":  # the decoder runs over the longest target, not the source length
+            config["training"]["max_target_length"] = max(len(r.labels) for r in self.data.train)
         dataset = {"num_examples": max(1, len(self.data.train)), "avg_tokens": sum(lengths) / len(lengths),
                    "max_tokens": max(lengths)}
         hardware = {"gpu": "auto"} if self.device.type == "cuda" else {"gpu": "none"}
