@@ -204,7 +204,13 @@ SOURCE_PEFT = {
 # - QwenLM/Qwen README: full-parameter finetuning runs finetune/finetune_ds.sh (`--bf16 True --deepspeed
 #   finetune/ds_config_zero3.json`); DeepSpeed's bf16 mode keeps fp32 master weights and fp32 AdamW states, i.e.
 #   mixed precision over fp32 parameters (its memory table is in GB: "We profile the memory (GB)").
+# - huggingface/peft README (2022) table: examples/conditional_generation/peft_lora_seq2seq_accelerate_ds_zero3_offload.py
+#   pads every target to `target_max_length = max(len(tokenizer(class_label)["input_ids"]) ...)`, the longest RAFT
+#   twitter_complaints label ("Unlabeled" / "complaint" / "no complaint": ~4 T5 tokens with </s>), so the
+#   encoder-decoder rows have a 4-token decoder (`max_target_length`; decoder-only rows ignore it).
 SOURCE_TRAINING = {"Qwen-README": {"full": {"torch_dtype": "float32"}}}
+SOURCE_TARGET_LENGTH = {"peft-README": 4}
+ENCODER_DECODER = {"bigscience/T0_3B", "bigscience/mt0-xxl"}
 # What each source measured: both report the caching allocator's reserve, without the CUDA context.
 #   ms-swift: swift's get_max_cuda_memory() = torch.cuda.max_memory_reserved() / 1024**3 (GiB);
 #   PEFT MetaMathQA run.py: torch.cuda.memory_reserved() after each step (the reserve only grows between its
@@ -246,6 +252,8 @@ def map_row(row: dict) -> tuple[dict | None, str | None]:
     if gpu is None:
         return None, f"no mapping for GPU {row['gpu']!r}"
     model = map_model(row["model"])
+    if isinstance(model, str) and model in ENCODER_DECODER and source_short(row["source"]) in SOURCE_TARGET_LENGTH:
+        training["max_target_length"] = SOURCE_TARGET_LENGTH[source_short(row["source"])]
     if isinstance(model, str) and model.startswith("bigscience/") and "target_modules" in peft:
         # T5/mT0 name their attention projections q, k, v, o; BLOOM keeps its fused query_key_value
         peft["target_modules"] = [{"q_proj": "q", "k_proj": "k", "v_proj": "v", "o_proj": "o"}.get(m, m)
