@@ -91,10 +91,10 @@ QWEN1_YI: dict[str, dict[str, Any]] = {
 }
 # Qwen-1 base models have their chat models' architecture (bench/anchors_extra.csv names the base models)
 QWEN1_YI.update({"qwen-1_8b": QWEN1_YI["qwen-1_8b-chat"], "qwen-7b": QWEN1_YI["qwen-7b-chat"],
-                 "qwen-14b": QWEN1_YI["qwen-14b-chat"]})
+                 "qwen-14b": QWEN1_YI["qwen-14b-chat"], "yi-34b": QWEN1_YI["yi-34b-chat"]})
 CATALOG = {"llama-3.2-3b": "meta-llama/Llama-3.2-3B", "llama3-8b-instruct": "meta-llama/Meta-Llama-3-8B",
            "meta-llama-3-8b-instruct": "meta-llama/Meta-Llama-3-8B", "llama-3.1-8b-instruct": "meta-llama/Llama-3.1-8B",
-           "llama-2-7b-hf": "meta-llama/Llama-2-7b-hf", "bigscience/t0_3b": "bigscience/T0_3B",
+           "llama-2-7b-hf": "meta-llama/Llama-2-7b-hf", "llama-2-70b-hf": "meta-llama/Llama-2-70b-hf", "bigscience/t0_3b": "bigscience/T0_3B",
            "bigscience/mt0-xxl": "bigscience/mt0-xxl", "bigscience/bloomz-7b1": "bigscience/bloomz-7b1"}
 # "unknown" (a source that does not name the card): the peak does not depend on which GPU, only the fit would
 GPUS = {"a100-80gb": "a100-80gb", "l40s-48gb": "l40s", "a100": "a100-80gb", "rtx4090-24gb": "rtx-4090",
@@ -248,19 +248,38 @@ def map_row(row: dict) -> tuple[dict | None, str | None]:
         training.update(bf16=False, torch_dtype="float32")
     if any(w in low for w in ("fa2 off", "eager", "matmul-softmax")):
         training["attn_implementation"] = "eager"
-    gpu = GPUS.get(row["gpu"].strip().lower())
+    gpu, count, strategy = map_gpu(row["gpu"])
     if gpu is None:
         return None, f"no mapping for GPU {row['gpu']!r}"
-    model = map_model(row["model"])
+    if strategy == "offload":
+        return None, "FSDP CPU offload of parameters: not modelled (our offload strategies move optimizer state only)"
+    try:
+        model = map_model(row["model"])
+    except KeyError as err:
+        return None, str(err).strip('"')
     if isinstance(model, str) and model in ENCODER_DECODER and source_short(row["source"]) in SOURCE_TARGET_LENGTH:
         training["max_target_length"] = SOURCE_TARGET_LENGTH[source_short(row["source"])]
     if isinstance(model, str) and model.startswith("bigscience/") and "target_modules" in peft:
         # T5/mT0 name their attention projections q, k, v, o; BLOOM keeps its fused query_key_value
         peft["target_modules"] = [{"q_proj": "q", "k_proj": "k", "v_proj": "v", "o_proj": "o"}.get(m, m)
                                   for m in peft["target_modules"]]
-    payload = {"model": model, "hardware": {"gpu": gpu}, "method": method,
+    payload = {"model": model, "hardware": {"gpu": gpu, "count": count}, "method": method,
                "config": {"peft": peft, "training": training}}
+    if strategy:
+        payload["_strategy"] = strategy  # passed to the estimator beside the request (not a request field)
     return payload, None
+
+
+def map_gpu(text: str) -> tuple[str | None, int, str | None]:
+    """(catalog GPU, count, strategy) for a row's `gpu`: "A100-80GB" is one card; "NxCARD-FSDP" / "NxCARD-ZeRO3" are N
+    cards fully sharded (FSDP FULL_SHARD and ZeRO-3 both shard weights, gradients and optimizer state: `zero3`),
+    "-offload" marks CPU offload; "2xGPU-FSDP" (a source that does not name the card) is read as A100 80GB."""
+    t = text.strip().lower()
+    m = re.fullmatch(r"(\d+)x(.+?)-(fsdp|zero3)(-offload)?", t)
+    if m is None:
+        return GPUS.get(t), 1, None
+    card = {"gpu": "a100-80gb", "40gb": "a100-40gb", "h100-80gb": "h100"}.get(m.group(2), GPUS.get(m.group(2)))
+    return card, int(m.group(1)), "offload" if m.group(4) else "zero3"
 
 
 def source_short(src: str) -> str:
@@ -331,15 +350,17 @@ def main(argv: list[str] | None = None) -> int:
         if payload is None:
             skipped.append({**base, "reason": reason})
             continue
+        strategy = payload.pop("_strategy", None)
         req = EstimateRequest.model_validate(payload)
         t = time.perf_counter()
         try:
-            est = fast_estimate(req)
+            est = fast_estimate(req, strategy=strategy)
         except Exception as err:  # noqa: BLE001 - reported per row
             results.append({**base, "payload": payload, "error": f"{type(err).__name__}: {err}"})
             continue
         seconds = time.perf_counter() - t
-        naive_gib = base["params_b"] * 1e9 * 2 * 4 / GIB
+        # the naive rule per device: a sharded run (FSDP / ZeRO-3) splits it over the devices
+        naive_gib = base["params_b"] * 1e9 * 2 * 4 / GIB / (payload["hardware"]["count"] if strategy else 1)
         quantity = compared_quantity(row, base["source"])
         tensor_bytes = est["peak_bytes"] - est["breakdown_gib"].get("overhead", 0.0) * GIB
         predicted = {"reserved": est["peak_reserved_bytes"], "tensor": tensor_bytes,
@@ -347,7 +368,7 @@ def main(argv: list[str] | None = None) -> int:
         results.append({
             **base, "payload": payload, "method": est["method"],
             "attn": payload["config"]["training"].get("attn_implementation", "sdpa"),
-            "quantity": quantity,
+            "quantity": quantity, "strategy": est["strategy"], "devices": payload["hardware"]["count"],
             "compared": {"reserved": "peak_reserved_gib (no CUDA context)", "tensor": "tensor bytes (no overhead)",
                          "device": "peak_vram_gib"}[quantity],
             "predicted_gib": predicted, "device_total_gib": est["peak_bytes"] / GIB,
@@ -384,7 +405,7 @@ def main(argv: list[str] | None = None) -> int:
         name, change = variant
         p = {**r["payload"], "config": {k: {**v, **change.get(k, {})} for k, v in r["payload"]["config"].items()}}
         try:
-            alt = fast_estimate(EstimateRequest.model_validate(p))
+            alt = fast_estimate(EstimateRequest.model_validate(p), strategy=r["strategy"])
         except Exception as err:  # noqa: BLE001
             r["sensitivity"] = {"variant": name, "error": f"{type(err).__name__}: {err}"}
             continue
