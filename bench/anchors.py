@@ -118,11 +118,18 @@ DEFAULT_EXACT = (3, 11, 15, 36, 39)
 
 
 def map_model(name: str) -> Any:
+    """An explicit architecture (Qwen-1, Yi), a listed catalog id, else any catalog id/alias, else the catalog's base
+    model of a chat/instruct variant (the same architecture)."""
+    from advisor.catalog.models import base_variant, find_model
+
     key = name.strip().lower()
     if key in QWEN1_YI:
         return dict(QWEN1_YI[key])
     if key in CATALOG:
         return CATALOG[key]
+    entry = find_model(name) or base_variant(name)
+    if entry is not None:
+        return entry.id
     raise KeyError(f"no mapping for model {name!r}")
 
 

@@ -294,6 +294,27 @@ def test_unknown_hub_id_offline(monkeypatch):
     assert "meta-llama/Llama-2-7b-hf" in err.allowed
 
 
+@pytest.mark.parametrize(("ref", "base"), [
+    ("meta-llama/Llama-2-7b-chat-hf", "meta-llama/Llama-2-7b-hf"),
+    ("Meta-Llama-3-8B-Instruct", "meta-llama/Meta-Llama-3-8B"),
+    ("Qwen/Qwen2.5-7B-Instruct", "Qwen/Qwen2.5-7B"),
+    ("mistralai/Mixtral-8x7B-Instruct-v0.1", "mistralai/Mixtral-8x7B-v0.1"),
+    ("google/gemma-7b-it", "google/gemma-7b"),
+])
+def test_chat_variant_offline_uses_its_base_architecture(monkeypatch, ref, base):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    rm = resolve_model(ref)
+    assert rm.id == base and rm.note and ref in rm.note and base in rm.note
+
+
+def test_chat_variant_of_another_version_is_not_guessed(monkeypatch):
+    # Mistral-7B-Instruct-v0.2 is not v0.1's architecture (32k positions, no sliding window): no fallback
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(AdvisorInputError) as info:
+        resolve_model("mistralai/Mistral-7B-Instruct-v0.2")
+    assert info.value.field == "model"
+
+
 def test_missing_local_path_is_an_input_error(tmp_path):
     with pytest.raises(AdvisorInputError) as info:
         resolve_model(str(tmp_path / "nope" / "deeper"))

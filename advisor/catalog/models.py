@@ -159,6 +159,21 @@ def find_model(ref: str) -> ModelEntry | None:
     return next((e for e in entries if e.id == mid), None) if mid else None
 
 
+_VARIANT_RE = re.compile(r"-(instruct|chat|it)(?=-|$)", re.IGNORECASE)
+
+
+def base_variant(ref: str) -> ModelEntry | None:
+    """The catalog's base model of a chat/instruct variant: the reference with its "-Instruct" / "-chat" / "-it"
+    part removed ("meta-llama/Llama-2-7b-chat-hf" → Llama-2-7b-hf, "Qwen2.5-7B-Instruct" → Qwen2.5-7B,
+    "Mixtral-8x7B-Instruct-v0.1" → Mixtral-8x7B-v0.1); version suffixes stay, so "Mistral-7B-Instruct-v0.2" finds
+    nothing rather than v0.1's different architecture. None when there is no such part or no such base."""
+    name = ref.strip()
+    stripped = _VARIANT_RE.sub("", name)
+    if stripped == name:
+        return None
+    return find_model(stripped) or find_model(stripped.rsplit("/", 1)[-1])
+
+
 def clear_cache() -> None:
     """Forget parsed catalogs and computed parameter counts."""
     _load.cache_clear()
@@ -237,6 +252,7 @@ class ResolvedModel:
     origin: Literal["catalog", "local", "dict", "hub"] = "catalog"
     raw_config: dict | None = field(default=None, repr=False)
     declared_params: int | None = None
+    note: str | None = None  # how the reference was resolved, when that is not obvious (a base-model fallback)
 
     # ---- building
     def _untied_output_requested(self) -> bool:
@@ -454,6 +470,13 @@ def _from_hub(ref: str) -> ResolvedModel:
         except Exception as e:  # network errors, 404, gated repos, ...
             reason = f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
     if raw is None:
+        base = base_variant(ref)
+        if base is not None:
+            rm = _from_entry(base)
+            rm.note = (f"{ref!r} is not in the catalog and the Hub could not be reached ({reason}): using the "
+                       f"architecture of {base.id}, the model it was tuned from (chat/instruct variants keep their "
+                       "base model's architecture)")
+            return rm
         raise AdvisorInputError(
             "model",
             f"unknown model {ref!r}: not in the catalog, not a local directory with config.json, "

@@ -16,7 +16,7 @@ def exact_from_plan(plan: Plan, use_cache: bool = True) -> dict:
     sim = simulate(plan.model, plan.config, plan.batch_size, plan.seq_len, use_cache=use_cache)
     overhead_bytes, overhead_source = exact_overhead(plan, sim["peak_bytes"])
     peak = sim["peak_bytes"] + overhead_bytes
-    notes = list(sim.get("notes", []))
+    notes = list(sim.get("notes", [])) + ([plan.model.note] if plan.model.note else [])
     if plan.hardware.count > 1:
         notes.append(f"per-device peak of one replica (DDP); {plan.hardware.count} devices do not shard it")
     return {

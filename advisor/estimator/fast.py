@@ -252,6 +252,8 @@ def estimate_plan(plan: Plan, strategy: str | None = None, mm: MemoryModel | Non
         "profile": mm.profile.id,
     }
     notes = list(mm.profile.notes)
+    if plan.model.note:
+        notes.append(plan.model.note)
     if memory_bytes is None:
         notes.append("no GPU given: memory is reported, fit is not judged")
     result["notes"] = notes
