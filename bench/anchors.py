@@ -183,7 +183,7 @@ def map_method(text: str) -> tuple[str | None, dict, str | None]:
         return "adapter", {"placement": "houlsby"} if "houlsby" in t else {}, None
     if "galore" in t:
         return "galore", {"rank": r} if r else {}, None
-    if t == "full":
+    if t == "full" or (t.startswith("full") and "+" not in t):  # "full", "full fine-tuning", "full (bf16)"
         return "full", {}, None
     return None, {}, f"no mapping rule for {text!r}"
 
@@ -241,18 +241,22 @@ def map_row(row: dict) -> tuple[dict | None, str | None]:
             return None, f"{technique}: a technique the estimator does not model"
     if row["grad_ckpt"].strip().lower() not in ("on", "off", "true", "false", "yes", "no", "1", "0"):
         return None, f"gradient checkpointing {row['grad_ckpt']!r}: not stated by the source"
-    if row["optimizer"].strip().lower() != "adamw":
+    optim = map_optimizer(row["optimizer"])
+    if optim is None:
         return None, f"optimizer {row['optimizer']!r}: not mapped"
     training = {
         "per_device_train_batch_size": int(row["batch"]),
         "max_seq_length": int(row["seq_len"]),
         "gradient_checkpointing": row["grad_ckpt"].strip().lower() in ("on", "true", "yes", "1"),
-        "optim": "adamw_torch",
+        "optim": optim,
         "bf16": True,
     }
     training.update(SOURCE_TRAINING.get(source_short(row["source"]), {}).get(method, {}))
-    if row.get("precision", "").strip().lower() == "fp32":  # weights loaded in fp32, no mixed precision
+    precision = row.get("precision", "").strip().lower()
+    if precision in ("fp32", "float32"):  # weights loaded in fp32, no mixed precision
         training.update(bf16=False, torch_dtype="float32")
+    elif precision in ("fp16", "float16") or precision.endswith("+fp16"):  # fp16 compute (V100/T4-era runs)
+        training.update(bf16=False, fp16=True)
     if any(w in low for w in ("fa2 off", "eager", "matmul-softmax")):
         training["attn_implementation"] = "eager"
     gpu, count, strategy = map_gpu(row["gpu"])
@@ -277,6 +281,21 @@ def map_row(row: dict) -> tuple[dict | None, str | None]:
     return payload, None
 
 
+def map_optimizer(text: str) -> str | None:
+    """A CSV optimizer → ours: plain "AdamW" / "adamw_torch" is torch's AdamW (foreach on CUDA, what HF's Trainer
+    ran by default), "fused" its fused kernel; bitsandbytes' 8-bit / paged variants, SGD and Adafactor by name."""
+    t = text.strip().lower().replace(" ", "").replace("-", "_")
+    if t in ("adamw", "adam", "adamw_torch", "adamw(torch)", "adamw_hf", "torch.optim.adamw"):
+        return "adamw_torch"
+    if "fused" in t and "adam" in t:
+        return "adamw_torch_fused"
+    if "adam" in t and "8bit" in t:
+        return "paged_adamw_8bit" if "paged" in t else "adamw_8bit"
+    if "paged" in t and "adam" in t:
+        return "paged_adamw_32bit"
+    return {"sgd": "sgd", "adafactor": "adafactor"}.get(t)
+
+
 def map_gpu(text: str) -> tuple[str | None, int, str | None]:
     """(catalog GPU, count, strategy) for a row's `gpu`: "A100-80GB" is one card; "NxCARD-FSDP" / "NxCARD-ZeRO3" are N
     cards fully sharded (FSDP FULL_SHARD and ZeRO-3 both shard weights, gradients and optimizer state: `zero3`),
@@ -284,9 +303,21 @@ def map_gpu(text: str) -> tuple[str | None, int, str | None]:
     t = text.strip().lower()
     m = re.fullmatch(r"(\d+)x(.+?)-(fsdp|zero3)(-offload)?", t)
     if m is None:
-        return GPUS.get(t), 1, None
-    card = {"gpu": "a100-80gb", "40gb": "a100-40gb", "h100-80gb": "h100"}.get(m.group(2), GPUS.get(m.group(2)))
+        return GPUS.get(t) or _catalog_gpu(t), 1, None
+    card = {"gpu": "a100-80gb", "40gb": "a100-40gb"}.get(m.group(2)) or GPUS.get(m.group(2)) or _catalog_gpu(m.group(2))
     return card, int(m.group(1)), "offload" if m.group(4) else "zero3"
+
+
+def _catalog_gpu(name: str) -> str | None:
+    """Any GPU name the catalog resolves ("A100-40GB", "RTX 4090", "H100-80GB", "A10G", "L4", ...)."""
+    from advisor.catalog.gpus import resolve_gpu
+
+    for candidate in (name, re.sub(r"-?(\d+)\s*gb$", r" \1gb", name), re.sub(r"-?\d+\s*gb$", "", name)):
+        try:
+            return resolve_gpu(candidate).id
+        except Exception:  # noqa: BLE001 - not this spelling
+            continue
+    return None
 
 
 def source_short(src: str) -> str:
@@ -349,11 +380,17 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     results, skipped = [], []
     for n, row in enumerate(rows, 1):
-        payload, reason = map_row(row)
-        base = {"row": n, "source": source_short(row["source"]), "model": row["model"], "method_text": row["method"],
-                "params_b": float(row["params_b"]), "batch": int(row["batch"]), "seq_len": int(row["seq_len"]),
-                "grad_ckpt": row["grad_ckpt"], "gpu": row["gpu"], "measured_gb": float(row["peak_gb"]),
-                "measured_gib": measured_gib(row), "unit": row.get("unit") or "GB", "stat": row.get("stat") or ""}
+        try:
+            payload, reason = map_row(row)
+            base = {"row": n, "source": source_short(row["source"]), "model": row["model"],
+                    "method_text": row["method"], "params_b": float(row["params_b"]), "batch": int(row["batch"]),
+                    "seq_len": int(row["seq_len"]), "grad_ckpt": row["grad_ckpt"], "gpu": row["gpu"],
+                    "measured_gb": float(row["peak_gb"]), "measured_gib": measured_gib(row),
+                    "unit": row.get("unit") or "GB", "stat": row.get("stat") or ""}
+        except (KeyError, TypeError, ValueError, AttributeError) as err:  # a malformed row is reported, not fatal
+            skipped.append({"row": n, "source": str(row.get("source"))[:30], "model": row.get("model"),
+                            "method_text": row.get("method"), "reason": f"malformed row: {type(err).__name__}: {err}"})
+            continue
         if payload is None:
             skipped.append({**base, "reason": reason})
             continue
