@@ -215,7 +215,7 @@ def estimate_plan(plan: Plan, strategy: str | None = None, mm: MemoryModel | Non
     batch = plan.batch_size
     strategy = STRATEGY_ALIASES.get(strategy, strategy) if strategy else choose_strategy(mm, memory_bytes, batch, devices)
     peak, cats, phase = mm.peak(batch, strategy, devices)
-    band_low, band_high = mm.profile.band()
+    band_low, band_high = mm.profile.band(plan.spec.id)
     result = {
         "peak_vram_gib": round(peak / GIB, 3),
         "peak_bytes": peak,
@@ -247,7 +247,7 @@ def estimate_plan(plan: Plan, strategy: str | None = None, mm: MemoryModel | Non
         "memory": f"fitted:{mm.coefficients.key} (exact slice simulations of this architecture and method) "
                   f"+ exact parameter/optimizer bytes",
         "overhead": mm.profile.overhead_source(),
-        "band": mm.profile.band_source(),
+        "band": mm.profile.band_source(plan.spec.id),
         "time": timing["time_source"],
         "profile": mm.profile.id,
     }

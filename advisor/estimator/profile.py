@@ -46,12 +46,17 @@ class Profile:
         o = self.data.get("overhead", {})
         return f"{self.id}: {o.get('source', 'no overhead terms')}"
 
-    def band(self) -> tuple[float, float]:
-        b = self.data.get("band", {})
+    def _band(self, method: str | None) -> dict:
+        own = (self.data.get("band_by_method") or {}).get(method) if method else None
+        return own or self.data.get("band", {})
+
+    def band(self, method: str | None = None) -> tuple[float, float]:
+        """(low, high) relative error band; a method may have its own (`band_by_method`), else the device's."""
+        b = self._band(method)
         return float(b.get("low", -0.02)), float(b.get("high", 0.02))
 
-    def band_source(self) -> str:
-        return f"{self.id}: {self.data.get('band', {}).get('source', 'default ±2%')}"
+    def band_source(self, method: str | None = None) -> str:
+        return f"{self.id}: {self._band(method).get('source', 'default ±2%')}"
 
     # -- time ---------------------------------------------------------------------------------------
     def achieved_flops(self, method: str, hardware) -> tuple[float | None, str]:
