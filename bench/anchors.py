@@ -253,7 +253,13 @@ def map_row(row: dict) -> tuple[dict | None, str | None]:
     }
     training.update(SOURCE_TRAINING.get(source_short(row["source"]), {}).get(method, {}))
     precision = row.get("precision", "").strip().lower()
-    if precision in ("fp32", "float32"):  # weights loaded in fp32, no mixed precision
+    if "int8" in precision or "8bit" in precision.replace("-", ""):
+        return None, f"precision {row.get('precision')!r}: 8-bit base weights (LLM.int8) are not modelled"
+    if "mixed" in precision or "amp" in precision.split():  # fp32 master weights under bf16/fp16 autocast
+        training["torch_dtype"] = "float32"
+        if "fp16" in precision:
+            training.update(bf16=False, fp16=True)
+    elif precision in ("fp32", "float32"):  # weights loaded in fp32, no mixed precision
         training.update(bf16=False, torch_dtype="float32")
     elif precision in ("fp16", "float16") or precision.endswith("+fp16"):  # fp16 compute (V100/T4-era runs)
         training.update(bf16=False, fp16=True)
