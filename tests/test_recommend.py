@@ -206,6 +206,38 @@ def test_a_dataset_file_is_profiled_with_the_models_tokenizer(tiny_dirs, tmp_pat
     assert r["config"]["training"]["max_seq_length"] == min(longest, 2048)
 
 
+def test_t5_dataset_file_sets_the_decoder_length_from_its_longest_target(tiny_dirs, tmp_path):
+    """For an encoder-decoder the profile reports the targets apart, and the recommended config trains and is
+    estimated with the decoder at the longest target (max_target_length), not at the source length."""
+    import json
+
+    from advisor.train.data import encode_row, read_rows
+    from transformers import AutoTokenizer
+
+    # a classifier: long sources, one-word targets
+    words = "the model reads a long review of a product and decides whether the customer was happy".split()
+    path = tmp_path / "classify.jsonl"
+    path.write_text("".join(json.dumps({"prompt": " ".join(words * (2 + i % 5)), "completion": ("yes", "no")[i % 2]})
+                            + "\n" for i in range(150)))
+    r = rec(model=str(tiny_dirs["t5"]), hardware={"gpu": "RTX 4090"}, dataset={"path": str(path)},
+            context={"prompting_tried": True})
+    tok = AutoTokenizer.from_pretrained(tiny_dirs["t5"])
+    pairs = [encode_row(row, "completion", tok, "seq2seq") for row in read_rows(path)]
+    longest_target = max(len(e.labels) for e in pairs)
+    assert r["dataset_profile"]["max_target_tokens"] == longest_target
+    assert longest_target * 4 < r["dataset_profile"]["max_tokens"] == max(len(e.input_ids) for e in pairs)
+    assert r["decision"] == "fine_tune"
+    assert r["config"]["training"]["max_target_length"] == longest_target
+    # the answer's estimate is the estimate of that config, and the default (target = source length) is larger
+    from advisor.estimator.fast import fast_estimate
+    from advisor.schemas import EstimateRequest
+
+    req = {"model": str(tiny_dirs["t5"]), "hardware": {"gpu": "RTX 4090"}, "method": r["method"], "config": r["config"]}
+    assert fast_estimate(EstimateRequest.model_validate(req))["peak_bytes"] == r["estimate"]["peak_bytes"]
+    req["config"] = {**r["config"], "training": {**r["config"]["training"], "max_target_length": None}}
+    assert fast_estimate(EstimateRequest.model_validate(req))["peak_bytes"] > r["estimate"]["peak_bytes"]
+
+
 @pytest.mark.parametrize("scenario,field", [
     ({"model": L7, "hardware": {"gpu": "RTX 9999"}, "dataset": DATA}, "hardware.gpu"),
     ({"model": L7, "hardware": {"gpu": "4090", "count": -1}, "dataset": DATA}, "hardware.count"),

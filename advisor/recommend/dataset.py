@@ -103,7 +103,15 @@ def profile_dataset(path: str | Path, resolved_model=None, fmt: str = "auto") ->
         step = len(rows) / MAX_PROFILE_ROWS
         sample = [rows[int(i * step)] for i in range(MAX_PROFILE_ROWS)]
     tok, tok_source = (None, "no model given") if resolved_model is None else _load_tokenizer(resolved_model)
-    if tok is not None:
+    targets: list[int] = []
+    if tok is not None and resolved_model.kind == "seq2seq":  # source and target lengths apart: the decoder's is t
+        from advisor.train.data import encode_row
+
+        pairs = [encode_row(r, fmt, tok, "seq2seq") for r in sample]
+        lengths = [max(len(ex.input_ids), len(ex.labels)) for ex in pairs]
+        targets = [len(ex.labels) for ex in pairs]
+        how = f"the model's tokenizer ({tok_source})"
+    elif tok is not None:
         lengths = [_exact_tokens(tok, r, fmt, resolved_model.kind) for r in sample]
         how = f"the model's tokenizer ({tok_source})"
     else:
@@ -116,9 +124,13 @@ def profile_dataset(path: str | Path, resolved_model=None, fmt: str = "auto") ->
     def pct(q: float) -> int:
         return ordered[min(len(ordered) - 1, max(0, math.ceil(q * len(ordered)) - 1))]
 
-    return {
+    out = {
         "path": str(p), "format": fmt, "num_examples": len(rows), "profiled_rows": len(sample),
         "avg_tokens": round(sum(lengths) / len(lengths), 1), "max_tokens": ordered[-1], "min_tokens": ordered[0],
         "p50_tokens": pct(0.5), "p90_tokens": pct(0.9), "p99_tokens": pct(0.99),
         "total_tokens": int(round(sum(lengths) * len(rows) / len(sample))), "tokenizer": how,
     }
+    if targets:  # encoder-decoders: the longest target sets the decoder's length (max_target_length)
+        out["max_target_tokens"] = max(targets)
+        out["avg_target_tokens"] = round(sum(targets) / len(targets), 1)
+    return out

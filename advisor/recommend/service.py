@@ -104,7 +104,9 @@ def recommend(scenario: Any, *, allow_any_path: bool = True) -> dict[str, Any]:
         out["notes"] += [_conflict_note(c, {}) for c in ev.conflicts_for(None, include_static=False)
                          if not c["methods"]]
     else:
-        _fine_tune(out, sc, rm, hw, ev)
+        # an encoder-decoder's decoder runs over the longest target (a summary, a label), not the source length
+        target = (profile or {}).get("max_target_tokens") if rm.kind == "seq2seq" else None
+        _fine_tune(out, sc, rm, hw, ev, target)
     out["advice"] = ev.notes
     out["conflicts"] = ev.conflicts_for(out["method"], include_static=True)
     out["fired"] = ev.fired
@@ -139,7 +141,7 @@ def _resolve_model(ref):
 
 
 # ------------------------------------------------------------------------------------------------ fine-tuning
-def _fine_tune(out: dict, sc, rm, hw, ev) -> None:
+def _fine_tune(out: dict, sc, rm, hw, ev, target: int | None = None) -> None:
     from advisor.estimator.profile import load_profile
 
     ds = sc.dataset
@@ -149,7 +151,7 @@ def _fine_tune(out: dict, sc, rm, hw, ev) -> None:
     candidates = [Candidate(m, ev.method_scores[m]) for m in ev.ranking]
     for cand in candidates:
         try:
-            _configure_and_fit(cand, sc, rm, hw, ev, seq, precision, profile, wanted)
+            _configure_and_fit(cand, sc, rm, hw, ev, seq, precision, profile, wanted, target)
         except AdvisorInputError as err:  # a method that cannot be built for this model (e.g. BitFit w/o biases)
             cand.rejected = f"{cand.method} cannot be configured for {rm.id}: {err.message}"
     _apply_budget(candidates, sc.budget)
@@ -225,7 +227,7 @@ def _precision(hw) -> dict[str, Any]:
 
 
 def _configure_and_fit(cand: Candidate, sc, rm, hw, ev, seq: int, precision: dict, profile,
-                       wanted: int | None = None) -> None:
+                       wanted: int | None = None, target: int | None = None) -> None:
     from advisor.estimator.fast import time_and_cost
     from advisor.methods import get_method
 
@@ -238,6 +240,8 @@ def _configure_and_fit(cand: Candidate, sc, rm, hw, ev, seq: int, precision: dic
     accum = int(training.get("gradient_accumulation_steps", defaults.get("gradient_accumulation_steps", 4)))
     effective = micro * accum
     training.update(max_seq_length=seq, bf16=precision["bf16"], fp16=precision["fp16"], torch_dtype=None)
+    if target:
+        training["max_target_length"] = int(target)
     limit = rm.max_positions
     if (cand.method == "longlora" and wanted and limit and wanted > limit
             and hasattr(rm.config, "rope_parameters")):
@@ -373,7 +377,7 @@ def _fitted_model(sc, rm, spec, cfg, hw, seq: int, profile) -> _Fitted:
 
     memory_cfg = cfg.model_dump_json(include={"method", "peft", "quantization"}) + cfg.training.model_dump_json(
         include={"torch_dtype", "optim", "bf16", "fp16", "gradient_checkpointing", "attn_implementation",
-                 "max_seq_length", "rope_scaling"})
+                 "max_seq_length", "rope_scaling", "max_target_length"})
     key = (rm.recommend_key, memory_cfg, seq, profile.id, hw.has_gpu)
     found = _FITTED.get(key)
     if isinstance(found, AdvisorInputError):  # this config cannot be built (remembered: the fit is not retried)
