@@ -108,10 +108,6 @@ def memory_model(plan: Plan, profile: Profile | None = None) -> MemoryModel:
                        profile)
 
 
-def public_breakdown(cats: dict[str, float], phase: str | None = None) -> dict[str, float]:
-    return breakdown_from_counter(cats, cats.get("overhead", 0.0), phase)
-
-
 # --------------------------------------------------------------------------- time and cost
 def training_flops_per_token(mm: MemoryModel) -> float:
     """Training FLOPs per token of the batch (tokens per step = micro-batch × sequence length):
@@ -226,7 +222,7 @@ def estimate_plan(plan: Plan, strategy: str | None = None, mm: MemoryModel | Non
         "peak_vram_high_gib": round(peak * (1 + band_high) / GIB, 3),
         "fits": None if memory_bytes is None else peak <= memory_bytes,
         "headroom_gib": None if memory_bytes is None else round((memory_bytes - peak) / GIB, 3),
-        "breakdown_gib": public_breakdown(cats, phase),
+        "breakdown_gib": breakdown_from_counter(cats, cats.get("overhead", 0.0), phase),
         "peak_phase": phase,
         "micro_batch": batch,
         "seq_len": plan.seq_len,

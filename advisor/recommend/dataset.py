@@ -76,13 +76,16 @@ def _load_tokenizer(resolved) -> tuple[Any | None, str]:
     return None, "no tokenizer available offline"
 
 
-def _exact_tokens(tok, row, fmt: str, kind: str) -> int:
-    """Tokens of the example exactly as the trainer encodes it (advisor.train.data.encode_row: prompt template or
-    chat template, end of sequence; for encoder-decoders the longer of source and target)."""
+def _exact_tokens(tok, rows, fmt: str, kind: str) -> tuple[list[int], list[int]]:
+    """Tokens of each example exactly as the trainer encodes it (advisor.train.data.encode_row: prompt template or
+    chat template, end of sequence), and for encoder-decoders the targets apart: (lengths, target lengths), where an
+    encoder-decoder's length is the longer of its source and target (the target sets the decoder's length)."""
     from advisor.train.data import encode_row
 
-    ex = encode_row(row, fmt, tok, kind)
-    return max(len(ex.input_ids), len(ex.labels)) if kind == "seq2seq" else len(ex.input_ids)
+    examples = [encode_row(r, fmt, tok, kind) for r in rows]
+    if kind != "seq2seq":
+        return [len(ex.input_ids) for ex in examples], []
+    return [max(len(ex.input_ids), len(ex.labels)) for ex in examples], [len(ex.labels) for ex in examples]
 
 
 def profile_dataset(path: str | Path, resolved_model=None, fmt: str = "auto") -> dict[str, Any]:
@@ -104,15 +107,8 @@ def profile_dataset(path: str | Path, resolved_model=None, fmt: str = "auto") ->
         sample = [rows[int(i * step)] for i in range(MAX_PROFILE_ROWS)]
     tok, tok_source = (None, "no model given") if resolved_model is None else _load_tokenizer(resolved_model)
     targets: list[int] = []
-    if tok is not None and resolved_model.kind == "seq2seq":  # source and target lengths apart: the decoder's is t
-        from advisor.train.data import encode_row
-
-        pairs = [encode_row(r, fmt, tok, "seq2seq") for r in sample]
-        lengths = [max(len(ex.input_ids), len(ex.labels)) for ex in pairs]
-        targets = [len(ex.labels) for ex in pairs]
-        how = f"the model's tokenizer ({tok_source})"
-    elif tok is not None:
-        lengths = [_exact_tokens(tok, r, fmt, resolved_model.kind) for r in sample]
+    if tok is not None:
+        lengths, targets = _exact_tokens(tok, sample, fmt, resolved_model.kind)
         how = f"the model's tokenizer ({tok_source})"
     else:
         lengths = [_approx_tokens(r.data, fmt) for r in sample]
