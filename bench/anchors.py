@@ -31,8 +31,8 @@ Mapping rules
 - Training: batch, seq_len as given; grad_ckpt on/off → gradient_checkpointing; bf16; optimizer "AdamW" →
   `adamw_torch` (torch.optim.AdamW with its defaults, which is what both sources ran: it takes the foreach path on
   CUDA); rows whose source says "FA2 OFF (eager attn)" → attn_implementation "eager", else the default (SDPA,
-  whose flash/memory-efficient kernels save what FlashAttention-2 saves). GPU A100-80GB → `a100-80gb`,
-  L40S-48GB → `l40s`.
+  whose flash/memory-efficient kernels save what FlashAttention-2 saves). GPUs through the catalog's
+  aliases (A100-80GB → `a100-80gb`, L40S-48GB → `l40s`).
 - The PEFT MetaMathQA rows are variable-length with a maximum of 768 tokens: estimated at 768 (the longest batch sets
   the peak).
 
@@ -96,9 +96,9 @@ CATALOG = {"llama-3.2-3b": "meta-llama/Llama-3.2-3B", "llama3-8b-instruct": "met
            "meta-llama-3-8b-instruct": "meta-llama/Meta-Llama-3-8B", "llama-3.1-8b-instruct": "meta-llama/Llama-3.1-8B",
            "llama-2-7b-hf": "meta-llama/Llama-2-7b-hf", "llama-2-70b-hf": "meta-llama/Llama-2-70b-hf", "bigscience/t0_3b": "bigscience/T0_3B",
            "bigscience/mt0-xxl": "bigscience/mt0-xxl", "bigscience/bloomz-7b1": "bigscience/bloomz-7b1"}
-# "unknown" (a source that does not name the card): the peak does not depend on which GPU, only the fit would
-GPUS = {"a100-80gb": "a100-80gb", "l40s-48gb": "l40s", "a100": "a100-80gb", "rtx4090-24gb": "rtx-4090",
-        "rtx3090-24gb": "rtx-3090", "unknown": "a100-80gb"}
+# cards a source does not name ("unknown", "2xGPU-FSDP", "2x40GB-ZeRO3"): the peak does not depend on which GPU,
+# only the fit would; every named card goes through the catalog's own aliases (`_catalog_gpu`)
+UNNAMED_GPUS = {"unknown": "a100-80gb", "gpu": "a100-80gb", "40gb": "a100-40gb"}
 UNMODELLED = ("unsloth", "gptq", "dora", "loha", "vera", "boft", "oft", "fourierft", "llama-pro", "lisa",
               "p-tuning", "adaption_prompt", "ln_tuning", "lokr", "lora-fa", "osf", "trainable_tokens", "tinylora",
               "miss", "randlora", "lily", "+ lm_head", "modules_to_save", "all-linear (q,k,v,o + mlp", "per-layer")
@@ -309,8 +309,8 @@ def map_gpu(text: str) -> tuple[str | None, int, str | None]:
     t = text.strip().lower()
     m = re.fullmatch(r"(\d+)x(.+?)-(fsdp|zero3)(-offload)?", t)
     if m is None:
-        return GPUS.get(t) or _catalog_gpu(t), 1, None
-    card = {"gpu": "a100-80gb", "40gb": "a100-40gb"}.get(m.group(2)) or GPUS.get(m.group(2)) or _catalog_gpu(m.group(2))
+        return UNNAMED_GPUS.get(t) or _catalog_gpu(t), 1, None
+    card = UNNAMED_GPUS.get(m.group(2)) or _catalog_gpu(m.group(2))
     return card, int(m.group(1)), "offload" if m.group(4) else "zero3"
 
 
