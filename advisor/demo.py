@@ -81,15 +81,20 @@ def tiny_config(arch: str, vocab_size: int, **overrides):
     raise ValueError(f"unknown tiny architecture {arch!r}; allowed: llama, gpt2, t5")
 
 
-def write_tiny_model(directory: Path, arch: str = "llama", tokenizer=None, seed: int = 0, **overrides) -> Path:
+def write_tiny_model(directory: Path, arch: str = "llama", tokenizer=None, seed: int = 0, dtype: str | None = None,
+                     **overrides) -> Path:
+    """A model of `arch` with random weights and `tokenizer` saved under `directory`; `dtype` ("bfloat16") builds and
+    saves it in that dtype (half the bytes to write and read for the larger calibration shapes)."""
     import torch
     from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM
 
     tokenizer = tokenizer or train_tokenizer()
-    cfg = tiny_config(arch, len(tokenizer), **overrides)
+    # a `vocab_size` override gives the model more token ids than the tokenizer has (a real vocabulary's embedding
+    # and logits sizes; the probes' batches draw random ids from the model's vocabulary)
+    cfg = tiny_config(arch, overrides.pop("vocab_size", len(tokenizer)), **overrides)
     torch.manual_seed(seed)
     auto = AutoModelForSeq2SeqLM if arch == "t5" else AutoModelForCausalLM
-    model = auto.from_config(cfg)
+    model = auto.from_config(cfg, dtype=getattr(torch, dtype)) if dtype else auto.from_config(cfg)
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(directory)

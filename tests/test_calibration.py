@@ -141,6 +141,85 @@ def test_unknown_method_is_an_input_error_and_exit_code_2():
     assert "methods" in result.output and "dora" in result.output
 
 
+def test_interrupted_calibration_resumes_from_its_rows(tmp_path, monkeypatch, shared_data_root):
+    """Each finished probe is appended to <out>.rows.jsonl; --resume keeps those rows and runs only the rest; rows of
+    another grid are refused by name; a fresh start keeps the old rows beside it."""
+    from advisor.calibration.run import calibrate, partial_path
+    from advisor.settings import get_settings
+
+    monkeypatch.setenv("ADVISOR_DATA_ROOT", str(shared_data_root))
+    get_settings.cache_clear()
+    out = tmp_path / "cpu-resume.json"
+
+    class Stop(Exception):
+        pass
+
+    def stop_after_two(done, total, label):
+        if done == 2 and label != "fitting":
+            raise Stop
+
+    with pytest.raises(Stop):
+        calibrate(methods=["lora"], quick=True, out=out, device="cpu", threads=1, progress=stop_after_two)
+    lines = partial_path(out).read_text().splitlines()
+    assert json.loads(lines[0])["grid"] == "quick" and len(lines) == 3  # header + the two probes that finished
+    assert not out.exists()
+    kept = [json.loads(line) for line in lines[1:]]
+
+    header = json.loads(lines[0])
+    partial_path(out).write_text("\n".join([json.dumps({**header, "grid": "full"}), *lines[1:]]) + "\n")
+    with pytest.raises(AdvisorInputError) as err:
+        calibrate(methods=["lora"], quick=True, out=out, device="cpu", threads=1, resume=True)
+    assert err.value.field == "resume" and "grid" in str(err.value)
+    partial_path(out).write_text("\n".join(lines) + "\n")
+
+    ran = []
+    result = calibrate(methods=["lora"], quick=True, out=out, device="cpu", threads=1, resume=True,
+                       progress=lambda done, total, label: ran.append(label))
+    get_settings.cache_clear()
+    assert result["resumed_probes"] == 2
+    assert [label for label in ran if label.startswith("lora/")] == ["lora/llama_s/b4/s128/nogc"]
+    table = json.loads(out.read_text())["calibration"]["probe_table"]
+    assert len(table) == 3 and not partial_path(out).exists()
+    by_key = {(r["batch"], r["gc"]): r for r in table}
+    for r in kept:  # the resumed rows are the measurements taken before the interruption, not new ones
+        assert by_key[(r["batch"], r["gc"])]["measured_peak_bytes"] == r["measured_peak_bytes"]
+        assert by_key[(r["batch"], r["gc"])]["step_seconds"] == pytest.approx(r["step_seconds"], abs=1e-5)
+
+    partial_path(out).write_text("\n".join(lines) + "\n")  # without --resume: a fresh start, old rows set aside
+    with pytest.raises(Stop):
+        calibrate(methods=["lora"], quick=True, out=out, device="cpu", threads=1, progress=stop_after_two)
+    get_settings.cache_clear()
+    assert partial_path(out).with_name(partial_path(out).name + ".prev").read_text().splitlines() == lines
+
+
+H100_PROFILE = REPO_PROFILES / "calibration" / "cuda-h100-80gb-hbm3.json"
+
+
+@pytest.mark.parametrize("probe", ["lora/llama_l/b2/s512/nogc", "qlora/llama_l/b4/s256/gc",
+                                   "galore/llama_l/b1/s512/gc", "full/gpt2_m/b2/s256/nogc"])
+def test_cuda_simulation_equals_the_h100_counter(tmp_path, probe):
+    """The committed H100 calibration measured every probe with the live-bytes counter on CUDA tensors. Simulated
+    with target="cuda" on this CPU-only machine, the same probe gives the same tensor bytes (within 0.05%: GPT-2's
+    two RNG scalars per attention call and the log-sum-exp's layout), where the CPU kernels' count is up to 80%
+    higher (dropout masks, GPT-2's attention dropout on the math path)."""
+    from advisor.calibration.probes import Probe, load_grid, probe_config, write_models
+    from advisor.memory.simulate import simulate_in_process
+
+    rows = {f"{r['method']}/{r['arch']}/b{r['batch']}/s{r['seq']}/{'gc' if r['gc'] else 'nogc'}": r
+            for r in json.loads(H100_PROFILE.read_text())["calibration"]["probe_table"]}
+    row = rows[probe]
+    grid = load_grid()
+    p = Probe(row["method"], row["arch"], row["batch"], row["seq"], bool(row["gc"]), 0)
+    model_dir = write_models(grid, [p.arch], tmp_path)[p.arch]
+    from advisor.catalog.models import resolve_model
+    from advisor.methods import get_method
+
+    resolved = resolve_model(str(model_dir))
+    cfg = get_method(p.method).resolve_config(probe_config(grid, p))
+    sim = simulate_in_process(resolved, cfg, p.batch, p.seq, target="cuda")["peak_bytes"]
+    assert abs(sim - row["measured_peak_bytes"]) <= 5e-4 * row["measured_peak_bytes"], (sim, row["measured_peak_bytes"])
+
+
 def test_grid_plans_every_method_and_holds_out_as_documented():
     from advisor.calibration.probes import load_grid, plan_probes
     from advisor.methods import METHOD_IDS

@@ -47,6 +47,9 @@ def calibrate_command(
     )] = None,
     repredict: Annotated[bool, typer.Option(
         "--repredict", help="With --refit: ask the current fast estimator again for every probe.")] = False,
+    resume: Annotated[bool, typer.Option(
+        "--resume", help="Go on from an interrupted calibration: keep the probes already measured (each finished "
+                         "probe is appended to <out>.rows.jsonl while it runs) and run only the rest.")] = False,
     from_jobs: Annotated[bool, typer.Option(
         "--from-jobs", help="Refit the profile (--refit PATH, default the one estimates use here) with the measured "
                             "throughput/memory of succeeded training jobs (--methods filters them); no probing.")] = False,
@@ -85,14 +88,15 @@ def calibrate_command(
     elif repredict:
         raise AdvisorInputError("--repredict", "only applies with --refit PATH")
     if as_json:
-        result = calibrate(methods=methods, quick=quick, out=out, threads=threads)
+        result = calibrate(methods=methods, quick=quick, out=out, threads=threads, resume=resume)
         sys.stdout.write(json.dumps(_json_result(result), indent=2, default=str) + "\n")
         return
     if not err_console.is_terminal:  # logs and CI: one line per probe instead of a bar that never redraws
         def log(done: int, total: int, label: str) -> None:
             err_console.print(f"[{done}/{total}] {label}", highlight=False, markup=False)
 
-        result = calibrate(methods=methods, quick=quick, out=out, progress=log, threads=threads)
+        result = calibrate(methods=methods, quick=quick, out=out, progress=log, threads=threads,
+                           resume=resume)
         render(result)
         return
     columns = (TextColumn("[bold]calibrating[/]"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
@@ -103,7 +107,8 @@ def calibrate_command(
         def progress(done: int, total: int, label: str) -> None:
             bar.update(task, completed=done, total=total, description=label)
 
-        result = calibrate(methods=methods, quick=quick, out=out, progress=progress, threads=threads)
+        result = calibrate(methods=methods, quick=quick, out=out, progress=progress, threads=threads,
+                               resume=resume)
     render(result)
 
 

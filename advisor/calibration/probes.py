@@ -169,8 +169,9 @@ def probe_config(grid: dict, probe: Probe) -> dict:
     return {"peft": peft, "training": training}
 
 
-def predict(model_dir: Path, method: str, config: dict) -> dict:
-    """The fast estimator's tensor bytes (no device overhead) and training FLOPs per token for a probe."""
+def predict(model_dir: Path, method: str, config: dict, target: str = "cpu") -> dict:
+    """The fast estimator's tensor bytes (no device overhead) and training FLOPs per token for a probe on a `target`
+    device ("cuda" / "cpu": whose kernels' saved tensors the activation fit counts)."""
     from advisor.estimator.fast import memory_model, step_flops, training_flops_per_token
     from advisor.estimator.plan import build_plan
     from advisor.estimator.profile import Profile
@@ -178,9 +179,10 @@ def predict(model_dir: Path, method: str, config: dict) -> dict:
 
     plan = build_plan(EstimateRequest(model=str(model_dir), hardware={"gpu": "none"}, method=method, config=config))
     # an empty profile: overhead 0, so the prediction is the tensor bytes the fit relates to the measurement
-    mm = memory_model(plan, profile=Profile("probe", "cpu", {}))
+    mm = memory_model(plan, profile=Profile("probe", "cpu", {}), target=target)
     peak, cats, phase = mm.peak(plan.batch_size)
     return {"predicted_tensor_bytes": int(peak), "predicted_phase": phase,
+            "svd_matrix_bytes": int(mm.static.svd_matrix_bytes),
             "flops_per_token": training_flops_per_token(mm),
             "flops_per_step": step_flops(mm, plan.batch_size)}
 
@@ -194,22 +196,22 @@ def _prefit_init() -> None:
     warnings.filterwarnings("ignore")
 
 
-def _prefit_one(task: tuple[str, str, dict]) -> str | None:
+def _prefit_one(task: tuple[str, str, dict, str]) -> str | None:
     try:
-        predict(Path(task[0]), task[1], task[2])
+        predict(Path(task[0]), task[1], task[2], task[3])
     except Exception as err:  # the probe itself will meet (and record) the same error
         return f"{type(err).__name__}: {err}"
     return None
 
 
-def prefit(grid: dict, probes: list[Probe], model_dirs: dict[str, Path], workers: int) -> int:
+def prefit(grid: dict, probes: list[Probe], model_dirs: dict[str, Path], workers: int, target: str = "cpu") -> int:
     """Fit the fast estimator's coefficients of every distinct probe config in `workers` processes, before any probe
     runs (so nothing competes with the timed steps). The fits land in the estimator's disk cache, where `predict`
     finds them. Returns how many configs were fitted in parallel (0: left to the probe loop)."""
     unique: dict[tuple, Probe] = {}
     for p in probes:  # the batch size is not part of a fit's key
         unique.setdefault((p.method, p.arch, p.seq, p.gc), p)
-    tasks = [(str(model_dirs[p.arch]), p.method, probe_config(grid, p)) for p in unique.values()]
+    tasks = [(str(model_dirs[p.arch]), p.method, probe_config(grid, p), target) for p in unique.values()]
     if workers <= 1 or len(tasks) < 2:
         return 0
     import multiprocessing
@@ -302,7 +304,7 @@ def run_probe(grid: dict, probe: Probe, model_dir: Path, device: str, steps: int
         else:
             row["measured_device_bytes"] = row["measured_peak_bytes"]  # CPU: the counter is exact
         t_predict = time.perf_counter()
-        row.update(predict(model_dir, probe.method, config))
+        row.update(predict(model_dir, probe.method, config, target=device_kind(device)))
         row["predict_seconds"] = round(time.perf_counter() - t_predict, 3)
         row.setdefault("flops_per_step", row["flops_per_token"] * row["tokens_per_step"])
     except Exception as err:  # a probe that cannot run is recorded, the calibration goes on
@@ -312,6 +314,10 @@ def run_probe(grid: dict, probe: Probe, model_dir: Path, device: str, steps: int
         _release(device)
     row["wall_seconds"] = round(time.perf_counter() - start, 3)
     return row
+
+
+def device_kind(device: str) -> str:
+    return "cuda" if str(device).startswith("cuda") else "cpu"
 
 
 def _release(device: str) -> None:

@@ -43,7 +43,7 @@ Progress = Callable[[int, int, str], None]
 TABLE_COLUMNS = (
     "method", "arch", "batch", "seq", "gc", "heldout", "tokens_per_step",
     "measured_peak_bytes", "measured_device_bytes", "cuda_max_reserved_bytes", "cuda_max_allocated_bytes",
-    "cuda_context_bytes", "predicted_tensor_bytes", "predicted_device_bytes", "memory_error", "predicted_phase",
+    "cuda_context_bytes", "predicted_tensor_bytes", "svd_matrix_bytes", "predicted_device_bytes", "memory_error", "predicted_phase",
     "measured_phase", "step_seconds", "step_seconds_min", "warmup_seconds", "counted_step_seconds",
     "predicted_step_seconds", "time_error", "flops_per_token",
     "flops_per_step", "trainable_params", "total_params", "loss", "measure_seconds", "predict_seconds", "wall_seconds",
@@ -161,14 +161,50 @@ def _quiet():
         hf_logging.enable_progress_bar()
 
 
+def partial_path(out_path: Path) -> Path:
+    """Where a calibration appends each finished probe's row while it runs (`<out>.rows.jsonl`, removed when the
+    profile is written): an interrupted run keeps its measurements and `resume=True` goes on from them."""
+    return out_path.with_name(out_path.name + ".rows.jsonl")
+
+
+def _partial_header(dev: dict, section: str, steps: int, memory_steps: int) -> dict:
+    return {"partial": CALIBRATION_VERSION, "device": dev["name"], "kind": dev["kind"], "grid": section,
+            "steps": steps, "memory_steps": memory_steps}
+
+
+def _read_partial(path: Path, header: dict) -> dict[str, dict]:
+    """Rows of an interrupted calibration by probe key; an error naming what differs when it was another run's."""
+    try:
+        lines = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    except FileNotFoundError:
+        return {}
+    except (OSError, ValueError) as err:
+        raise AdvisorInputError("resume", f"{path} is not a calibration's partial rows ({err})") from None
+    if not lines or not isinstance(lines[0], dict) or lines[0].get("partial") is None:
+        raise AdvisorInputError("resume", f"{path} has no header line: not a calibration's partial rows")
+    differs = {k: (lines[0].get(k), v) for k, v in header.items() if lines[0].get(k) != v}
+    if differs:
+        what = "; ".join(f"{k}: {a!r} there, {b!r} now" for k, (a, b) in differs.items())
+        raise AdvisorInputError("resume", f"{path} belongs to another calibration ({what}); run without --resume to "
+                                          "start again (its rows are then discarded)")
+    rows = {}
+    for r in lines[1:]:
+        key = f"{r['method']}/{r['arch']}/b{r['batch']}/s{r['seq']}/{'gc' if r['gc'] else 'nogc'}"
+        rows[key] = r
+    return rows
+
+
 def calibrate(methods: str | list[str] | None = None, quick: bool = False, out: str | Path | None = None,
               progress: Progress | None = None, grid_path: str | Path | None = None,
-              steps: int | None = None, device: str | None = None, threads: int | None = None) -> dict[str, Any]:
+              steps: int | None = None, device: str | None = None, threads: int | None = None,
+              resume: bool = False) -> dict[str, Any]:
     """Run the probes, fit, write the profile. Returns the profile, its path and the held-out table.
 
     `progress(done, total, label)` is called before each probe and once at the end (done == total).
     `device` forces "cpu" or "cuda" (default: CUDA when available); `grid_path` and `steps` override the grid file;
     `threads` sets torch's CPU threads for the probes (default: the grid's `cpu_threads`, else torch's default).
+    Each finished probe's row is appended to `partial_path(out)`; `resume=True` keeps the rows found there (same
+    device, grid and steps) and runs only the probes they lack.
     """
     import torch
 
@@ -189,6 +225,18 @@ def calibrate(methods: str | list[str] | None = None, quick: bool = False, out: 
         raise AdvisorInputError("threads", f"expected a positive integer, got {threads!r}")
     saved_threads = torch.get_num_threads()
     rows: list[dict] = []
+    partial = partial_path(out_path)
+    header = _partial_header(dev, section, steps, memory_steps)
+    done = _read_partial(partial, header) if resume else {}
+    if not resume and partial.exists():  # a fresh start keeps the interrupted run's rows beside it, not over them
+        partial.replace(partial.with_name(partial.name + ".prev"))
+    earlier_wall = sum(float(r.get("wall_seconds") or 0) for r in done.values())
+    partial.parent.mkdir(parents=True, exist_ok=True)
+    with partial.open("w") as fh:  # rewritten: the header, then the rows kept from the interrupted run
+        fh.write(json.dumps(header) + "\n")
+        for probe in probes:
+            if probe.key in done:
+                fh.write(json.dumps(done[probe.key], default=str) + "\n")
     try:
         if dev["kind"] == "cpu" and threads:
             torch.set_num_threads(threads)
@@ -198,17 +246,27 @@ def calibrate(methods: str | list[str] | None = None, quick: bool = False, out: 
             report(0, len(probes), f"writing {len(archs)} tiny models")
             model_dirs = write_models(grid, archs, Path(tmp))
             workers = _prefit_workers(grid, dev["kind"])
+            todo = [p for p in probes if p.key not in done]
             if workers > 1:
                 report(0, len(probes), f"fitting the estimator's coefficients in {workers} processes")
-                prefit(grid, probes, model_dirs, workers)
+                prefit(grid, todo, model_dirs, workers, dev["kind"])
             for i, probe in enumerate(probes):
+                if probe.key in done:
+                    rows.append(done[probe.key])
+                    continue
                 report(i, len(probes), probe.key)
-                rows.append(run_probe(grid, probe, model_dirs[probe.arch], dev["device"], steps, memory_steps))
+                row = run_probe(grid, probe, model_dirs[probe.arch], dev["device"], steps, memory_steps)
+                rows.append(row)
+                with partial.open("a") as fh:
+                    fh.write(json.dumps(row, default=str) + "\n")
     finally:
         torch.set_num_threads(saved_threads)
     report(len(probes), len(probes), "fitting")
-    wall = time.perf_counter() - start
-    return _finish(dev, grid, section, chosen, rows, skipped, steps, wall, out_path)
+    wall = time.perf_counter() - start + earlier_wall
+    result = _finish(dev, grid, section, chosen, rows, skipped, steps, wall, out_path)
+    result["resumed_probes"] = len(done)
+    partial.unlink(missing_ok=True)
+    return result
 
 
 def _prefit_workers(grid: dict, kind: str) -> int:
@@ -281,7 +339,7 @@ def refit(source: str | Path, out: str | Path | None = None, repredict: bool = F
                     continue
                 probe = Probe(r["method"], r["arch"], r["batch"], r["seq"], bool(r["gc"]), 0, bool(r["heldout"]))
                 try:
-                    r.update(predict(model_dirs[r["arch"]], r["method"], probe_config(grid, probe)))
+                    r.update(predict(model_dirs[r["arch"]], r["method"], probe_config(grid, probe), dev["kind"]))
                 except Exception as err:  # recorded like a failed probe
                     r["error"] = f"re-prediction failed: {type(err).__name__}: {err}"
     report(len(rows), len(rows), "fitting")
@@ -353,8 +411,10 @@ def build_profile(dev: dict, grid: dict, section: str, methods: list[str], rows:
     overhead = {
         "context_bytes": int(mem["context_bytes"]),
         "allocator_fraction": float(mem["allocator_fraction"]),
+        "svd_workspace_factor": float(mem.get("svd_workspace_factor", 0.0)),
         "source": (f"calibrated on {dev['name']} {today}: {target} ≈ (1 + allocator_fraction) · fast-estimator "
-                   f"tensor bytes + context_bytes, {mem['how']} over {mem['n']} training probes (relative residuals, "
+                   f"tensor bytes + context_bytes + svd_workspace_factor · GaLore's largest decomposed matrix (fp32 "
+                   f"bytes), {mem['how']} over {mem['n']} training probes (relative residuals, "
                    f"terms ≥ 0); held out: {held_desc}"),
     }
     band_out = {"low": band["low"], "high": band["high"],
@@ -380,11 +440,25 @@ def build_profile(dev: dict, grid: dict, section: str, methods: list[str], rows:
     else:
         peak = dev.get("peak_tflops")
         default = _shipped_cuda_default().get("throughput", {})
+        # a GPU runs the probes' small models faster than Python launches their kernels: such step times measure the
+        # launch rate, not FLOP/s (the 2026-11-22 H100 grid: 13-43 ms steps, slopes giving "MFU" 0.01-1.06). Rates
+        # count only from methods whose median training-probe step reaches the grid's `cuda_min_timed_step_s` and
+        # whose MFU is physically possible (≤ 1); the others keep the default MFU and say why
+        min_step = float(grid.get("cuda_min_timed_step_s", 0.0) or 0.0)
+        steps = pd.DataFrame(rows)
+        launch_bound = {}
         mfu = {}
-        if peak:
-            mfu = {m: round(r / (peak * 1e12), 5) for m, r in measured_rates.items()}
+        for m, r in measured_rates.items():
+            mine = steps[(steps["method"] == m) & ~steps["heldout"].astype(bool)]["step_seconds"].dropna() \
+                if "step_seconds" in steps else pd.Series(dtype=float)
+            median_step = float(mine.median()) if len(mine) else 0.0
+            value = r / (peak * 1e12) if peak else None
+            if median_step < min_step or (value is not None and value > 1):
+                launch_bound[m] = {"median_step_s": round(median_step, 5), "slope_mfu": round(value, 4) if value else None}
+            elif value is not None:
+                mfu[m] = round(value, 5)
         for m, v in (prev_t.get("mfu_measured") or {}).items():
-            if m not in mfu:
+            if m not in mfu and m not in methods:  # methods probed this time are not replaced by an older figure
                 mfu[m] = v
                 carried[m] = previous.get("date")
         throughput["mfu_measured"] = {m: mfu[m] for m in _order(mfu)}
@@ -392,6 +466,12 @@ def build_profile(dev: dict, grid: dict, section: str, methods: list[str], rows:
             (f"achieved FLOP/s (least-squares slope of step seconds vs training FLOPs per step) ÷ the catalog bf16 "
              f"peak of {dev.get('catalog_id')} ({peak} TFLOPS)") if peak else
             f"{dev['name']} is not in the GPU catalog (or has no bf16 figure): no MFU could be computed")
+        if launch_bound:
+            throughput["mfu_source"] += (
+                f"; not from probes for {', '.join(_order(launch_bound))}: their median step is under "
+                f"{min_step:g} s or the slope exceeds the peak (launch-bound on this GPU: see `launch_bound`), so "
+                "they keep the default MFU unless a real-size run measures them (bench/gpu_realsize.py mfu)")
+            throughput["launch_bound"] = {m: launch_bound[m] for m in _order(launch_bound)}
         throughput["achieved_flops"] = {m: float(f"{r:.6g}") for m, r in measured_rates.items()}
         throughput["default_mfu"] = default.get("default_mfu", 0.4)
         throughput["default_mfu_source"] = default.get("default_mfu_source", "unmeasured default")
@@ -428,6 +508,8 @@ def build_profile(dev: dict, grid: dict, section: str, methods: list[str], rows:
         "status": status,
         "overhead": overhead,
         "band": band_out,
+        "band_by_method": {m: {"low": b["low"], "high": b["high"], "source": f"calibrated on {dev['name']} {today}: "
+                               f"{b['source']}"} for m, b in (fitted.get("band_by_method") or {}).items()},
         "throughput": throughput,
     }
     if kind == "cuda":

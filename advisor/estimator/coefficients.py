@@ -30,7 +30,7 @@ from advisor.config import MethodConfig
 from advisor.memory.counter import CATEGORIES
 from advisor.settings import get_settings
 
-FIT_VERSION = 7
+FIT_VERSION = 8
 # backward_* are windows of backward whose composition is linear in depth and batch (advisor.memory.counter);
 # "backward" (their maximum in the slice) is kept for models whose blocks the counter cannot find
 PHASES = ("forward", "backward", "backward_head", "backward_first", "backward_last", "backward_tail", "optimizer")
@@ -74,7 +74,7 @@ def _simulation_config(cfg: MethodConfig) -> MethodConfig:
     return cfg
 
 
-def coefficient_key(resolved, cfg: MethodConfig, seq_len: int) -> str:
+def coefficient_key(resolved, cfg: MethodConfig, seq_len: int, target: str = "cpu") -> str:
     basis = {
         "config": {k: v for k, v in resolved.config.to_dict().items()
                    if k not in ("_name_or_path", "transformers_version", "architectures", "num_hidden_layers",
@@ -87,6 +87,7 @@ def coefficient_key(resolved, cfg: MethodConfig, seq_len: int) -> str:
                                                                   "max_target_length"}),
         "optim_family": "galore" if cfg.training.optim.startswith("galore") else _simulation_config(cfg).training.optim,
         "seq_len": seq_len,
+        "target": target,
         "v": FIT_VERSION,
     }
     return hashlib.sha256(json.dumps(basis, sort_keys=True, default=str).encode()).hexdigest()[:32]
@@ -104,9 +105,10 @@ def _load(key: str) -> MemoryCoefficients | None:
         return None
 
 
-def fit_coefficients(resolved, cfg: MethodConfig, seq_len: int) -> MemoryCoefficients:
-    """Fitted coefficients for this architecture/method/sequence length, from the cache or four slice runs."""
-    key = coefficient_key(resolved, cfg, seq_len)
+def fit_coefficients(resolved, cfg: MethodConfig, seq_len: int, target: str = "cpu") -> MemoryCoefficients:
+    """Fitted coefficients for this architecture/method/sequence length on a `target` device ("cuda" or "cpu": what
+    its kernels save, see `simulate_in_process`), from the cache or four slice runs."""
+    key = coefficient_key(resolved, cfg, seq_len, target)
     found = _load(key)
     if found is not None:
         return found
@@ -114,7 +116,7 @@ def fit_coefficients(resolved, cfg: MethodConfig, seq_len: int) -> MemoryCoeffic
         found = _load(key)
         if found is not None:
             return found
-        fitted = _fit(resolved, _simulation_config(cfg), seq_len, key)
+        fitted = _fit(resolved, _simulation_config(cfg), seq_len, key, target)
         path = _cache_path(key)
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -127,7 +129,7 @@ def fit_coefficients(resolved, cfg: MethodConfig, seq_len: int) -> MemoryCoeffic
         return fitted
 
 
-def _fit(resolved, cfg: MethodConfig, seq_len: int, key: str) -> MemoryCoefficients:
+def _fit(resolved, cfg: MethodConfig, seq_len: int, key: str, target: str = "cpu") -> MemoryCoefficients:
     import time
 
     from advisor.estimator.static import sliced_config
@@ -139,7 +141,7 @@ def _fit(resolved, cfg: MethodConfig, seq_len: int, key: str) -> MemoryCoefficie
         sliced = copy.copy(resolved)
         sliced.config = sliced_config(resolved.config, layers)
         for batch in (1, 2, 4) if cfg.training.gradient_checkpointing else (1, 2):
-            runs[(layers, batch)] = simulate_in_process(sliced, cfg, batch, seq_len)["phases"]
+            runs[(layers, batch)] = simulate_in_process(sliced, cfg, batch, seq_len, target=target)["phases"]
     phases = {}
     for low, high, suffix in ((1, 2, ""), (2, 4, "|b24")):
         points = [(layers, b) for layers in (1, 2) for b in (low, high)]

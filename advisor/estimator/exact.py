@@ -13,8 +13,8 @@ def exact_estimate(req: EstimateRequest, use_cache: bool = True) -> dict:
 
 
 def exact_from_plan(plan: Plan, use_cache: bool = True) -> dict:
-    sim = simulate(plan.model, plan.config, plan.batch_size, plan.seq_len, use_cache=use_cache)
-    overhead_bytes, overhead_source = exact_overhead(plan, sim["peak_bytes"])
+    sim = simulate(plan.model, plan.config, plan.batch_size, plan.seq_len, use_cache=use_cache, target=plan.target)
+    overhead_bytes, overhead_source = exact_overhead(plan, sim["peak_bytes"], sim)
     peak = sim["peak_bytes"] + overhead_bytes
     notes = list(sim.get("notes", [])) + ([plan.model.note] if plan.model.note else [])
     if plan.hardware.count > 1:
@@ -43,8 +43,17 @@ def exact_from_plan(plan: Plan, use_cache: bool = True) -> dict:
     }
 
 
-def exact_overhead(plan: Plan, tensor_bytes: int) -> tuple[int, str]:
+def exact_overhead(plan: Plan, tensor_bytes: int, sim: dict | None = None) -> tuple[int, str]:
+    """The profile's overhead on top of the simulated peak; for GaLore also its SVD workspace, which exists during
+    the optimizer step only (it raises the peak when the optimizer phase plus the workspace exceeds it)."""
     from advisor.estimator.profile import load_profile
+    from advisor.estimator.static import static_terms
 
     profile = load_profile("cuda" if plan.hardware.has_gpu else "cpu")
-    return int(profile.overhead_bytes(tensor_bytes)), profile.overhead_source()
+    overhead = profile.overhead_bytes(tensor_bytes)
+    factor = profile.svd_workspace_factor()
+    optimizer_peak = ((sim or {}).get("phases") or {}).get("optimizer", {}).get("peak_bytes")
+    if factor and optimizer_peak is not None and plan.config.training.optim.startswith("galore"):
+        svd = factor * static_terms(plan.model, plan.config).svd_matrix_bytes
+        overhead = max(overhead, optimizer_peak + profile.overhead_bytes(optimizer_peak) + svd - tensor_bytes)
+    return int(overhead), profile.overhead_source()

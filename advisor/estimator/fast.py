@@ -45,7 +45,7 @@ class MemoryModel:
         """(peak bytes per device, categories at the peak, phase) for a micro-batch and strategy."""
         shard = STRATEGIES[strategy]
         layers = self.static.layers
-        best: tuple[float, dict[str, float], str] | None = None
+        best: tuple[float, dict[str, float], str, float] | None = None
         phase_values = {}
         windows = any(p.startswith("backward_") for p in self.coefficients.phases)
         for phase, coeffs in self.coefficients.phases.items():
@@ -59,13 +59,17 @@ class MemoryModel:
             if cats.get("optimizer", 0) > 0:
                 cats["optimizer"] = float(self.static.optimizer_bytes)
             phase_values[phase] = cats
+        # GaLore's SVD runs inside the optimizer step: its solver workspace (invisible to tensor accounting, fitted
+        # per device by the calibration) competes for the peak in that phase only
+        svd = self.profile.svd_workspace_factor() * self.static.svd_matrix_bytes
         for phase, cats in phase_values.items():
             cats = _shard(cats, shard, devices, self.static)
             total = sum(cats.values())
-            if best is None or total > best[0]:
-                best = (total, cats, phase.split("|")[0].split("_")[0])
-        total, cats, phase = best
-        overhead = self.profile.overhead_bytes(total)
+            extra = svd if phase.startswith("optimizer") else 0.0
+            if best is None or total + self.profile.overhead_bytes(total) + extra > best[3]:
+                best = (total, cats, phase.split("|")[0].split("_")[0], total + self.profile.overhead_bytes(total) + extra)
+        total, cats, phase, _ = best
+        overhead = self.profile.overhead_bytes(total) + (svd if phase == "optimizer" else 0.0)
         cats["overhead"] = overhead
         return int(total + overhead), cats, phase
 
@@ -102,10 +106,12 @@ def _shard(cats: dict[str, float], shard: dict, devices: int, static: StaticTerm
     return out
 
 
-def memory_model(plan: Plan, profile: Profile | None = None) -> MemoryModel:
+def memory_model(plan: Plan, profile: Profile | None = None, target: str | None = None) -> MemoryModel:
+    """`target` ("cuda" / "cpu") overrides the plan's device kind for the activation fit (a calibration predicts
+    its own device's probes with no hardware named)."""
     profile = profile or load_profile("cuda" if plan.hardware.has_gpu else "cpu")
-    return MemoryModel(plan, static_terms(plan.model, plan.config), fit_coefficients(plan.model, plan.config, plan.seq_len),
-                       profile)
+    coefficients = fit_coefficients(plan.model, plan.config, plan.seq_len, target or plan.target)
+    return MemoryModel(plan, static_terms(plan.model, plan.config), coefficients, profile)
 
 
 # --------------------------------------------------------------------------- time and cost

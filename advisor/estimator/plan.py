@@ -26,6 +26,11 @@ class Plan:
     def training(self):
         return self.config.training
 
+    @property
+    def target(self) -> str:
+        """The device kind whose kernels the memory model counts: "cuda" for a GPU, "cpu" without one."""
+        return "cuda" if self.hardware.has_gpu else "cpu"
+
 
 def build_plan(req: EstimateRequest) -> Plan:
     model = resolve_model(req.model)

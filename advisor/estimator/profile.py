@@ -38,6 +38,11 @@ class Profile:
         o = self.data.get("overhead", {})
         return float(o.get("context_bytes", 0)) + float(o.get("allocator_fraction", 0.0)) * tensor_bytes
 
+    def svd_workspace_factor(self) -> float:
+        """GaLore on this device: bytes its SVD needs beyond the tensors the simulation counts, per fp32 byte of the
+        largest decomposed matrix (CUDA's solver workspace and column-major copies; 0 on CPU)."""
+        return float(self.data.get("overhead", {}).get("svd_workspace_factor", 0.0))
+
     def context_bytes(self) -> float:
         """The device's memory outside the caching allocator (CUDA context, library workspaces)."""
         return float(self.data.get("overhead", {}).get("context_bytes", 0))

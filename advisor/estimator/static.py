@@ -47,6 +47,9 @@ class StaticTerms:
     trainable_lookup_params: int = 0
     optimizer_flops_per_step: float = 0.0  # per optimizer step, whatever the tokens (GaLore's projections)
     decoder_matmul_params: int = 0  # encoder-decoder: the decoder's and the output head's matmul parameters
+    # GaLore: fp32 bytes of the largest gradient matrix its projector decomposes (torch.linalg.svd); on CUDA the
+    # solver's workspace and column-major copies, invisible to tensor accounting, scale with it (Profile.svd_workspace)
+    svd_matrix_bytes: int = 0
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -118,6 +121,7 @@ def _count(resolved, cfg: MethodConfig, layers: int) -> dict[str, int]:
     opt_bytes, temp_bytes = optimizer_bytes(prepared, cfg)
     out["optimizer"], out["optimizer_temp"] = opt_bytes, temp_bytes
     out["optimizer_flops"] = optimizer_flops(prepared, cfg)
+    out["svd_matrix"] = svd_matrix_bytes(prepared, cfg)
     return out
 
 
@@ -197,6 +201,15 @@ def optimizer_bytes(prepared, cfg: MethodConfig) -> tuple[int, int]:
     return state, max(foreach_temp, largest_temp)
 
 
+def svd_matrix_bytes(prepared, cfg: MethodConfig) -> int:
+    """GaLore: fp32 bytes of the largest 2-D gradient its projector decomposes (`torch.linalg.svd(G.float())`)."""
+    if not cfg.training.optim.startswith("galore"):
+        return 0
+    sizes = [p.numel() * 4 for g in (prepared.optimizer_params or []) if g.get("rank") is not None
+             for p in g["params"] if p.dim() == 2]
+    return max(sizes, default=0)
+
+
 def optimizer_flops(prepared, cfg: MethodConfig) -> float:
     """FLOPs of one optimizer step that do not scale with the tokens of the step.
 
@@ -226,7 +239,7 @@ def _key(resolved, cfg: MethodConfig) -> str:
     basis = {"config": resolved.config.to_dict(), "kind": resolved.kind,
              "method": cfg.model_dump(mode="json", include={"method", "peft", "quantization"}),
              "training": cfg.training.model_dump(mode="json", include={"torch_dtype", "optim", "bf16", "fp16"}),
-             "v": 3}
+             "v": 4}
     basis["config"].pop("_name_or_path", None)
     basis["config"].pop("transformers_version", None)
     return hashlib.sha256(json.dumps(basis, sort_keys=True, default=str).encode()).hexdigest()[:32]
@@ -290,4 +303,5 @@ def _compute(resolved, cfg: MethodConfig) -> dict:
         "trainable_lookup_params": extrapolate("trainable_lookup_params"),
         "optimizer_flops_per_step": extrapolate("optimizer_flops"),
         "decoder_matmul_params": extrapolate("decoder_matmul_params"),
+        "svd_matrix_bytes": max(one["svd_matrix"], two["svd_matrix"]),
     }

@@ -8,6 +8,11 @@ and otherwise *is* transformers' SDPA path, so a fake step allocates exactly wha
 
 from __future__ import annotations
 
+import contextlib
+import functools
+
+import torch
+import torch.nn.functional as F
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
@@ -59,3 +64,71 @@ def register_sim_sdpa() -> str:
         # boolean mask when keys outnumber queries (prefix tuning) -- as transformers builds them for "sdpa"
         AttentionMaskInterface.register(SIM_SDPA, sim_sdpa_mask)
     return SIM_SDPA
+
+
+# --------------------------------------------------------------------------- device semantics
+class CudaSemantics(torch.overrides.TorchFunctionMode):
+    """What a CUDA device saves where the CPU kernels the simulation runs on save something else.
+
+    Measured on an H100 against the same steps on CPU (bench/results/cuda_vs_cpu_saved.json, 2026-11-22):
+
+    * **dropout** — CUDA runs the fused `native_dropout` and keeps a 1-byte boolean mask for backward; the CPU
+      path multiplies by a noise tensor of the input's dtype and keeps that (4 bytes per element for PEFT's fp32
+      adapter inputs, 2 for bf16). Here every training-mode `F.dropout` becomes `native_dropout`.
+    * **attention dropout** — CUDA's flash / memory-efficient SDPA kernels apply dropout inside the kernel and
+      save output and log-sum-exp as without it (plus two RNG scalars); on CPU, `dropout_p > 0` falls back to the
+      math path, which materialises the attention probabilities. Here SDPA runs with `dropout_p=0`, which takes
+      the CPU flash kernel: the same saved tensors as CUDA's.
+
+    Real CPU runs under this mode allocate what the simulation counts (tests/test_memory.py); GPT-2 (attention
+    dropout 0.1) measured 397 MB on the H100 where the CPU path needs 714 MB.
+    """
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is F.dropout:
+            return _native_dropout(*args, **kwargs)
+        if func is F.scaled_dot_product_attention:
+            if len(args) > 4:
+                args = (*args[:4], 0.0, *args[5:])
+            elif kwargs.get("dropout_p"):
+                kwargs = {**kwargs, "dropout_p": 0.0}
+        return func(*args, **kwargs)
+
+
+def _native_dropout(input, p: float = 0.5, training: bool = True, inplace: bool = False):
+    if not training or p == 0.0 or input.numel() == 0:
+        return input
+    if p == 1.0 or inplace:  # CUDA's fused kernel is not used for these either
+        return F.dropout(input, p, training, inplace)
+    return torch.native_dropout(input, p, True)[0]
+
+
+@contextlib.contextmanager
+def semantics(target: str, model: torch.nn.Module | None = None):
+    """The context a simulation (or a CPU run standing in for one) of a `target` device runs under.
+
+    For "cuda", `model`'s checkpointed blocks also recompute under `CudaSemantics` (through checkpoint's
+    `context_fn`): the autograd engine runs the recomputation outside any function mode, and a recomputed block
+    must save what its first forward saved."""
+    if target == "cpu":
+        yield
+        return
+    if target != "cuda":
+        raise ValueError(f"unknown simulation target {target!r}; allowed: cpu, cuda")
+    patched = []
+    for module in model.modules() if model is not None else ():
+        fn = module.__dict__.get("_gradient_checkpointing_func")
+        if isinstance(fn, functools.partial):
+            module._gradient_checkpointing_func = functools.partial(fn, context_fn=_recompute_contexts)
+            patched.append((module, fn))
+    try:
+        with CudaSemantics():
+            yield
+    finally:
+        for module, fn in patched:
+            module._gradient_checkpointing_func = fn
+
+
+def _recompute_contexts():
+    return contextlib.nullcontext(), CudaSemantics()

@@ -11,7 +11,9 @@ result on disk, keyed by the request and the library versions.
 GPU-side differences are explicit: the optimizer mirrors CUDA's default (fused AdamW; `adamw_torch` is
 foreach), attention uses the SDPA path a real run takes when there is no padding (flash / memory-efficient
 on CUDA, which save the same output and log-sum-exp), 4-bit layers use a stand-in with bitsandbytes' bytes,
-and the CUDA context and allocator overhead are not counted here (the calibration profile adds them).
+`target="cuda"` counts what CUDA kernels save where CPU kernels save more (dropout masks, attention dropout;
+`advisor.memory.simattn.CudaSemantics`), and the CUDA context and allocator overhead are not counted here (the
+calibration profile adds them).
 """
 
 from __future__ import annotations
@@ -30,9 +32,9 @@ import torch
 from advisor.config import MethodConfig
 from advisor.engine import train_step
 from advisor.memory.counter import LiveBytes, cuda_memory_stats
-from advisor.memory.simattn import use_sim_masks
+from advisor.memory.simattn import semantics, use_sim_masks
 
-SIM_VERSION = 6
+SIM_VERSION = 7
 
 
 def _versions() -> dict[str, str]:
@@ -129,8 +131,12 @@ def _to_fake(prepared) -> None:
 
 
 def simulate_in_process(resolved, cfg: MethodConfig, batch_size: int, seq_len: int, steps: int = 2,
-                        total_steps: int = 100) -> dict:
-    """Fake-tensor simulation of `steps` training steps; returns the peak and its breakdown (bytes)."""
+                        total_steps: int = 100, target: str = "cpu") -> dict:
+    """Fake-tensor simulation of `steps` training steps; returns the peak and its breakdown (bytes).
+
+    `target` is the device whose kernels' saved tensors are counted: "cpu" (what the fake CPU tensors do, equal to
+    a real CPU run to the byte) or "cuda" (`advisor.memory.simattn.CudaSemantics`: dropout keeps a boolean mask,
+    SDPA applies attention dropout inside the flash kernel), what a GPU estimate needs."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     from advisor.engine import load_base_model, make_batch, make_optimizer, prepare
@@ -148,15 +154,20 @@ def simulate_in_process(resolved, cfg: MethodConfig, batch_size: int, seq_len: i
         vocab = _vocab_size(resolved.config)
         batch = make_batch(resolved.kind, batch_size, seq_len, vocab, fake=True,
                            target_len=cfg.training.max_target_length)
-        result = _measure(prepared, optimizer, batch, cfg.training, steps)
+        with semantics(target, prepared.model):
+            result = _measure(prepared, optimizer, batch, cfg.training, steps)
     result.update(trainable_params=trainable, total_params=total, seconds=time.perf_counter() - t0,
-                  mode="simulated", device="fake-cpu", notes=prepared.notes)
+                  mode="simulated", device="fake-cpu", target=target, notes=prepared.notes)
     return result
 
 
 def measure_real(resolved, cfg: MethodConfig, batch_size: int, seq_len: int, steps: int = 2,
-                 total_steps: int = 100, device: str | None = None, seed: int = 0) -> dict:
-    """The same steps on real tensors (random init), measured by the same counter (+ CUDA allocator stats)."""
+                 total_steps: int = 100, device: str | None = None, seed: int = 0, semantics_of: str | None = None
+                 ) -> dict:
+    """The same steps on real tensors (random init), measured by the same counter (+ CUDA allocator stats).
+
+    `semantics_of="cuda"` runs a CPU measurement under the CUDA kernels' saving behaviour (`CudaSemantics`), the
+    real-tensor counterpart of a `target="cuda"` simulation."""
     from advisor.engine import load_base_model, make_batch, make_optimizer, prepare
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -171,9 +182,10 @@ def measure_real(resolved, cfg: MethodConfig, batch_size: int, seq_len: int, ste
                                                       generator=gen, target_len=cfg.training.max_target_length).items()}
     if device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
-    result = _measure(prepared, optimizer, batch, cfg.training, steps,
-                      register_extra=lambda c: c.register(_quant_state_tensors(prepared.model), "weights"),
-                      see_inside=_bnb_kernels(device) if cfg.quantization is not None else None)
+    with semantics(semantics_of or "cpu", prepared.model):
+        result = _measure(prepared, optimizer, batch, cfg.training, steps,
+                          register_extra=lambda c: c.register(_quant_state_tensors(prepared.model), "weights"),
+                          see_inside=_bnb_kernels(device) if cfg.quantization is not None else None)
     result.update(trainable_params=trainable, total_params=total, seconds=time.perf_counter() - t0,
                   mode="measured", device=device, cuda=cuda_memory_stats() if device.startswith("cuda") else None,
                   notes=prepared.notes)
@@ -195,7 +207,8 @@ def _vocab_size(config) -> int:
 
 
 # --------------------------------------------------------------------------- subprocess + cache
-def _request_payload(resolved, cfg: MethodConfig, batch_size: int, seq_len: int, steps: int, total_steps: int) -> dict:
+def _request_payload(resolved, cfg: MethodConfig, batch_size: int, seq_len: int, steps: int, total_steps: int,
+                     target: str = "cpu") -> dict:
     return {
         "model": {"id": resolved.id, "kind": resolved.kind,
                   "config": resolved.raw_config if resolved.raw_config is not None else resolved.config.to_dict()},
@@ -204,6 +217,7 @@ def _request_payload(resolved, cfg: MethodConfig, batch_size: int, seq_len: int,
         "seq_len": seq_len,
         "steps": steps,
         "total_steps": total_steps,
+        "target": target,
     }
 
 
@@ -225,9 +239,9 @@ def cache_key(payload: dict) -> str:
 
 
 def simulate(resolved, cfg: MethodConfig, batch_size: int, seq_len: int, steps: int = 2, total_steps: int = 100,
-             use_cache: bool = True, timeout_s: float = 900) -> dict:
+             use_cache: bool = True, timeout_s: float = 900, target: str = "cpu") -> dict:
     """Simulate in a subprocess, with an on-disk cache. Raises RuntimeError with the child's error text."""
-    payload = _request_payload(resolved, cfg, batch_size, seq_len, steps, total_steps)
+    payload = _request_payload(resolved, cfg, batch_size, seq_len, steps, total_steps, target)
     key = cache_key(payload)
     path = cache_dir() / f"{key}.json"
     if use_cache and path.exists():
@@ -274,7 +288,7 @@ def _child_main() -> None:
         resolved.id, resolved.kind = m["id"], m["kind"]
         cfg = MethodConfig.model_validate(payload["config"])
         result = simulate_in_process(resolved, cfg, payload["batch_size"], payload["seq_len"], payload["steps"],
-                                     payload["total_steps"])
+                                     payload["total_steps"], payload.get("target", "cpu"))
     except Exception as err:  # reported to the parent as data, not a traceback on stdout
         result = {"error": f"{type(err).__name__}: {err}", "field": getattr(err, "field", None)}
     print(json.dumps(result, default=str), flush=True)
