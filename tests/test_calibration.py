@@ -220,6 +220,25 @@ def test_cuda_simulation_equals_the_h100_counter(tmp_path, probe):
     assert abs(sim - row["measured_peak_bytes"]) <= 5e-4 * row["measured_peak_bytes"], (sim, row["measured_peak_bytes"])
 
 
+def test_estimates_prefer_the_measured_profile_of_their_gpu(tmp_path):
+    """With several measured CUDA profiles, an estimate for a GPU takes that GPU's own, else the newest measured one;
+    the shipped default comes last."""
+    from advisor.estimator.profile import _measured_order
+
+    def write(name, catalog_id, date):
+        path = tmp_path / name
+        path.write_text(json.dumps({"format": 1, "id": path.stem, "date": date,
+                                    "device": {"kind": "cuda", "catalog_id": catalog_id}}))
+        return path
+
+    a100 = write("cuda-a100.json", "a100-sxm-80gb", "2026-01-05")
+    h100 = write("cuda-h100.json", "h100-sxm", "2026-11-22")
+    default = write("cuda-default.json", None, "2026-12-01")
+    assert _measured_order([default, h100, a100], "a100-sxm-80gb") == [a100, h100, default]
+    assert _measured_order([default, a100, h100], None) == [h100, a100, default]
+    assert _measured_order([a100, default, h100], "rtx-4090") == [h100, a100, default]
+
+
 def test_grid_plans_every_method_and_holds_out_as_documented():
     from advisor.calibration.probes import load_grid, plan_probes
     from advisor.methods import METHOD_IDS

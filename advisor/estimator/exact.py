@@ -49,7 +49,7 @@ def exact_overhead(plan: Plan, tensor_bytes: int, sim: dict | None = None) -> tu
     from advisor.estimator.profile import load_profile
     from advisor.estimator.static import static_terms
 
-    profile = load_profile("cuda" if plan.hardware.has_gpu else "cpu")
+    profile = load_profile("cuda" if plan.hardware.has_gpu else "cpu", getattr(plan.hardware.gpu, "id", None))
     overhead = profile.overhead_bytes(tensor_bytes)
     factor = profile.svd_workspace_factor()
     optimizer_peak = ((sim or {}).get("phases") or {}).get("optimizer", {}).get("peak_bytes")

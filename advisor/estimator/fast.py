@@ -109,7 +109,8 @@ def _shard(cats: dict[str, float], shard: dict, devices: int, static: StaticTerm
 def memory_model(plan: Plan, profile: Profile | None = None, target: str | None = None) -> MemoryModel:
     """`target` ("cuda" / "cpu") overrides the plan's device kind for the activation fit (a calibration predicts
     its own device's probes with no hardware named)."""
-    profile = profile or load_profile("cuda" if plan.hardware.has_gpu else "cpu")
+    gpu_id = getattr(plan.hardware.gpu, "id", None)
+    profile = profile or load_profile("cuda" if plan.hardware.has_gpu else "cpu", gpu_id)
     coefficients = fit_coefficients(plan.model, plan.config, plan.seq_len, target or plan.target)
     return MemoryModel(plan, static_terms(plan.model, plan.config), coefficients, profile)
 

@@ -107,14 +107,14 @@ def read_profile(path: Path) -> Profile:
     return Profile(data.get("id", Path(path).stem), kind, data, Path(path))
 
 
-@functools.lru_cache(maxsize=16)
-def _load(kind: str, override: str | None) -> Profile:
+@functools.lru_cache(maxsize=64)
+def _load(kind: str, override: str | None, gpu_id: str | None = None) -> Profile:
     shipped = calibration_dir() / f"{kind}-default.json"
     notes = []
     candidates = []
     if override:
         candidates.append(Path(override))
-    candidates += sorted(calibration_dir().glob(f"{kind}-*.json"), key=lambda p: p.name.endswith("-default.json"))
+    candidates += _measured_order(list(calibration_dir().glob(f"{kind}-*.json")), gpu_id)
     for path in candidates:
         try:
             profile = read_profile(path)
@@ -136,9 +136,30 @@ def _load(kind: str, override: str | None) -> Profile:
     return profile
 
 
-def load_profile(target_kind: str = "cuda") -> Profile:
-    """The profile for estimates on `target_kind` hardware ("cuda" for any GPU, "cpu" for none)."""
-    return _load(target_kind, os.environ.get("ADVISOR_PROFILE"))
+def load_profile(target_kind: str = "cuda", gpu_id: str | None = None) -> Profile:
+    """The profile for estimates on `target_kind` hardware ("cuda" for any GPU, "cpu" for none): ADVISOR_PROFILE if
+    set, else a measured profile of that GPU (`device.catalog_id == gpu_id`), else the newest measured one, else the
+    shipped default."""
+    return _load(target_kind, os.environ.get("ADVISOR_PROFILE"), gpu_id)
+
+
+def _measured_order(paths: list[Path], gpu_id: str | None) -> list[Path]:
+    """Measured profiles first (the GPU's own first, then newest first), the shipped default last."""
+    def key(path: Path):
+        try:
+            data = json.loads(path.read_text())
+            device = data.get("device", {}) if isinstance(data, dict) else {}
+            same = bool(gpu_id) and device.get("catalog_id") == gpu_id
+            date = str(data.get("date", "")) if isinstance(data, dict) else ""
+        except (OSError, ValueError):
+            same, date = False, ""
+        return (path.name.endswith("-default.json"), not same, _negated(date), path.name)
+
+    return sorted(paths, key=key)
+
+
+def _negated(text: str) -> tuple[int, ...]:
+    return tuple(-ord(c) for c in text)
 
 
 def clear_cache() -> None:

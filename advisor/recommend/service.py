@@ -147,7 +147,7 @@ def _fine_tune(out: dict, sc, rm, hw, ev, target: int | None = None) -> None:
     ds = sc.dataset
     seq, seq_note, wanted = _sequence_length(ds, rm)
     precision = _precision(hw)
-    profile = load_profile("cuda" if hw.has_gpu else "cpu")
+    profile = load_profile("cuda" if hw.has_gpu else "cpu", getattr(hw.gpu, "id", None))
     candidates = [Candidate(m, ev.method_scores[m]) for m in ev.ranking]
     for cand in candidates:
         try:
