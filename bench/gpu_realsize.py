@@ -169,43 +169,51 @@ def measure(args) -> None:
 
 
 # --------------------------------------------------------------------------- report (anywhere)
-def report(args) -> None:
-    from advisor.estimator.profile import clear_cache
+def compare(rows: list[dict], gpu: str = "h100-sxm") -> list[dict]:
+    """Each measured point beside today's estimate (the profile estimates use, or ADVISOR_PROFILE)."""
     from advisor.estimator.service import run_estimate
     from advisor.schemas import EstimateRequest
 
-    rows = json.loads(Path(args.file).read_text())
-    if args.profile:
-        os.environ["ADVISOR_PROFILE"] = str(args.profile)
-        from advisor.settings import get_settings
-
-        get_settings.cache_clear()
-        clear_cache()
-    print("measured = whole-run max_memory_reserved + context; tensors = the live-bytes counter's peak; "
-          "predicted = the estimate's peak (its tensor bytes in brackets)")
-    print(f"{'point':30} {'measured':>9} {'tensors':>8} {'predicted':>17} {'error':>7} {'alloc/tens':>10} "
-          f"{'resv/alloc':>10} {'load resv':>9}")
     out = []
     for r in rows:
         name = f"{r['method']} b{r['batch']} s{r['seq']} {'gc' if r['gc'] else 'nogc'}" + \
                (" exp" if r.get("expandable") else "")
         if r.get("error"):
-            print(f"{name:30} failed: {r['error'][-300:]}")
+            out.append({"point": name, "failed": r["error"][-300:], "error": None})
             continue
-        est = run_estimate(EstimateRequest(model=r["model"], method=r["method"], hardware={"gpu": args.gpu},
+        est = run_estimate(EstimateRequest(model=r["model"], method=r["method"], hardware={"gpu": gpu},
                                            config=point_config(r)))
         measured = r["whole_max_reserved"] + r["context"]
         predicted = est["peak_bytes"]
-        tensors = predicted - est["breakdown_gib"]["overhead"] * GIB
-        err = measured / predicted - 1
-        out.append({"point": name, "measured_bytes": measured, "predicted_bytes": predicted, "error": err,
-                    "profile": est["provenance"].get("profile")})
-        print(f"{name:30} {measured / GIB:9.2f} {r['counter_peak'] / GIB:8.2f} {predicted / GIB:8.2f} "
-              f"({tensors / GIB:6.2f}) {err:+7.1%} {r['train_max_allocated'] / r['counter_peak']:10.3f} "
-              f"{r['whole_max_reserved'] / max(r['train_max_allocated'], 1):10.3f} "
-              f"{r['load_peak_reserved'] / GIB:9.2f}")
-    if out:
-        print(f"profile: {out[0]['profile']}")
+        out.append({"point": name, "measured_bytes": measured, "predicted_bytes": predicted,
+                    "tensor_bytes": predicted - est["breakdown_gib"]["overhead"] * GIB, "counter_bytes": r["counter_peak"],
+                    "error": measured / predicted - 1, "alloc_over_tensors": r["train_max_allocated"] / r["counter_peak"],
+                    "reserved_over_alloc": r["whole_max_reserved"] / max(r["train_max_allocated"], 1),
+                    "load_reserved": r["load_peak_reserved"], "profile": est["provenance"].get("profile")})
+    return out
+
+
+def report(args) -> None:
+    from advisor.estimator.profile import clear_cache
+
+    rows = json.loads(Path(args.file).read_text())
+    if args.profile:
+        os.environ["ADVISOR_PROFILE"] = str(args.profile)
+        clear_cache()
+    print("measured = whole-run max_memory_reserved + context; tensors = the live-bytes counter's peak; "
+          "predicted = the estimate's peak (its tensor bytes in brackets); error = measured / predicted − 1")
+    print(f"{'point':30} {'measured':>9} {'tensors':>8} {'predicted':>17} {'error':>7} {'alloc/tens':>10} "
+          f"{'resv/alloc':>10} {'load resv':>9}")
+    results = compare(rows, args.gpu)
+    for c in results:
+        if c.get("failed"):
+            print(f"{c['point']:30} failed: {c['failed']}")
+            continue
+        print(f"{c['point']:30} {c['measured_bytes'] / GIB:9.2f} {c['counter_bytes'] / GIB:8.2f} "
+              f"{c['predicted_bytes'] / GIB:8.2f} ({c['tensor_bytes'] / GIB:6.2f}) {c['error']:+7.1%} "
+              f"{c['alloc_over_tensors']:10.3f} {c['reserved_over_alloc']:10.3f} {c['load_reserved'] / GIB:9.2f}")
+    if results:
+        print(f"profile: {results[0].get('profile')}")
 
 
 def mfu(args) -> dict:

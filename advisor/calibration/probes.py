@@ -182,6 +182,9 @@ def predict(model_dir: Path, method: str, config: dict, target: str = "cpu") -> 
     mm = memory_model(plan, profile=Profile("probe", "cpu", {}), target=target)
     peak, cats, phase = mm.peak(plan.batch_size)
     return {"predicted_tensor_bytes": int(peak), "predicted_phase": phase,
+            # parameters (frozen and trained) at the peak: allocated once at load, in blocks the allocator reuses
+            # without slack; the rest (activations, gradients, optimizer state, temporaries) is what it fragments
+            "predicted_param_bytes": int(cats.get("weights", 0) + cats.get("trainable", 0)),
             "svd_matrix_bytes": int(mm.static.svd_matrix_bytes),
             "flops_per_token": training_flops_per_token(mm),
             "flops_per_step": step_flops(mm, plan.batch_size)}

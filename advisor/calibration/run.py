@@ -43,7 +43,8 @@ Progress = Callable[[int, int, str], None]
 TABLE_COLUMNS = (
     "method", "arch", "batch", "seq", "gc", "heldout", "tokens_per_step",
     "measured_peak_bytes", "measured_device_bytes", "cuda_max_reserved_bytes", "cuda_max_allocated_bytes",
-    "cuda_context_bytes", "predicted_tensor_bytes", "svd_matrix_bytes", "predicted_device_bytes", "memory_error", "predicted_phase",
+    "cuda_context_bytes", "predicted_tensor_bytes", "predicted_param_bytes", "svd_matrix_bytes",
+    "predicted_device_bytes", "memory_error", "predicted_phase",
     "measured_phase", "step_seconds", "step_seconds_min", "warmup_seconds", "counted_step_seconds",
     "predicted_step_seconds", "time_error", "flops_per_token",
     "flops_per_step", "trainable_params", "total_params", "loss", "measure_seconds", "predict_seconds", "wall_seconds",
