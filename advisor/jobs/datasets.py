@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import secrets
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -142,7 +141,9 @@ def store_upload(tmp_path: Path, filename: str | None, declared: str = "auto"):
     except BaseException:
         tmp_path.unlink(missing_ok=True)
         raise
-    dataset_id = secrets.token_urlsafe(12)
+    from advisor.jobs.service import readable_token
+
+    dataset_id = readable_token(12)
     final = datasets_dir() / f"{dataset_id}{ext}"
     tmp_path.replace(final)
     digest = hashlib.sha256()

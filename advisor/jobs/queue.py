@@ -64,8 +64,9 @@ def spawn_worker(job: Job, store: JobStore, *, devices: list[str] | None = None,
            "TOKENIZERS_PARALLELISM": "false"}
     if devices and devices != ["cpu"]:
         env["CUDA_VISIBLE_DEVICES"] = ",".join(devices)
-    cmd = [sys.executable, "-m", "advisor.jobs.worker", job.id, "--db", store.url,
-           "--parent-pid", str(parent_pid or os.getpid())]
+    # options first and `--` before the id: an id may begin with "-" (ids made before new_job_id avoided it)
+    cmd = [sys.executable, "-m", "advisor.jobs.worker", "--db", store.url,
+           "--parent-pid", str(parent_pid or os.getpid()), "--", job.id]
     log_path = log_path or worker_log_path(job)
     with open(log_path, "ab") as log:
         log.write(f"\n=== attempt {job.attempts} {time.strftime('%Y-%m-%d %H:%M:%S')} ===\n".encode())

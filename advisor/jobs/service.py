@@ -35,7 +35,16 @@ class JobStateError(ValueError):
 
 
 def new_job_id() -> str:
-    return secrets.token_urlsafe(16)
+    return readable_token(16)
+
+
+def readable_token(nbytes: int) -> str:
+    """A URL-safe random id that starts with a letter or digit: one starting with "-" reads as an option to every
+    command line that takes it (`advisor jobs show -dFJ...`, the worker's own argv: seen as a failed job)."""
+    while True:
+        token = secrets.token_urlsafe(nbytes)
+        if token[0].isalnum():
+            return token
 
 
 def data_root() -> Path:
