@@ -52,7 +52,9 @@ def exact_overhead(plan: Plan, tensor_bytes: int, sim: dict | None = None) -> tu
     profile = load_profile("cuda" if plan.hardware.has_gpu else "cpu", getattr(plan.hardware.gpu, "id", None))
     overhead = profile.overhead_bytes(tensor_bytes)
     factor = profile.svd_workspace_factor()
-    optimizer_peak = ((sim or {}).get("phases") or {}).get("optimizer", {}).get("peak_bytes")
+    phases = (sim or {}).get("phases") or {}
+    peaks = [phases[k]["peak_bytes"] for k in ("optimizer", "optimizer_first") if k in phases]
+    optimizer_peak = max(peaks) if peaks else None
     if factor and optimizer_peak is not None and plan.config.training.optim.startswith("galore"):
         svd = factor * static_terms(plan.model, plan.config).svd_matrix_bytes
         overhead = max(overhead, optimizer_peak + profile.overhead_bytes(optimizer_peak) + svd - tensor_bytes)

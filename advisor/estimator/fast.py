@@ -56,7 +56,13 @@ class MemoryModel:
                 # and a deep model's backward peaks in one of them (advisor.memory.counter)
                 continue
             cats = coeffs.bytes_by_category(layers, batch)
-            if cats.get("optimizer", 0) > 0:
+            if phase.split("|")[0] == "optimizer_first" and self.static.optimizer_bytes > 0:
+                # the first step creates the state inside the step, where the counter can only call it
+                # temporaries: count up to the state's size as state, so sharding divides it as it does the state
+                moved = min(max(cats.get("temporaries", 0.0), 0.0), float(self.static.optimizer_bytes))
+                cats["temporaries"] = cats.get("temporaries", 0.0) - moved
+                cats["optimizer"] = cats.get("optimizer", 0.0) + moved
+            elif cats.get("optimizer", 0) > 0:
                 cats["optimizer"] = float(self.static.optimizer_bytes)
             phase_values[phase] = cats
         # GaLore's SVD runs inside the optimizer step: its solver workspace (invisible to tensor accounting, fitted

@@ -34,7 +34,7 @@ from advisor.engine import train_step
 from advisor.memory.counter import LiveBytes, cuda_memory_stats
 from advisor.memory.simattn import semantics, use_sim_masks
 
-SIM_VERSION = 7
+SIM_VERSION = 8
 
 
 def _versions() -> dict[str, str]:
@@ -69,6 +69,11 @@ def _measure(prepared, optimizer, batch, training, steps: int, register_extra=No
             if rep.peak_bytes >= best["peak"]:
                 best = {"peak": rep.peak_bytes, "peak_phase": rep.peak_phase, "breakdown": rep.breakdown_at_peak}
             for k, v in rep.phases.items():
+                # the first step's optimizer phase is kept apart: it creates the state (and GaLore's first SVD),
+                # later steps hold the state. Which of the two peaks can change with depth (GaLore: the SVD's
+                # temporaries win on a 1-2 block slice, the state on 32 blocks), so each gets its own fitted line
+                if k == "optimizer" and step == 0 and steps > 1:
+                    k = "optimizer_first"
                 if v.peak_bytes >= phases.get(k, {}).get("peak_bytes", -1):
                     phases[k] = {"peak_bytes": v.peak_bytes, "breakdown_bytes": dict(v.breakdown), "step": step}
     counter.close()
