@@ -82,7 +82,8 @@ def measure_one(model_dir: str, point: dict) -> dict:
     import torch
 
     from advisor.catalog.models import resolve_model
-    from advisor.engine import load_base_model, make_batch, make_optimizer, prepare, train_step
+    from advisor.calibration.probes import timed_steps
+    from advisor.engine import load_base_model, make_batch, make_optimizer, prepare
     from advisor.memory.counter import cuda_memory_stats
     from advisor.memory.simulate import _bnb_kernels, _measure, _quant_state_tensors, _vocab_size
     from advisor.methods import get_method
@@ -116,15 +117,8 @@ def measure_one(model_dir: str, point: dict) -> dict:
                       register_extra=lambda c: c.register(_quant_state_tensors(prepared.model), "weights"),
                       see_inside=_bnb_kernels(dev) if cfg.quantization is not None else None)
     stats = cuda_memory_stats() if cuda else {"max_reserved_bytes": 0, "max_allocated_bytes": 0, "context_bytes": 0}
-    plain = []  # step time without the counter's dispatch hook (after the memory figures are read)
-    for step in range(3, 3 + point.get("timed_steps", 4)):
-        if cuda:
-            torch.cuda.synchronize()
-        t1 = time.perf_counter()
-        train_step(prepared, optimizer, batch, cfg.training, step)
-        if cuda:
-            torch.cuda.synchronize()
-        plain.append(time.perf_counter() - t1)
+    # step time without the counter's dispatch hook (after the memory figures are read)
+    plain = timed_steps(prepared, optimizer, batch, cfg.training, range(3, 3 + point.get("timed_steps", 4)), cuda)
     trainable, total = prepared.param_counts()
     return {**point, **load, "train_max_reserved": stats["max_reserved_bytes"],
             "train_max_allocated": stats["max_allocated_bytes"],

@@ -244,17 +244,24 @@ def time_steps(resolved, cfg, batch_size: int, seq_len: int, steps: int, device:
     gen = torch.Generator(device="cpu").manual_seed(seed)
     batch = {k: v.to(device) for k, v in make_batch(resolved.kind, batch_size, seq_len, _vocab_size(resolved.config),
                                                       generator=gen, target_len=cfg.training.max_target_length).items()}
-    cuda = device.startswith("cuda")
+    seconds = timed_steps(prepared, optimizer, batch, cfg.training, range(steps), device.startswith("cuda"))
+    del prepared, optimizer, model, batch
+    return seconds
+
+
+def timed_steps(prepared, optimizer, batch, training, steps, cuda: bool) -> list[float]:
+    """Seconds of each training step numbered in `steps` (synchronised before and after on CUDA)."""
+    import torch
+
     seconds = []
-    for step in range(steps):
+    for step in steps:
         if cuda:
             torch.cuda.synchronize()
         start = time.perf_counter()
-        train_step(prepared, optimizer, batch, cfg.training, step)
+        train_step(prepared, optimizer, batch, training, step)
         if cuda:
             torch.cuda.synchronize()
         seconds.append(time.perf_counter() - start)
-    del prepared, optimizer, model, batch
     return seconds
 
 
