@@ -205,10 +205,13 @@ def test_cuda_simulation_equals_the_h100_counter(tmp_path, probe):
     from advisor.calibration.probes import Probe, load_grid, probe_config, write_models
     from advisor.memory.simulate import simulate_in_process
 
-    rows = {f"{r['method']}/{r['arch']}/b{r['batch']}/s{r['seq']}/{'gc' if r['gc'] else 'nogc'}": r
-            for r in json.loads(H100_PROFILE.read_text())["calibration"]["probe_table"]}
+    from advisor.calibration.probes import probe_key
+
+    cal = json.loads(H100_PROFILE.read_text())["calibration"]
+    rows = {probe_key(r): r for r in cal["probe_table"]}
     row = rows[probe]
     grid = load_grid()
+    assert cal["steps_per_probe"] == grid["steps"] and f"of {grid['steps']} steps" in cal["step_time"]
     p = Probe(row["method"], row["arch"], row["batch"], row["seq"], bool(row["gc"]), 0)
     model_dir = write_models(grid, [p.arch], tmp_path)[p.arch]
     from advisor.catalog.models import resolve_model

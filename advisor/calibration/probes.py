@@ -39,7 +39,12 @@ class Probe:
 
     @property
     def key(self) -> str:
-        return f"{self.method}/{self.arch}/b{self.batch}/s{self.seq}/{'gc' if self.gc else 'nogc'}"
+        return probe_key(asdict(self))
+
+
+def probe_key(row: dict) -> str:
+    """`method/arch/b<batch>/s<seq>/gc|nogc`: a probe's name, from a Probe's fields or a row of the probe table."""
+    return f"{row['method']}/{row['arch']}/b{row['batch']}/s{row['seq']}/{'gc' if row['gc'] else 'nogc'}"
 
 
 def load_grid(path: Path | None = None) -> dict[str, Any]:

@@ -32,6 +32,7 @@ from advisor.calibration.probes import (
     load_grid,
     plan_probes,
     prefit,
+    probe_key,
     run_probe,
     write_models,
 )
@@ -188,11 +189,7 @@ def _read_partial(path: Path, header: dict) -> dict[str, dict]:
         what = "; ".join(f"{k}: {a!r} there, {b!r} now" for k, (a, b) in differs.items())
         raise AdvisorInputError("resume", f"{path} belongs to another calibration ({what}); run without --resume to "
                                           "start again (its rows are then discarded)")
-    rows = {}
-    for r in lines[1:]:
-        key = f"{r['method']}/{r['arch']}/b{r['batch']}/s{r['seq']}/{'gc' if r['gc'] else 'nogc'}"
-        rows[key] = r
-    return rows
+    return {probe_key(r): r for r in lines[1:]}
 
 
 def calibrate(methods: str | list[str] | None = None, quick: bool = False, out: str | Path | None = None,
@@ -406,8 +403,7 @@ def build_profile(dev: dict, grid: dict, section: str, methods: list[str], rows:
     if len(all_rows):  # failed probes keep their rows (with the error) in the raw table
         failed = all_rows[all_rows["error"].notna()] if "error" in all_rows else all_rows.iloc[0:0]
         evaluated = pd.concat([evaluated, failed]).sort_index()
-    failures = [{"probe": f"{r['method']}/{r['arch']}/b{r['batch']}/s{r['seq']}/{'gc' if r['gc'] else 'nogc'}",
-                 "error": r["error"]} for r in rows if r.get("error")]
+    failures = [{"probe": probe_key(r), "error": r["error"]} for r in rows if r.get("error")]
     target = "max_memory_reserved + CUDA context" if kind == "cuda" else "the live-bytes counter's peak (exact on CPU)"
     overhead = {
         "context_bytes": int(mem["context_bytes"]),
@@ -446,12 +442,12 @@ def build_profile(dev: dict, grid: dict, section: str, methods: list[str], rows:
         # count only from methods whose median training-probe step reaches the grid's `cuda_min_timed_step_s` and
         # whose MFU is physically possible (≤ 1); the others keep the default MFU and say why
         min_step = float(grid.get("cuda_min_timed_step_s", 0.0) or 0.0)
-        steps = pd.DataFrame(rows)
+        table = pd.DataFrame(rows)
         launch_bound = {}
         mfu = {}
         for m, r in measured_rates.items():
-            mine = steps[(steps["method"] == m) & ~steps["heldout"].astype(bool)]["step_seconds"].dropna() \
-                if "step_seconds" in steps else pd.Series(dtype=float)
+            mine = table[(table["method"] == m) & ~table["heldout"].astype(bool)]["step_seconds"].dropna() \
+                if "step_seconds" in table else pd.Series(dtype=float)
             median_step = float(mine.median()) if len(mine) else 0.0
             value = r / (peak * 1e12) if peak else None
             if median_step < min_step or (value is not None and value > 1):

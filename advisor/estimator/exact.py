@@ -46,10 +46,10 @@ def exact_from_plan(plan: Plan, use_cache: bool = True) -> dict:
 def exact_overhead(plan: Plan, tensor_bytes: int, sim: dict | None = None) -> tuple[int, str]:
     """The profile's overhead on top of the simulated peak; for GaLore also its SVD workspace, which exists during
     the optimizer step only (it raises the peak when the optimizer phase plus the workspace exceeds it)."""
-    from advisor.estimator.profile import load_profile
+    from advisor.estimator.profile import profile_for
     from advisor.estimator.static import static_terms
 
-    profile = load_profile("cuda" if plan.hardware.has_gpu else "cpu", getattr(plan.hardware.gpu, "id", None))
+    profile = profile_for(plan.hardware)
     overhead = profile.overhead_bytes(tensor_bytes)
     factor = profile.svd_workspace_factor()
     phases = (sim or {}).get("phases") or {}

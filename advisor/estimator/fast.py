@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 from advisor.estimator.coefficients import MemoryCoefficients, fit_coefficients
 from advisor.estimator.plan import Plan, breakdown_from_counter, build_plan
-from advisor.estimator.profile import Profile, load_profile
+from advisor.estimator.profile import Profile, profile_for
 from advisor.estimator.static import StaticTerms, static_terms
 from advisor.schemas import EstimateRequest
 
@@ -71,9 +71,9 @@ class MemoryModel:
         for phase, cats in phase_values.items():
             cats = _shard(cats, shard, devices, self.static)
             total = sum(cats.values())
-            extra = svd if phase.startswith("optimizer") else 0.0
-            if best is None or total + self.profile.overhead_bytes(total) + extra > best[3]:
-                best = (total, cats, phase.split("|")[0].split("_")[0], total + self.profile.overhead_bytes(total) + extra)
+            device = total + self.profile.overhead_bytes(total) + (svd if phase.startswith("optimizer") else 0.0)
+            if best is None or device > best[3]:
+                best = (total, cats, phase.split("|")[0].split("_")[0], device)
         total, cats, phase, _ = best
         overhead = self.profile.overhead_bytes(total) + (svd if phase == "optimizer" else 0.0)
         cats["overhead"] = overhead
@@ -115,8 +115,7 @@ def _shard(cats: dict[str, float], shard: dict, devices: int, static: StaticTerm
 def memory_model(plan: Plan, profile: Profile | None = None, target: str | None = None) -> MemoryModel:
     """`target` ("cuda" / "cpu") overrides the plan's device kind for the activation fit (a calibration predicts
     its own device's probes with no hardware named)."""
-    gpu_id = getattr(plan.hardware.gpu, "id", None)
-    profile = profile or load_profile("cuda" if plan.hardware.has_gpu else "cpu", gpu_id)
+    profile = profile or profile_for(plan.hardware)
     coefficients = fit_coefficients(plan.model, plan.config, plan.seq_len, target or plan.target)
     return MemoryModel(plan, static_terms(plan.model, plan.config), coefficients, profile)
 

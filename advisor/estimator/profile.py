@@ -143,6 +143,11 @@ def load_profile(target_kind: str = "cuda", gpu_id: str | None = None) -> Profil
     return _load(target_kind, os.environ.get("ADVISOR_PROFILE"), gpu_id)
 
 
+def profile_for(hardware) -> Profile:
+    """The profile for estimates on a resolved hardware target (`advisor.hardware.HardwareTarget`)."""
+    return load_profile("cuda" if hardware.has_gpu else "cpu", getattr(hardware.gpu, "id", None))
+
+
 def _measured_order(paths: list[Path], gpu_id: str | None) -> list[Path]:
     """Measured profiles first (the GPU's own first, then newest first), the shipped default last."""
     def key(path: Path):

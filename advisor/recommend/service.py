@@ -142,12 +142,12 @@ def _resolve_model(ref):
 
 # ------------------------------------------------------------------------------------------------ fine-tuning
 def _fine_tune(out: dict, sc, rm, hw, ev, target: int | None = None) -> None:
-    from advisor.estimator.profile import load_profile
+    from advisor.estimator.profile import profile_for
 
     ds = sc.dataset
     seq, seq_note, wanted = _sequence_length(ds, rm)
     precision = _precision(hw)
-    profile = load_profile("cuda" if hw.has_gpu else "cpu", getattr(hw.gpu, "id", None))
+    profile = profile_for(hw)
     candidates = [Candidate(m, ev.method_scores[m]) for m in ev.ranking]
     for cand in candidates:
         try:
