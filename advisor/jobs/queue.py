@@ -125,8 +125,10 @@ def pid_alive(pid: int | None, job_id: str | None = None) -> bool:
             text = cmdline.read_bytes().replace(b"\0", b" ").decode(errors="replace")
         except OSError:
             return True
+        # An empty command line is a process inside execve (the kernel swaps in the new memory map, and closes
+        # the spawner's close-on-exec pipe, before it records the new argv): too early to call it someone else.
         forked = "advisor.jobs.forkserver" in text  # a forked worker keeps its fork server's command line
-        if not forked and ("advisor.jobs.worker" not in text or job_id not in text):
+        if text.strip() and not forked and ("advisor.jobs.worker" not in text or job_id not in text):
             return False  # the pid was reused by another process
         try:
             state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
