@@ -158,3 +158,16 @@ def test_unknown_strategy_is_422(server):
     r = httpx.post(f"{server}/v1/estimate", json={"model": "gpt2", "hardware": {"gpu": "a100", "count": 2},
                                                  "method": "lora", "strategy": "zero9"}, timeout=60)
     assert r.status_code == 422 and r.json()["field"] == "strategy"
+
+
+def test_the_strategy_an_estimate_reports_is_accepted_back(server):
+    """A one-GPU estimate reports strategy "single"; sending it back gives the same estimate, and on several GPUs
+    it is refused with the field named (it was an unknown-strategy error either way)."""
+    body = {"model": "gpt2", "hardware": {"gpu": "a100", "count": 1}, "method": "lora"}
+    first = httpx.post(f"{server}/v1/estimate", json=body, timeout=60).json()
+    assert first["strategy"] == "single"
+    again = httpx.post(f"{server}/v1/estimate", json={**body, "strategy": "single"}, timeout=60)
+    assert again.status_code == 200 and again.json()["peak_bytes"] == first["peak_bytes"]
+    r = httpx.post(f"{server}/v1/estimate", json={**body, "hardware": {"gpu": "a100", "count": 4},
+                                                 "strategy": "single"}, timeout=60)
+    assert r.status_code == 422 and r.json()["field"] == "strategy" and "hardware.count is 4" in r.json()["detail"]

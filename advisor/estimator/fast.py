@@ -34,6 +34,25 @@ STRATEGIES = {
 STRATEGY_ALIASES = {"fsdp_grad_op": "zero2", "fsdp_full_shard": "zero3", "fsdp_offload": "zero3_offload"}
 
 
+def resolve_strategy(strategy: str | None, devices: int) -> str | None:
+    """A requested strategy's canonical name (None: the estimator picks). "single", which an estimate on one GPU
+    reports, is accepted back for one device; an unknown name is a clear error naming the allowed ones."""
+    from advisor.errors import AdvisorInputError
+
+    if strategy is None:
+        return None
+    if strategy == "single":
+        if devices > 1:
+            raise AdvisorInputError("strategy", f"'single' is the one-GPU strategy, but hardware.count is {devices}",
+                                    allowed=[*STRATEGIES, *STRATEGY_ALIASES])
+        return "ddp"  # one device: nothing is replicated or sharded
+    name = STRATEGY_ALIASES.get(strategy, strategy)
+    if name not in STRATEGIES:
+        raise AdvisorInputError("strategy", f"unknown strategy {strategy!r}",
+                                allowed=["single", *STRATEGIES, *STRATEGY_ALIASES])
+    return name
+
+
 @dataclass
 class MemoryModel:
     plan: Plan
@@ -221,7 +240,7 @@ def estimate_plan(plan: Plan, strategy: str | None = None, mm: MemoryModel | Non
     devices = hw.count
     memory_bytes = hw.memory_gib * GIB if hw.memory_gib is not None else None
     batch = plan.batch_size
-    strategy = STRATEGY_ALIASES.get(strategy, strategy) if strategy else choose_strategy(mm, memory_bytes, batch, devices)
+    strategy = resolve_strategy(strategy, devices) or choose_strategy(mm, memory_bytes, batch, devices)
     peak, cats, phase = mm.peak(batch, strategy, devices)
     band_low, band_high = mm.profile.band(plan.spec.id)
     result = {

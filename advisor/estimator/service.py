@@ -2,17 +2,12 @@
 
 from __future__ import annotations
 
-from advisor.errors import AdvisorInputError
-from advisor.estimator.fast import STRATEGIES, STRATEGY_ALIASES
+from advisor.estimator.fast import resolve_strategy
 from advisor.schemas import EstimateRequest
 
 
 def run_estimate(req: EstimateRequest, strategy: str | None = None) -> dict:
-    if strategy is not None:
-        strategy = STRATEGY_ALIASES.get(strategy, strategy)
-        if strategy not in STRATEGIES:
-            raise AdvisorInputError("strategy", f"unknown strategy {strategy!r}",
-                                    allowed=[*STRATEGIES, *STRATEGY_ALIASES])
+    strategy = resolve_strategy(strategy, req.hardware.count)
     if req.exact:
         from advisor.estimator.exact import exact_estimate
 
