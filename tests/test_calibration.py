@@ -219,7 +219,8 @@ def test_cuda_simulation_equals_the_h100_counter(tmp_path, probe):
 
     resolved = resolve_model(str(model_dir))
     cfg = get_method(p.method).resolve_config(probe_config(grid, p))
-    sim = simulate_in_process(resolved, cfg, p.batch, p.seq, target="cuda")["peak_bytes"]
+    # the H100 probes predate SIM_VERSION 9: GaLore's projections were computed once, not refreshed in step 2
+    sim = simulate_in_process(resolved, cfg, p.batch, p.seq, target="cuda", refresh_projections=False)["peak_bytes"]
     assert abs(sim - row["measured_peak_bytes"]) <= 5e-4 * row["measured_peak_bytes"], (sim, row["measured_peak_bytes"])
 
 

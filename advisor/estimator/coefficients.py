@@ -30,7 +30,7 @@ from advisor.config import MethodConfig
 from advisor.memory.counter import CATEGORIES
 from advisor.settings import get_settings
 
-FIT_VERSION = 9
+FIT_VERSION = 10
 # backward_* are windows of backward whose composition is linear in depth and batch (advisor.memory.counter);
 # "backward" (their maximum in the slice) is kept for models whose blocks the counter cannot find
 PHASES = ("forward", "backward", "backward_head", "backward_first", "backward_last", "backward_tail", "optimizer",

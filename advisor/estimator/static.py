@@ -186,7 +186,7 @@ def optimizer_bytes(prepared, cfg: MethodConfig) -> tuple[int, int]:
                 r = min(rank, m, k)
                 low = r * max(m, k)
                 moments = 2 * low + 2 * math.ceil(low / 256) * 4 if eight_bit else 2 * low * es
-                state += moments + r * min(m, k) * es + 4
+                state += moments + r * min(m, k) * es  # galore-torch counts steps in a Python int
                 largest_temp = max(largest_temp, (m * k + low) * es)
             elif eight_bit:
                 state += 2 * n + 2 * math.ceil(n / 256) * 4 + 4 if n >= 4096 else 2 * n * 4 + 4
@@ -195,7 +195,7 @@ def optimizer_bytes(prepared, cfg: MethodConfig) -> tuple[int, int]:
             elif name in ("adafactor", "galore_adafactor"):
                 state += (p.shape[0] + n // p.shape[0]) * 4 if p.dim() > 1 else n * 4
             else:
-                state += 2 * n * es + 4
+                state += 2 * n * es + (0 if name.startswith("galore") else 4)  # torch's AdamW: a 0-d step tensor
                 if name == "adamw_torch":
                     foreach_temp += n * es
     return state, max(foreach_temp, largest_temp)
@@ -239,7 +239,7 @@ def _key(resolved, cfg: MethodConfig) -> str:
     basis = {"config": resolved.config.to_dict(), "kind": resolved.kind,
              "method": cfg.model_dump(mode="json", include={"method", "peft", "quantization"}),
              "training": cfg.training.model_dump(mode="json", include={"torch_dtype", "optim", "bf16", "fp16"}),
-             "v": 4}
+             "v": 5}
     basis["config"].pop("_name_or_path", None)
     basis["config"].pop("transformers_version", None)
     return hashlib.sha256(json.dumps(basis, sort_keys=True, default=str).encode()).hexdigest()[:32]

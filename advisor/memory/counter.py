@@ -248,7 +248,7 @@ class LiveBytes(TorchDispatchMode):
     def register_optimizer(self, optimizer: torch.optim.Optimizer) -> None:
         """Count existing state now; state created inside a step is reclassified as ``optimizer`` after it."""
         self._optimizers.append(optimizer)
-        self._classify_optimizer_state()
+        self.classify_optimizer_state()
 
     def _enter_head(self, *_args) -> None:
         if self._phase == "forward":
@@ -259,7 +259,9 @@ class LiveBytes(TorchDispatchMode):
         if self._phase == "forward":
             self._in_head -= 1
 
-    def _classify_optimizer_state(self) -> None:
+    def classify_optimizer_state(self) -> None:
+        """File every tensor the registered optimizers hold now under ``optimizer`` (done after each step; GaLore's
+        projection refresh calls it inside the step, where a new projection matrix replaces the old)."""
         for opt in self._optimizers:
             for state in opt.state.values():
                 for v in state.values() if isinstance(state, dict) else ():
@@ -286,7 +288,7 @@ class LiveBytes(TorchDispatchMode):
             yield
         finally:
             if name == "optimizer":
-                self._classify_optimizer_state()
+                self.classify_optimizer_state()
             if name == "backward":
                 for opt in self._optimizers:
                     for group in opt.param_groups:

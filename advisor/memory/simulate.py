@@ -34,7 +34,7 @@ from advisor.engine import train_step
 from advisor.memory.counter import LiveBytes, cuda_memory_stats
 from advisor.memory.simattn import semantics, use_sim_masks
 
-SIM_VERSION = 8
+SIM_VERSION = 9
 
 
 def _versions() -> dict[str, str]:
@@ -45,7 +45,8 @@ def _versions() -> dict[str, str]:
             "advisor_sim": str(SIM_VERSION)}
 
 
-def _measure(prepared, optimizer, batch, training, steps: int, register_extra=None, see_inside=None) -> dict:
+def _measure(prepared, optimizer, batch, training, steps: int, register_extra=None, see_inside=None,
+             refresh_projections: bool = True) -> dict:
     counter = LiveBytes(see_inside=see_inside)
     counter.register_model(prepared.model)
     counter.register_batch(batch)
@@ -58,6 +59,8 @@ def _measure(prepared, optimizer, batch, training, steps: int, register_extra=No
     with counter:
         for step in range(steps):
             start = time.perf_counter()
+            if step == 1 and refresh_projections:
+                refresh_projections_every_step(optimizer, after_project=counter.classify_optimizer_state)
             counter.reset_peak()
             res = train_step(prepared, optimizer, batch, training, step, counter=counter)
             rep = counter.report()
@@ -88,6 +91,33 @@ def _measure(prepared, optimizer, batch, training, steps: int, register_extra=No
         "steps": per_step,
         "end_bytes": counter.current_bytes,
     }
+
+
+def refresh_projections_every_step(optimizer, after_project=None) -> int:
+    """GaLore recomputes each projection (an SVD of the gradient) every `update_proj_gap` steps; from the second
+    refresh on it runs with the whole optimizer state in place, where the first step's SVDs ran while the state was
+    still being created. Measured runs are a few steps long, so from their second step on every step refreshes: the
+    peak then covers the refresh steps of a real run. `after_project()` is called after each projection (the
+    counter files the new projection matrix under optimizer state there, as the old one it replaces was).
+    Returns the projectors changed (0 for other optimizers)."""
+    changed = 0
+    for state in optimizer.state.values():
+        projector = state.get("projector") if isinstance(state, dict) else None
+        if projector is None or not hasattr(projector, "update_proj_gap"):
+            continue
+        projector.update_proj_gap = 1
+        if after_project is not None and not getattr(projector, "_advisor_wrapped", False):
+            project = projector.project
+
+            def wrapped(full_rank_grad, iter, _project=project):
+                out = _project(full_rank_grad, iter)
+                after_project()
+                return out
+
+            projector.project = wrapped
+            projector._advisor_wrapped = True
+        changed += 1
+    return changed
 
 
 def _quant_state_tensors(model) -> list[torch.Tensor]:
@@ -136,12 +166,14 @@ def _to_fake(prepared) -> None:
 
 
 def simulate_in_process(resolved, cfg: MethodConfig, batch_size: int, seq_len: int, steps: int = 2,
-                        total_steps: int = 100, target: str = "cpu") -> dict:
+                        total_steps: int = 100, target: str = "cpu", refresh_projections: bool = True) -> dict:
     """Fake-tensor simulation of `steps` training steps; returns the peak and its breakdown (bytes).
 
     `target` is the device whose kernels' saved tensors are counted: "cpu" (what the fake CPU tensors do, equal to
     a real CPU run to the byte) or "cuda" (`advisor.memory.simattn.CudaSemantics`: dropout keeps a boolean mask,
-    SDPA applies attention dropout inside the flash kernel), what a GPU estimate needs."""
+    SDPA applies attention dropout inside the flash kernel), what a GPU estimate needs. From the second step on,
+    GaLore recomputes its projections every step (`refresh_projections_every_step`), as a real run does every
+    `update_proj_gap` steps with the whole optimizer state in place."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     from advisor.engine import load_base_model, make_batch, make_optimizer, prepare
@@ -160,19 +192,21 @@ def simulate_in_process(resolved, cfg: MethodConfig, batch_size: int, seq_len: i
         batch = make_batch(resolved.kind, batch_size, seq_len, vocab, fake=True,
                            target_len=cfg.training.max_target_length)
         with semantics(target, prepared.model):
-            result = _measure(prepared, optimizer, batch, cfg.training, steps)
+            result = _measure(prepared, optimizer, batch, cfg.training, steps,
+                              refresh_projections=refresh_projections)
     result.update(trainable_params=trainable, total_params=total, seconds=time.perf_counter() - t0,
                   mode="simulated", device="fake-cpu", target=target, notes=prepared.notes)
     return result
 
 
 def measure_real(resolved, cfg: MethodConfig, batch_size: int, seq_len: int, steps: int = 2,
-                 total_steps: int = 100, device: str | None = None, seed: int = 0, semantics_of: str | None = None
-                 ) -> dict:
+                 total_steps: int = 100, device: str | None = None, seed: int = 0, semantics_of: str | None = None,
+                 refresh_projections: bool = True) -> dict:
     """The same steps on real tensors (random init), measured by the same counter (+ CUDA allocator stats).
 
     `semantics_of="cuda"` runs a CPU measurement under the CUDA kernels' saving behaviour (`CudaSemantics`), the
-    real-tensor counterpart of a `target="cuda"` simulation."""
+    real-tensor counterpart of a `target="cuda"` simulation. `refresh_projections=False` measures as calibrations
+    before SIM_VERSION 9 did: GaLore's projections computed once (see `refresh_projections_every_step`)."""
     from advisor.engine import load_base_model, make_batch, make_optimizer, prepare
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -190,7 +224,8 @@ def measure_real(resolved, cfg: MethodConfig, batch_size: int, seq_len: int, ste
     with semantics(semantics_of or "cpu", prepared.model):
         result = _measure(prepared, optimizer, batch, cfg.training, steps,
                           register_extra=lambda c: c.register(_quant_state_tensors(prepared.model), "weights"),
-                          see_inside=_bnb_kernels(device) if cfg.quantization is not None else None)
+                          see_inside=_bnb_kernels(device) if cfg.quantization is not None else None,
+                          refresh_projections=refresh_projections)
     result.update(trainable_params=trainable, total_params=total, seconds=time.perf_counter() - t0,
                   mode="measured", device=device, cuda=cuda_memory_stats() if device.startswith("cuda") else None,
                   notes=prepared.notes)
