@@ -37,7 +37,6 @@ constant-length value. Not established.
 from __future__ import annotations
 
 import argparse
-import bisect
 import json
 import math
 import sys
@@ -45,122 +44,7 @@ import weakref
 
 import numpy as np
 
-MB = 1024 * 1024
-SMALL = 1 * MB
-SMALL_BUFFER = 2 * MB
-LARGE_BUFFER = 20 * MB
-MIN_LARGE_ALLOC = 10 * MB
-ROUND_LARGE = 2 * MB
-
-
-def round_size(n: int) -> int:
-    return 512 if n < 512 else 512 * ((n + 511) // 512)
-
-
-def allocation_size(n: int) -> int:
-    if n <= SMALL:
-        return SMALL_BUFFER
-    if n < MIN_LARGE_ALLOC:
-        return LARGE_BUFFER
-    return ROUND_LARGE * ((n + ROUND_LARGE - 1) // ROUND_LARGE)
-
-
-class Allocator:
-    """torch 2.1 CUDACachingAllocator, one stream, default settings (see the module docstring)."""
-
-    def __init__(self, capacity: int) -> None:
-        self.capacity = capacity
-        self.next_addr = 0
-        # free blocks per pool: sorted list of (size, addr)
-        self.free = {"small": [], "large": []}
-        # every block: addr -> [size, segment_id, allocated, pool]; segments: id -> (start, size)
-        self.blocks: dict[int, list] = {}
-        self.seg_blocks: dict[int, list[int]] = {}  # segment -> sorted block addrs
-        self.segments: dict[int, tuple[int, int]] = {}
-        self.reserved = 0
-        self.allocated = 0
-        self.peak_reserved = 0
-        self.peak_allocated = 0
-        self.releases = 0
-
-    def _new_segment(self, size: int, pool: str) -> int:
-        if self.reserved + size > self.capacity:
-            self._release_free_segments()
-            if self.reserved + size > self.capacity:
-                raise MemoryError("out of memory")
-        addr = self.next_addr
-        self.next_addr += size + ROUND_LARGE  # segments never adjacent
-        self.segments[addr] = (addr, size)
-        self.blocks[addr] = [size, addr, False, pool]
-        self.seg_blocks[addr] = [addr]
-        self.reserved += size
-        self.peak_reserved = max(self.peak_reserved, self.reserved)
-        return addr
-
-    def _release_free_segments(self) -> None:
-        for seg, (start, size) in list(self.segments.items()):
-            addrs = self.seg_blocks[seg]
-            if len(addrs) == 1 and not self.blocks[addrs[0]][2]:
-                blk = self.blocks.pop(addrs[0])
-                lst = self.free[blk[3]]
-                lst.pop(bisect.bisect_left(lst, (blk[0], addrs[0])))
-                del self.seg_blocks[seg], self.segments[seg]
-                self.reserved -= size
-                self.releases += 1
-
-    def malloc(self, nbytes: int) -> int:
-        size = round_size(nbytes)
-        pool = "small" if size <= SMALL else "large"
-        lst = self.free[pool]
-        i = bisect.bisect_left(lst, (size, -1))
-        if i < len(lst):
-            bsize, addr = lst.pop(i)
-        else:
-            addr = self._new_segment(allocation_size(size), pool)
-            bsize = self.blocks[addr][0]
-        blk = self.blocks[addr]
-        remaining = bsize - size
-        split = remaining > SMALL if pool == "large" else remaining >= 512
-        if split:
-            blk[0] = size
-            rest = addr + size
-            self.blocks[rest] = [remaining, blk[1], False, pool]
-            sb = self.seg_blocks[blk[1]]
-            sb.insert(bisect.bisect_left(sb, rest), rest)
-            bisect.insort(lst, (remaining, rest))
-        blk[2] = True
-        self.allocated += blk[0]
-        self.peak_allocated = max(self.peak_allocated, self.allocated)
-        return addr
-
-    def free_block(self, addr: int) -> None:
-        blk = self.blocks[addr]
-        blk[2] = False
-        self.allocated -= blk[0]
-        pool, seg = blk[3], blk[1]
-        lst = self.free[pool]
-        sb = self.seg_blocks[seg]
-        j = bisect.bisect_left(sb, addr)
-        # merge with the next block, then the previous one
-        if j + 1 < len(sb):
-            nxt = sb[j + 1]
-            nb = self.blocks[nxt]
-            if not nb[2]:
-                lst.pop(bisect.bisect_left(lst, (nb[0], nxt)))
-                blk[0] += nb[0]
-                del self.blocks[nxt]
-                sb.pop(j + 1)
-        if j > 0:
-            prv = sb[j - 1]
-            pb = self.blocks[prv]
-            if not pb[2]:
-                lst.pop(bisect.bisect_left(lst, (pb[0], prv)))
-                pb[0] += blk[0]
-                del self.blocks[addr]
-                sb.pop(j)
-                addr, blk = prv, pb
-        bisect.insort(lst, (blk[0], addr))
-
+from advisor.memory.allocator import CachingAllocator as Allocator  # the model exact CUDA estimates replay
 
 # ---------------------------------------------------------------------------------------------- traces
 def record_trace(payload: dict, seq_len: int, batch: int) -> tuple[list[int], list[tuple[str, int, int]], list[int]]:
@@ -270,7 +154,7 @@ def replay(persistent, events, slope, icpt, lengths, capacity, empty_cache_every
         for a in addrs.values():  # anything the step left allocated (not expected) is freed at its end
             al.free_block(a)
         if empty_cache_every and (i + 1) % empty_cache_every == 0:
-            al._release_free_segments()
+            al.release_cached()
     return {"peak_allocated": al.peak_allocated, "peak_reserved": al.peak_reserved, "releases": al.releases}
 
 

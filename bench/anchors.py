@@ -480,7 +480,7 @@ def main(argv: list[str] | None = None) -> int:
             continue
         t = time.perf_counter()
         try:
-            ex = exact_estimate(EstimateRequest.model_validate(r["payload"]))
+            ex = exact_estimate(EstimateRequest.model_validate(r["payload"]), allocator="fitted")
         except Exception as err:  # noqa: BLE001
             r["exact_error"] = f"{type(err).__name__}: {err}"
             continue

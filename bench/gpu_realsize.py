@@ -163,8 +163,9 @@ def measure(args) -> None:
 
 
 # --------------------------------------------------------------------------- report (anywhere)
-def compare(rows: list[dict], gpu: str = "h100-sxm") -> list[dict]:
-    """Each measured point beside today's estimate (the profile estimates use, or ADVISOR_PROFILE)."""
+def compare(rows: list[dict], gpu: str = "h100-sxm", exact: bool = False) -> list[dict]:
+    """Each measured point beside today's estimate (the profile estimates use, or ADVISOR_PROFILE); `exact`: the
+    exact estimate (simulation + the allocator replay where the profile has one) instead of the fast one."""
     from advisor.estimator.service import run_estimate
     from advisor.schemas import EstimateRequest
 
@@ -176,14 +177,17 @@ def compare(rows: list[dict], gpu: str = "h100-sxm") -> list[dict]:
             out.append({"point": name, "failed": r["error"][-300:], "error": None})
             continue
         est = run_estimate(EstimateRequest(model=r["model"], method=r["method"], hardware={"gpu": gpu},
-                                           config=point_config(r)))
+                                           config=point_config(r), exact=exact))
         measured = r["whole_max_reserved"] + r["context"]
         predicted = est["peak_bytes"]
         out.append({"point": name, "measured_bytes": measured, "predicted_bytes": predicted,
                     "tensor_bytes": predicted - est["breakdown_gib"]["overhead"] * GIB, "counter_bytes": r["counter_peak"],
                     "error": measured / predicted - 1, "alloc_over_tensors": r["train_max_allocated"] / r["counter_peak"],
                     "reserved_over_alloc": r["whole_max_reserved"] / max(r["train_max_allocated"], 1),
-                    "load_reserved": r["load_peak_reserved"], "profile": est["provenance"].get("profile")})
+                    "load_reserved": r["load_peak_reserved"], "profile": est["provenance"].get("profile"),
+                    "expandable": bool(r.get("expandable")),
+                    "replayed_reserved_bytes": (est.get("allocator") or {}).get("reserved_peak_bytes"),
+                    "measured_reserved_bytes": r["whole_max_reserved"]})
     return out
 
 
@@ -198,7 +202,7 @@ def report(args) -> None:
           "predicted = the estimate's peak (its tensor bytes in brackets); error = measured / predicted − 1")
     print(f"{'point':30} {'measured':>9} {'tensors':>8} {'predicted':>17} {'error':>7} {'alloc/tens':>10} "
           f"{'resv/alloc':>10} {'load resv':>9}")
-    results = compare(rows, args.gpu)
+    results = compare(rows, args.gpu, exact=args.exact)
     for c in results:
         if c.get("failed"):
             print(f"{c['point']:30} failed: {c['failed']}")
@@ -208,6 +212,13 @@ def report(args) -> None:
               f"{c['alloc_over_tensors']:10.3f} {c['reserved_over_alloc']:10.3f} {c['load_reserved'] / GIB:9.2f}")
     if results:
         print(f"profile: {results[0].get('profile')}")
+        errs = [c["error"] for c in results if not c.get("failed") and not c.get("expandable")]
+        if errs:
+            print(f"default allocator settings ({len(errs)} points): median |error| "
+                  f"{sorted(abs(e) for e in errs)[len(errs) // 2]:.2%}, worst under {max(errs):+.2%}, "
+                  f"worst over {min(errs):+.2%}")
+    if args.out:
+        Path(args.out).write_text(json.dumps({"exact": args.exact, "gpu": args.gpu, "points": results}, indent=1))
 
 
 def mfu(args) -> dict:
@@ -271,6 +282,9 @@ def main(argv: list[str] | None = None) -> None:
     r.add_argument("file")
     r.add_argument("--profile", default=None)
     r.add_argument("--gpu", default="h100-sxm")
+    r.add_argument("--exact", action="store_true",
+                   help="the exact estimate (simulation; with the profile's allocator replay) instead of the fast one")
+    r.add_argument("--out", default=None, help="write the comparison as JSON")
     f = sub.add_parser("mfu")
     f.add_argument("file")
     f.add_argument("--gpu", default="h100-sxm")

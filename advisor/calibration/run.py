@@ -45,7 +45,7 @@ TABLE_COLUMNS = (
     "method", "arch", "batch", "seq", "gc", "heldout", "tokens_per_step",
     "measured_peak_bytes", "measured_device_bytes", "cuda_max_reserved_bytes", "cuda_max_allocated_bytes",
     "cuda_context_bytes", "predicted_tensor_bytes", "predicted_param_bytes", "svd_matrix_bytes",
-    "predicted_device_bytes", "memory_error", "predicted_phase",
+    "predicted_device_bytes", "memory_error", "predicted_phase", "replay_reserved_bytes",
     "measured_phase", "step_seconds", "step_seconds_min", "warmup_seconds", "counted_step_seconds",
     "predicted_step_seconds", "time_error", "flops_per_token",
     "flops_per_step", "trainable_params", "total_params", "loss", "measure_seconds", "predict_seconds", "wall_seconds",
@@ -257,6 +257,8 @@ def calibrate(methods: str | list[str] | None = None, quick: bool = False, out: 
                 rows.append(row)
                 with partial.open("a") as fh:
                     fh.write(json.dumps(row, default=str) + "\n")
+            if dev["kind"] == "cuda":  # simulated on the CPU: ~1 s per probe (the Llama-2-7B-shaped ones ~5 s)
+                add_replays(rows, grid, model_dirs, report)
     finally:
         torch.set_num_threads(saved_threads)
     report(len(probes), len(probes), "fitting")
@@ -272,6 +274,60 @@ def _prefit_workers(grid: dict, kind: str) -> int:
     if value in (None, "auto"):  # a GPU host's cores are idle while it probes; a CPU calibration's are not
         return min(4, cpu_cores()) if kind == "cuda" else 0
     return max(0, int(value))
+
+
+def allocator_replay_section(rows: list[dict], dev: dict, today: str) -> dict | None:
+    """The profile's `allocator_replay`: what exact CUDA estimates replay a simulated step with (advisor.memory.
+    allocator) and how far the replay was from max_memory_reserved on these probes."""
+    import pandas as pd
+
+    df = pd.DataFrame(rows)
+    inputs = fitting.replay_inputs(df)
+    evaluation = fitting.replay_evaluation(df)
+    if not inputs or not evaluation:
+        return None
+    band = evaluation.pop("band")
+    return {**{k: inputs[k] for k in ("workspace_bytes", "context_bytes")},
+            "band": {"low": band["low"], "high": band["high"],
+                     "source": f"calibrated on {dev['name']} {today}: {band['source']}"},
+            "evaluation": evaluation,
+            "source": (f"measured on {dev['name']} {today}: workspaces = allocated − the counter's peak, median "
+                       f"{inputs['allocated_over_counter_median_bytes'] / 2**20:.1f} MiB over {inputs['n']} probes, "
+                       f"in {fitting.WORKSPACE_BLOCK // 2**20} MiB blocks (cuBLAS, cuBLASLt); context = the smallest "
+                       "device memory outside the allocator seen (a process that ran one configuration); "
+                       f"not replayed: {', '.join(fitting.REPLAY_EXCLUDED)} (allocations the counter cannot see)")}
+
+
+def add_replays(rows: list[dict], grid: dict, model_dirs: dict[str, Path], report=None) -> int:
+    """Each CUDA probe's replayed reserve (`replay_reserved_bytes`): its step simulated with CUDA semantics, the
+    allocation trace replayed through the caching-allocator model with the device's workspaces. Returns how many."""
+    import pandas as pd
+
+    from advisor.calibration.probes import Probe, probe_config
+    from advisor.catalog.models import resolve_model
+    from advisor.memory.simulate import simulate_in_process
+    from advisor.methods import get_method
+
+    inputs = fitting.replay_inputs(pd.DataFrame(rows))
+    if not inputs:
+        return 0
+    done = 0
+    for i, r in enumerate(rows):
+        if r.get("error") or r["method"] in fitting.REPLAY_EXCLUDED or r["arch"] not in model_dirs:
+            continue
+        if report:
+            report(i, len(rows), f"allocator replay {probe_key(r)}")
+        probe = Probe(r["method"], r["arch"], r["batch"], r["seq"], bool(r["gc"]), 0, bool(r["heldout"]))
+        try:
+            cfg = get_method(probe.method).resolve_config(probe_config(grid, probe))
+            sim = simulate_in_process(resolve_model(str(model_dirs[r["arch"]])), cfg, probe.batch, probe.seq,
+                                      target="cuda", allocator_workspaces=inputs["workspace_bytes"])
+            r["replay_reserved_bytes"] = int(sim["allocator"]["reserved_peak_bytes"])
+            done += 1
+        except Exception as err:  # noqa: BLE001 - a probe without a replay is left out of its evaluation
+            r["replay_reserved_bytes"] = None
+            r.setdefault("replay_error", f"{type(err).__name__}: {err}")
+    return done
 
 
 def _finish(dev: dict, grid: dict, section: str, methods: list[str], rows: list[dict], skipped: list[dict],
@@ -340,6 +396,11 @@ def refit(source: str | Path, out: str | Path | None = None, repredict: bool = F
                     r.update(predict(model_dirs[r["arch"]], r["method"], probe_config(grid, probe), dev["kind"]))
                 except Exception as err:  # recorded like a failed probe
                     r["error"] = f"re-prediction failed: {type(err).__name__}: {err}"
+    if dev["kind"] == "cuda" and (repredict or not any(r.get("replay_reserved_bytes") for r in rows)):
+        # the allocator replay of every probe (exact CUDA estimates' reserve), again after an estimator change
+        with _quiet(), tempfile.TemporaryDirectory(prefix="advisor-replay-") as tmp:
+            archs = sorted({r["arch"] for r in rows if r["arch"] in grid["archs"]}, key=list(grid["archs"]).index)
+            add_replays(rows, grid, write_models(grid, archs, Path(tmp)), report)
     report(len(rows), len(rows), "fitting")
     info = {"date": _dt.date.today().isoformat(), "from": str(source), "repredicted": repredict,
             "estimator_versions": versions(), **(info or {})}
@@ -458,6 +519,12 @@ def build_profile(dev: dict, grid: dict, section: str, methods: list[str], rows:
             if m not in mfu and m not in methods:  # methods probed this time are not replaced by an older figure
                 mfu[m] = v
                 carried[m] = previous.get("date")
+        # real-size runs of the previous profile (bench/gpu_realsize.py mfu --write) outrank launch-bound probes
+        realsize = {m: v for m, v in (prev_t.get("mfu_realsize") or {}).items()
+                    if isinstance(v, dict) and v.get("mfu") and (m not in mfu or m in launch_bound)}
+        for m, v in realsize.items():
+            mfu[m] = v["mfu"]
+            launch_bound.pop(m, None)
         throughput["mfu_measured"] = {m: mfu[m] for m in _order(mfu)}
         throughput["mfu_source"] = (
             (f"achieved FLOP/s (least-squares slope of step seconds vs training FLOPs per step) ÷ the catalog bf16 "
@@ -469,6 +536,10 @@ def build_profile(dev: dict, grid: dict, section: str, methods: list[str], rows:
                 f"{min_step:g} s or the slope exceeds the peak (launch-bound on this GPU: see `launch_bound`), so "
                 "they keep the default MFU unless a real-size run measures them (bench/gpu_realsize.py mfu)")
             throughput["launch_bound"] = {m: launch_bound[m] for m in _order(launch_bound)}
+        if realsize:
+            throughput["mfu_source"] += ("; " + ", ".join(realsize) + " from real-size runs, kept from the previous "
+                                         "profile (`mfu_realsize`; bench/gpu_realsize.py mfu)")
+            throughput["mfu_realsize"] = realsize
         throughput["achieved_flops"] = {m: float(f"{r:.6g}") for m, r in measured_rates.items()}
         throughput["default_mfu"] = default.get("default_mfu", 0.4)
         throughput["default_mfu_source"] = default.get("default_mfu_source", "unmeasured default")
@@ -510,6 +581,9 @@ def build_profile(dev: dict, grid: dict, section: str, methods: list[str], rows:
         "throughput": throughput,
     }
     if kind == "cuda":
+        replay_section = allocator_replay_section(rows, dev, today)
+        if replay_section:
+            profile["allocator_replay"] = replay_section
         default = _shipped_cuda_default()
         profile["multi_gpu_efficiency"] = default.get("multi_gpu_efficiency", {})
         profile["multi_gpu_efficiency_source"] = default.get("multi_gpu_efficiency_source", "unmeasured defaults")

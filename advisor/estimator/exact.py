@@ -7,21 +7,50 @@ from advisor.memory.simulate import simulate
 from advisor.schemas import EstimateRequest
 
 
-def exact_estimate(req: EstimateRequest, use_cache: bool = True) -> dict:
+def exact_estimate(req: EstimateRequest, use_cache: bool = True, allocator: str = "auto") -> dict:
     plan = build_plan(req)
-    return exact_from_plan(plan, use_cache=use_cache)
+    return exact_from_plan(plan, use_cache=use_cache, allocator=allocator)
 
 
-def exact_from_plan(plan: Plan, use_cache: bool = True) -> dict:
-    sim = simulate(plan.model, plan.config, plan.batch_size, plan.seq_len, use_cache=use_cache, target=plan.target)
-    overhead_bytes, overhead_source = exact_overhead(plan, sim["peak_bytes"], sim)
-    peak = sim["peak_bytes"] + overhead_bytes
+def exact_from_plan(plan: Plan, use_cache: bool = True, allocator: str = "auto") -> dict:
+    """The simulated step; on a GPU with a profile that measured the allocator (`allocator_replay`) and a method whose
+    every allocation the counter sees, the device's reserve comes from replaying the step's allocations
+    (`allocator="auto"`); `allocator="fitted"` adds the profile's fitted overhead instead, the fast estimator's own
+    (what bench.accuracy compares the fast closed form with)."""
+    from advisor.estimator.profile import profile_for
+
+    if allocator not in ("auto", "fitted"):
+        raise ValueError(f"allocator must be 'auto' or 'fitted', got {allocator!r}")
+    profile = profile_for(plan.hardware)
+    replay = (profile.allocator_replay(plan.spec.id) if plan.target == "cuda" and allocator == "auto" else None)
+    sim = simulate(plan.model, plan.config, plan.batch_size, plan.seq_len, use_cache=use_cache, target=plan.target,
+                   allocator_workspaces=replay["workspace_bytes"] if replay else None)
+    allocator = sim.get("allocator")
+    if replay and allocator:
+        # what max_memory_reserved will say (the step's allocations through the caching-allocator model) + the
+        # device memory outside the allocator, both measured on the profile's GPU
+        peak = int(allocator["reserved_peak_bytes"]) + int(replay["context_bytes"])
+        overhead_bytes = peak - sim["peak_bytes"]
+        overhead_source = (f"{profile.id}: allocator replay (advisor.memory.allocator: the simulated step's "
+                           f"{allocator['events']} allocations through a model of PyTorch's CUDA caching allocator, "
+                           f"with {len(replay['workspace_bytes'])} library workspaces of "
+                           f"{sum(replay['workspace_bytes']) / 2**20:.0f} MiB) + context "
+                           f"{replay['context_bytes'] / 2**20:.1f} MiB; {replay.get('source', '')}")
+        band_low, band_high = float(replay["band"]["low"]), float(replay["band"]["high"])
+        band_source = f"{profile.id}: {replay['band'].get('source', '')}"
+    else:
+        overhead_bytes, overhead_source = exact_overhead(plan, sim["peak_bytes"], sim)
+        peak = sim["peak_bytes"] + overhead_bytes
+        band_low, band_high = profile.band(plan.spec.id)
+        band_source = profile.band_source(plan.spec.id)
     notes = list(sim.get("notes", [])) + ([plan.model.note] if plan.model.note else [])
     if plan.hardware.count > 1:
         notes.append(f"per-device peak of one replica (DDP); {plan.hardware.count} devices do not shard it")
     return {
         "peak_vram_gib": round(peak / 2**30, 3),
         "peak_bytes": peak,
+        "peak_vram_low_gib": round(peak * (1 + band_low) / 2**30, 3),
+        "peak_vram_high_gib": round(peak * (1 + band_high) / 2**30, 3),
         **fit_fields(peak, plan.hardware),
         "breakdown_gib": breakdown_from_counter(sim["breakdown_bytes"], overhead_bytes, sim["peak_phase"]),
         "peak_phase": sim["peak_phase"],
@@ -36,8 +65,11 @@ def exact_from_plan(plan: Plan, use_cache: bool = True) -> dict:
         "provenance": {
             "memory": "simulated: real architecture and method on fake tensors, 2 training steps, exact live-bytes counter",
             "overhead": overhead_source,
+            "profile": profile.id,
+            "band": band_source,
             "cached": bool(sim.get("cached")),
         },
+        **({"allocator": {**allocator, "context_bytes": int(replay["context_bytes"])}} if replay and allocator else {}),
         "notes": notes,
         "simulation_seconds": round(sim.get("seconds", 0.0), 2),
     }

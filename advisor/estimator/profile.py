@@ -47,6 +47,16 @@ class Profile:
         """The device's memory outside the caching allocator (CUDA context, library workspaces)."""
         return float(self.data.get("overhead", {}).get("context_bytes", 0))
 
+    def allocator_replay(self, method: str | None = None) -> dict | None:
+        """The measured inputs of an allocator replay (workspace blocks, context bytes, band), None when this profile
+        has none or `method` allocates memory the counter cannot see (see advisor.calibration.fit.REPLAY_EXCLUDED)."""
+        r = self.data.get("allocator_replay")
+        if not isinstance(r, dict) or not isinstance(r.get("workspace_bytes"), list) or "context_bytes" not in r:
+            return None
+        if method is not None and method in (r.get("evaluation") or {}).get("excluded_methods", ()):
+            return None
+        return r
+
     def overhead_source(self) -> str:
         o = self.data.get("overhead", {})
         return f"{self.id}: {o.get('source', 'no overhead terms')}"

@@ -63,6 +63,7 @@ def _storages(t: torch.Tensor) -> list[torch.UntypedStorage]:
 class _Entry:
     nbytes: int
     category: str
+    seq: int = 0  # its allocation's number in `allocation_events`
 
 
 @dataclass
@@ -111,10 +112,15 @@ class LiveBytes(TorchDispatchMode):
         report = counter.report()
     """
 
-    def __init__(self, see_inside: dict | None = None) -> None:
+    def __init__(self, see_inside: dict | None = None, record_allocations: bool = False) -> None:
         """`see_inside` maps an op name ("ns::op") to its Python kernel, run under the counter so that the
-        temporaries it allocates internally are counted (a custom op is otherwise opaque to a dispatch mode)."""
+        temporaries it allocates internally are counted (a custom op is otherwise opaque to a dispatch mode).
+        `record_allocations` keeps the ordered trace of storage allocations and frees in `allocation_events`
+        (("alloc", n, nbytes) / ("free", n, 0) / ("mark", label, 0)), which `advisor.memory.allocator` replays
+        through a model of the CUDA caching allocator."""
         super().__init__()
+        self.allocation_events: list[tuple[str, object, int]] | None = [] if record_allocations else None
+        self._seq = 0
         self._see_inside = see_inside or {}
         self._entries: WeakIdKeyDictionary = WeakIdKeyDictionary()
         self._refs: list[weakref.ref] = []
@@ -138,6 +144,19 @@ class LiveBytes(TorchDispatchMode):
     def _on_free(self, entry: _Entry, _ref: weakref.ref) -> None:
         self._current[entry.category] -= entry.nbytes
         self._total -= entry.nbytes
+        if self.allocation_events is not None:
+            self.allocation_events.append(("free", entry.seq, 0))
+
+    def _record_alloc(self, entry: _Entry) -> None:
+        if self.allocation_events is not None:
+            self._seq += 1
+            entry.seq = self._seq
+            self.allocation_events.append(("alloc", entry.seq, entry.nbytes))
+
+    def mark(self, label: str) -> None:
+        """A named point in the allocation trace (the replay places the device's library workspaces there)."""
+        if self.allocation_events is not None:
+            self.allocation_events.append(("mark", label, 0))
 
     def _track(self, t: torch.Tensor, category: str) -> None:
         for st in _storages(t):
@@ -148,8 +167,12 @@ class LiveBytes(TorchDispatchMode):
                     self._current[entry.category] += nbytes - entry.nbytes
                     self._total += nbytes - entry.nbytes
                     entry.nbytes = nbytes
+                    if self.allocation_events is not None:  # a new block for the allocator
+                        self.allocation_events.append(("free", entry.seq, 0))
+                        self._record_alloc(entry)
                 continue
             entry = _Entry(st.nbytes(), category)
+            self._record_alloc(entry)
             self._entries[st] = entry
             self._refs.append(weakref.ref(st, lambda ref, e=entry: self._on_free(e, ref)))
             self._current[category] += entry.nbytes

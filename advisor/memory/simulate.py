@@ -46,8 +46,8 @@ def _versions() -> dict[str, str]:
 
 
 def _measure(prepared, optimizer, batch, training, steps: int, register_extra=None, see_inside=None,
-             refresh_projections: bool = True) -> dict:
-    counter = LiveBytes(see_inside=see_inside)
+             refresh_projections: bool = True, allocator_workspaces: list[int] | None = None) -> dict:
+    counter = LiveBytes(see_inside=see_inside, record_allocations=allocator_workspaces is not None)
     counter.register_model(prepared.model)
     counter.register_batch(batch)
     counter.register_optimizer(optimizer)
@@ -56,6 +56,7 @@ def _measure(prepared, optimizer, batch, training, steps: int, register_extra=No
     best = {"peak": -1}
     per_step = []
     phases: dict[str, dict] = {}  # each phase's (and backward window's) highest peak over all steps
+    counter.mark("steps")
     with counter:
         for step in range(steps):
             start = time.perf_counter()
@@ -80,7 +81,14 @@ def _measure(prepared, optimizer, batch, training, steps: int, register_extra=No
                 if v.peak_bytes >= phases.get(k, {}).get("peak_bytes", -1):
                     phases[k] = {"peak_bytes": v.peak_bytes, "breakdown_bytes": dict(v.breakdown), "step": step}
     counter.close()
+    allocator = None
+    if counter.allocation_events is not None:
+        from advisor.memory.allocator import replay
+
+        allocator = replay(counter.allocation_events, allocator_workspaces).to_dict()
+        allocator["workspace_bytes"] = [int(w) for w in allocator_workspaces]
     return {
+        "allocator": allocator,
         "peak_bytes": best["peak"],
         "peak_gib": best["peak"] / 2**30,
         "peak_phase": best["peak_phase"],
@@ -166,7 +174,8 @@ def _to_fake(prepared) -> None:
 
 
 def simulate_in_process(resolved, cfg: MethodConfig, batch_size: int, seq_len: int, steps: int = 2,
-                        total_steps: int = 100, target: str = "cpu", refresh_projections: bool = True) -> dict:
+                        total_steps: int = 100, target: str = "cpu", refresh_projections: bool = True,
+                        allocator_workspaces: list[int] | None = None) -> dict:
     """Fake-tensor simulation of `steps` training steps; returns the peak and its breakdown (bytes).
 
     `target` is the device whose kernels' saved tensors are counted: "cpu" (what the fake CPU tensors do, equal to
@@ -193,7 +202,7 @@ def simulate_in_process(resolved, cfg: MethodConfig, batch_size: int, seq_len: i
                            target_len=cfg.training.max_target_length)
         with semantics(target, prepared.model):
             result = _measure(prepared, optimizer, batch, cfg.training, steps,
-                              refresh_projections=refresh_projections)
+                              refresh_projections=refresh_projections, allocator_workspaces=allocator_workspaces)
     result.update(trainable_params=trainable, total_params=total, seconds=time.perf_counter() - t0,
                   mode="simulated", device="fake-cpu", target=target, notes=prepared.notes)
     return result
@@ -201,7 +210,7 @@ def simulate_in_process(resolved, cfg: MethodConfig, batch_size: int, seq_len: i
 
 def measure_real(resolved, cfg: MethodConfig, batch_size: int, seq_len: int, steps: int = 2,
                  total_steps: int = 100, device: str | None = None, seed: int = 0, semantics_of: str | None = None,
-                 refresh_projections: bool = True) -> dict:
+                 refresh_projections: bool = True, allocator_workspaces: list[int] | None = None) -> dict:
     """The same steps on real tensors (random init), measured by the same counter (+ CUDA allocator stats).
 
     `semantics_of="cuda"` runs a CPU measurement under the CUDA kernels' saving behaviour (`CudaSemantics`), the
@@ -225,7 +234,7 @@ def measure_real(resolved, cfg: MethodConfig, batch_size: int, seq_len: int, ste
         result = _measure(prepared, optimizer, batch, cfg.training, steps,
                           register_extra=lambda c: c.register(_quant_state_tensors(prepared.model), "weights"),
                           see_inside=_bnb_kernels(device) if cfg.quantization is not None else None,
-                          refresh_projections=refresh_projections)
+                          refresh_projections=refresh_projections, allocator_workspaces=allocator_workspaces)
     result.update(trainable_params=trainable, total_params=total, seconds=time.perf_counter() - t0,
                   mode="measured", device=device, cuda=cuda_memory_stats() if device.startswith("cuda") else None,
                   notes=prepared.notes)
@@ -248,8 +257,9 @@ def _vocab_size(config) -> int:
 
 # --------------------------------------------------------------------------- subprocess + cache
 def _request_payload(resolved, cfg: MethodConfig, batch_size: int, seq_len: int, steps: int, total_steps: int,
-                     target: str = "cpu") -> dict:
-    return {
+                     target: str = "cpu", allocator_workspaces: list[int] | None = None) -> dict:
+    extra = {} if allocator_workspaces is None else {"allocator_workspaces": [int(w) for w in allocator_workspaces]}
+    return {**extra,
         "model": {"id": resolved.id, "kind": resolved.kind,
                   "config": resolved.raw_config if resolved.raw_config is not None else resolved.config.to_dict()},
         "config": cfg.model_dump(mode="json"),
@@ -279,9 +289,12 @@ def cache_key(payload: dict) -> str:
 
 
 def simulate(resolved, cfg: MethodConfig, batch_size: int, seq_len: int, steps: int = 2, total_steps: int = 100,
-             use_cache: bool = True, timeout_s: float = 900, target: str = "cpu") -> dict:
-    """Simulate in a subprocess, with an on-disk cache. Raises RuntimeError with the child's error text."""
-    payload = _request_payload(resolved, cfg, batch_size, seq_len, steps, total_steps, target)
+             use_cache: bool = True, timeout_s: float = 900, target: str = "cpu",
+             allocator_workspaces: list[int] | None = None) -> dict:
+    """Simulate in a subprocess, with an on-disk cache. Raises RuntimeError with the child's error text.
+    `allocator_workspaces` (bytes of the device's library workspaces) also replays the step's allocations through
+    the caching-allocator model (`result["allocator"]`, see advisor.memory.allocator)."""
+    payload = _request_payload(resolved, cfg, batch_size, seq_len, steps, total_steps, target, allocator_workspaces)
     key = cache_key(payload)
     path = cache_dir() / f"{key}.json"
     if use_cache and path.exists():
@@ -328,7 +341,8 @@ def _child_main() -> None:
         resolved.id, resolved.kind = m["id"], m["kind"]
         cfg = MethodConfig.model_validate(payload["config"])
         result = simulate_in_process(resolved, cfg, payload["batch_size"], payload["seq_len"], payload["steps"],
-                                     payload["total_steps"], payload.get("target", "cpu"))
+                                     payload["total_steps"], payload.get("target", "cpu"),
+                                     allocator_workspaces=payload.get("allocator_workspaces"))
     except Exception as err:  # reported to the parent as data, not a traceback on stdout
         result = {"error": f"{type(err).__name__}: {err}", "field": getattr(err, "field", None)}
     print(json.dumps(result, default=str), flush=True)
