@@ -93,6 +93,10 @@ def test_bitfit_existing_biases_on_gpt2(tiny_dirs):
     _, losses, trainable, changed, _ = _train(gpt2, "bitfit")
     assert trainable and all(n.endswith("bias") for n in trainable)
     assert changed <= trainable and losses[-1] != pytest.approx(losses[0], abs=1e-6)
+    # PEFT's BEFT adds biases to torch.nn.Linear only: GPT-2's Conv1D layers are a clear input error, not a crash
+    with pytest.raises(AdvisorInputError) as err:
+        _train(gpt2, "bitfit", peft={"bias_source": "add"})
+    assert err.value.field == "config.peft.bias_source" and "use bias_source 'existing'" in str(err.value)
 
 
 def test_bitfit_adds_biases_on_llama_only_when_asked(llama):

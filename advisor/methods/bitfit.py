@@ -26,7 +26,17 @@ def build(model, peft, ctx):
     validate(peft, ctx)
     if peft["bias_source"] == "add":
         cfg = BeftConfig(task_type=peft_task_type(ctx), target_modules="all-linear")
-        return Prepared(model=get_peft_model(model, cfg), method="bitfit", peft=peft)
+        try:
+            peft_model = get_peft_model(model, cfg)
+        except (TypeError, ValueError) as err:  # BEFT handles torch.nn.Linear only (GPT-2's Conv1D is refused)
+            has_own = bool(bias_parameters(model))
+            raise AdvisorInputError(
+                "config.peft.bias_source",
+                f"PEFT cannot add biases to this {ctx.model_type} model's layers ({err})"
+                + ("; it has bias terms of its own: use bias_source 'existing'" if has_own else ""),
+                allowed=BIAS_SOURCES,
+            ) from None
+        return Prepared(model=peft_model, method="bitfit", peft=peft)
     biases = bias_parameters(model)
     if not biases:
         raise AdvisorInputError(
