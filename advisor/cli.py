@@ -213,6 +213,11 @@ def _render_estimate(result: dict) -> None:
     for key in ("max_micro_batch", "tokens_per_s", "train_hours", "cost_usd"):
         if result.get(key) is not None:
             console.print(f"{key}: {result[key]}")
+    alloc = result.get("allocator")
+    if alloc:  # exact GPU estimate: the caching allocator's reserve from the replayed step
+        console.print(f"allocator (replayed): reserved {alloc['reserved_peak_bytes'] / 2**30:.2f} GiB = allocated "
+                      f"{alloc['allocated_peak_bytes'] / 2**30:.2f} GiB + {alloc['slack_bytes'] / 2**30:.2f} GiB cached "
+                      f"in {alloc['segments']} segments; + context {alloc['context_bytes'] / 2**30:.2f} GiB")
     for key, value in result.get("provenance", {}).items():
         console.print(f"[dim]{key}: {value}[/]")
     for note in result.get("notes", []):

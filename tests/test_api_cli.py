@@ -110,6 +110,9 @@ def test_cli_demo_assets_and_exact_estimate(tmp_path):
     assert est["method"] == "qlora" and est["fits"] and est["breakdown_gib"]["weights"] > 0
     pretty = _cli("estimate", "--file", str(req), "--exact")
     assert pretty.returncode == 0 and "peak" in pretty.stdout and "weights" in pretty.stdout
+    alloc = est["allocator"]  # a GPU estimate replays the allocator (the H100 profile measured its inputs)
+    assert est["peak_bytes"] == alloc["reserved_peak_bytes"] + alloc["context_bytes"]
+    assert "allocator (replayed): reserved" in pretty.stdout
 
 
 def test_cli_bad_input_exits_2_naming_the_field(tmp_path):
