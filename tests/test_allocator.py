@@ -119,3 +119,29 @@ def test_replay_of_a_cuda_run_matches_its_reserve(tiny_dirs, method):
     real = measure_real(llama, cfg, 4, 256, device="cuda", allocator_workspaces=[32 * MIB, 32 * MIB])
     replayed, measured = real["allocator"]["reserved_peak_bytes"], real["cuda"]["max_reserved_bytes"]
     assert abs(measured / replayed - 1) <= 0.05, (measured, replayed)
+
+
+@pytest.mark.parametrize("damage", [{"workspace_bytes": "32 MiB"}, {"context_bytes": -1}, {"band": None},
+                                    {"workspace_bytes": [1.5]}])
+def test_a_damaged_replay_section_falls_back_to_the_fitted_overhead(tmp_path, tiny_dirs, monkeypatch, damage):
+    """A profile whose allocator_replay section is malformed still estimates: with its fitted overhead, saying so."""
+    from advisor.estimator import profile as prof
+    from advisor.estimator.exact import exact_estimate
+    from advisor.schemas import EstimateRequest
+
+    data = json.loads((prof.calibration_dir() / f"{H100}.json").read_text())
+    data["allocator_replay"].update(damage)
+    path = tmp_path / "cuda-damaged.json"
+    path.write_text(json.dumps(data))
+    monkeypatch.setenv("ADVISOR_PROFILE", str(path))
+    prof.clear_cache()
+    try:
+        est = exact_estimate(EstimateRequest(model=str(tiny_dirs["llama"]), method="lora", exact=True,
+                                             hardware={"gpu": "h100-sxm"},
+                                             config={"training": {"per_device_train_batch_size": 1,
+                                                                  "max_seq_length": 32}}))
+    finally:
+        monkeypatch.delenv("ADVISOR_PROFILE")
+        prof.clear_cache()
+    assert "allocator" not in est and "allocator replay" not in est["provenance"]["overhead"]
+    assert est["peak_bytes"] > 0 and any("allocator_replay section is malformed" in n for n in est["notes"])

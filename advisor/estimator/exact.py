@@ -43,7 +43,7 @@ def exact_from_plan(plan: Plan, use_cache: bool = True, allocator: str = "auto")
         peak = sim["peak_bytes"] + overhead_bytes
         band_low, band_high = profile.band(plan.spec.id)
         band_source = profile.band_source(plan.spec.id)
-    notes = list(sim.get("notes", [])) + ([plan.model.note] if plan.model.note else [])
+    notes = list(sim.get("notes", [])) + ([plan.model.note] if plan.model.note else []) + list(profile.notes)
     if plan.hardware.count > 1:
         notes.append(f"per-device peak of one replica (DDP); {plan.hardware.count} devices do not shard it")
     return {
