@@ -145,3 +145,25 @@ def test_a_damaged_replay_section_falls_back_to_the_fitted_overhead(tmp_path, ti
         prof.clear_cache()
     assert "allocator" not in est and "allocator replay" not in est["provenance"]["overhead"]
     assert est["peak_bytes"] > 0 and any("allocator_replay section is malformed" in n for n in est["notes"])
+
+
+def test_the_profiles_replay_section_is_what_its_probe_table_gives():
+    """`allocator_replay` is computed from the probe table it ships with: workspaces from allocated − counter, the
+    context of a one-configuration process, errors of the replayed reserve on the probes whose allocations are all
+    tensors (BitFit, IA³ and GaLore excluded); the band from the held-out ones."""
+    from advisor.calibration.run import allocator_replay_section
+    from advisor.estimator.profile import calibration_dir
+
+    profile = json.loads((calibration_dir() / f"{H100}.json").read_text())
+    rows = profile["calibration"]["probe_table"]
+    section = allocator_replay_section(rows, profile["device"], profile["date"])
+    shipped = profile["allocator_replay"]
+    assert section["workspace_bytes"] == shipped["workspace_bytes"] == [32 * MIB, 32 * MIB]
+    assert section["context_bytes"] == shipped["context_bytes"] == min(r["cuda_context_bytes"] for r in rows)
+    assert section["evaluation"] == shipped["evaluation"] and section["band"]["high"] == shipped["band"]["high"]
+    held = section["evaluation"]["heldout"]
+    replayed = [r for r in rows if r.get("replay_reserved_bytes") and r["heldout"]]
+    assert held["n"] == len(replayed) and not {"bitfit", "ia3", "galore"} & {r["method"] for r in replayed}
+    errors = sorted(abs(r["cuda_max_reserved_bytes"] / r["replay_reserved_bytes"] - 1) for r in replayed)
+    assert held["reserved_abs_error_median"] == pytest.approx(errors[len(errors) // 2], abs=0.002)
+    assert held["reserved_abs_error_median"] < 0.01  # the figure the docs quote (0.39%)
