@@ -83,6 +83,18 @@ def test_7b_on_a_24gb_card_settles_the_disagreement_with_the_estimate():
     assert len(r["fired"]) >= 10 and all({"rule", "source", "says"} <= set(f) for f in r["fired"])
 
 
+def test_a_pick_close_to_the_limit_says_so():
+    """When the chosen micro-batch fits at the estimate but not at its band's top, the answer says so and how to
+    settle it; with room to spare it does not."""
+    tight = rec(model=L7, hardware={"vram_gib": 39.6}, dataset=DATA)
+    est = tight["estimate"]
+    assert est["peak_vram_gib"] <= 39.6 < est["peak_vram_high_gib"]
+    says = next(x["says"] for x in tight["reasons"] if x["rule"] == "estimator.borderline")
+    assert "--exact" in says and f"micro-batch {est['micro_batch'] - 1}" in says
+    roomy = rec(model=L7, hardware={"vram_gib": 45.0}, dataset=DATA)
+    assert not any(x["rule"] == "estimator.borderline" for x in roomy["reasons"])
+
+
 def test_70b_on_one_80gb_card_needs_4bit():
     r = rec(model="meta-llama/Llama-2-70b-hf", hardware={"gpu": "A100-80GB"}, dataset=DATA)
     assert r["method"] == "qlora" and r["estimate"]["fits"] is True

