@@ -337,3 +337,24 @@ def test_qlora_band_is_its_own_on_the_unmeasured_gpu_profile(monkeypatch):
                               "band_by_method": {"qlora": {"low": -0.03, "high": 0.3, "source": "q"}}})
     assert p.band("qlora") == (-0.03, 0.3) and p.band("lora") == (-0.01, 0.02) and p.band() == (-0.01, 0.02)
     assert p.band_source("qlora") == "t: q"
+
+
+def test_exact_estimates_on_several_gpus_shard_the_simulated_replica():
+    """count > 1: the exact estimate divides the simulated replica's parameters, gradients and optimizer state as
+    each strategy shards them, picks the first that fits as the fast estimator does, and agrees with it per
+    strategy (same overhead: the replica's allocation trace is not what a sharded run allocates)."""
+    from advisor.estimator.exact import exact_estimate
+    from advisor.estimator.fast import fast_estimate
+    from advisor.schemas import EstimateRequest
+
+    req = EstimateRequest(model="Qwen/Qwen2.5-0.5B", method="full", hardware={"vram_gib": 5, "count": 4},
+                          config={"training": {"per_device_train_batch_size": 1, "max_seq_length": 512}})
+    exact, fast = exact_estimate(req), fast_estimate(req)
+    per = exact["per_strategy_gib"]
+    assert per["ddp"] > 5 >= per["zero2"] and per["zero3_offload"] < per["zero3"] < per["zero2"]
+    assert exact["strategy"] == fast["strategy"] == "zero2" and exact["fits"] and "allocator" not in exact
+    for name, gib in per.items():
+        assert gib == pytest.approx(fast["per_strategy_gib"][name], rel=0.02), name
+    assert exact["peak_vram_gib"] == per["zero2"]
+    pinned = exact_estimate(req, strategy="zero3")
+    assert pinned["strategy"] == "zero3" and pinned["peak_vram_gib"] == per["zero3"]

@@ -7,12 +7,39 @@ from advisor.memory.simulate import simulate
 from advisor.schemas import EstimateRequest
 
 
-def exact_estimate(req: EstimateRequest, use_cache: bool = True, allocator: str = "auto") -> dict:
+def exact_estimate(req: EstimateRequest, use_cache: bool = True, allocator: str = "auto",
+                   strategy: str | None = None) -> dict:
     plan = build_plan(req)
-    return exact_from_plan(plan, use_cache=use_cache, allocator=allocator)
+    return exact_from_plan(plan, use_cache=use_cache, allocator=allocator, strategy=strategy)
 
 
-def exact_from_plan(plan: Plan, use_cache: bool = True, allocator: str = "auto") -> dict:
+def _sharded_peaks(plan: Plan, sim: dict, devices: int) -> dict[str, tuple[float, dict, str]]:
+    """Per strategy, the simulated replica's highest moment once its parameters, gradients and optimizer state are
+    divided as the strategy shards them (the fast estimator's `_shard`), over every simulated phase: (tensor bytes
+    per device, categories, phase)."""
+    from advisor.estimator.fast import STRATEGIES, _shard
+    from advisor.estimator.static import static_terms
+
+    static = static_terms(plan.model, plan.config)
+    out = {}
+    for name, shard in STRATEGIES.items():
+        best = None
+        for phase, p in (sim.get("phases") or {}).items():
+            cats = {k: float(v) for k, v in (p.get("breakdown_bytes") or {}).items()}
+            if phase == "optimizer_first" and static.optimizer_bytes > 0:
+                # the first step creates the state inside the step, where the counter calls it temporaries
+                moved = min(max(cats.get("temporaries", 0.0), 0.0), float(static.optimizer_bytes))
+                cats["temporaries"] = cats.get("temporaries", 0.0) - moved
+                cats["optimizer"] = cats.get("optimizer", 0.0) + moved
+            cats = _shard(cats, shard, devices, static)
+            total = sum(cats.values())
+            if best is None or total > best[0]:
+                best = (total, cats, phase.split("_")[0])
+        out[name] = best or (float(sim["peak_bytes"]), dict(sim["breakdown_bytes"]), sim["peak_phase"])
+    return out
+
+
+def exact_from_plan(plan: Plan, use_cache: bool = True, allocator: str = "auto", strategy: str | None = None) -> dict:
     """The simulated step; on a GPU with a profile that measured the allocator (`allocator_replay`) and a method whose
     every allocation the counter sees, the device's reserve comes from replaying the step's allocations
     (`allocator="auto"`); `allocator="fitted"` adds the profile's fitted overhead instead, the fast estimator's own
@@ -21,8 +48,14 @@ def exact_from_plan(plan: Plan, use_cache: bool = True, allocator: str = "auto")
 
     if allocator not in ("auto", "fitted"):
         raise ValueError(f"allocator must be 'auto' or 'fitted', got {allocator!r}")
+    from advisor.estimator.fast import resolve_strategy
+
+    devices = plan.hardware.count
+    strategy = resolve_strategy(strategy, devices)
     profile = profile_for(plan.hardware)
-    replay = (profile.allocator_replay(plan.spec.id) if plan.target == "cuda" and allocator == "auto" else None)
+    # one replica's allocation trace: a sharded run allocates differently, so several GPUs use the fitted overhead
+    replay = (profile.allocator_replay(plan.spec.id)
+              if plan.target == "cuda" and allocator == "auto" and devices == 1 else None)
     sim = simulate(plan.model, plan.config, plan.batch_size, plan.seq_len, use_cache=use_cache, target=plan.target,
                    allocator_workspaces=replay["workspace_bytes"] if replay else None)
     allocator = sim.get("allocator")
@@ -44,16 +77,35 @@ def exact_from_plan(plan: Plan, use_cache: bool = True, allocator: str = "auto")
         band_low, band_high = profile.band(plan.spec.id)
         band_source = profile.band_source(plan.spec.id)
     notes = list(sim.get("notes", [])) + ([plan.model.note] if plan.model.note else []) + list(profile.notes)
-    if plan.hardware.count > 1:
-        notes.append(f"per-device peak of one replica (DDP); {plan.hardware.count} devices do not shard it")
+    breakdown = breakdown_from_counter(sim["breakdown_bytes"], overhead_bytes, sim["peak_phase"])
+    phase = sim["peak_phase"]
+    multi = {}
+    if devices > 1:
+        memory = plan.hardware.memory_gib * 2**30 if plan.hardware.memory_gib is not None else None
+        sharded = {name: (tensors + exact_overhead(plan, int(tensors))[0], cats, ph)
+                   for name, (tensors, cats, ph) in _sharded_peaks(plan, sim, devices).items()}
+        if strategy is None:  # the first that fits, in the fast estimator's order
+            order = ("ddp", "zero2", "zero3", "zero2_offload", "zero3_offload")
+            strategy = next((s for s in order if memory is None or sharded[s][0] <= memory), "zero3_offload")
+        device_peak, cats, phase = sharded[strategy]
+        overhead_bytes = int(device_peak - sum(cats.values()))
+        peak = int(device_peak)
+        breakdown = breakdown_from_counter(cats, overhead_bytes, phase)
+        multi = {"strategy": strategy,
+                 "per_strategy_gib": {name: round(v[0] / 2**30, 3) for name, v in sharded.items()}}
+        notes.append(f"per-device peak under {strategy} on {devices} GPUs: the simulated replica's parameters, "
+                     "gradients and optimizer state divided as the strategy shards them (full sharding gathers one "
+                     "block and prefetches the next), with the profile's fitted overhead")
     return {
         "peak_vram_gib": round(peak / 2**30, 3),
         "peak_bytes": peak,
         "peak_vram_low_gib": round(peak * (1 + band_low) / 2**30, 3),
         "peak_vram_high_gib": round(peak * (1 + band_high) / 2**30, 3),
         **fit_fields(peak, plan.hardware),
-        "breakdown_gib": breakdown_from_counter(sim["breakdown_bytes"], overhead_bytes, sim["peak_phase"]),
-        "peak_phase": sim["peak_phase"],
+        "breakdown_gib": breakdown,
+        "peak_phase": phase,
+        "strategy": multi.get("strategy", "single"),
+        **({"per_strategy_gib": multi["per_strategy_gib"]} if multi else {}),
         "micro_batch": plan.batch_size,
         "seq_len": plan.seq_len,
         "trainable_params": sim["trainable_params"],

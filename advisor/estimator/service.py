@@ -11,7 +11,7 @@ def run_estimate(req: EstimateRequest, strategy: str | None = None) -> dict:
     if req.exact:
         from advisor.estimator.exact import exact_estimate
 
-        return exact_estimate(req)
+        return exact_estimate(req, strategy=strategy)
     from advisor.estimator.fast import fast_estimate
 
     return fast_estimate(req, strategy=strategy)
