@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import time
@@ -215,7 +216,7 @@ def report(args) -> None:
         errs = [c["error"] for c in results if not c.get("failed") and not c.get("expandable")]
         if errs:
             print(f"default allocator settings ({len(errs)} points): median |error| "
-                  f"{sorted(abs(e) for e in errs)[len(errs) // 2]:.2%}, worst under {max(errs):+.2%}, "
+                  f"{statistics.median(abs(e) for e in errs):.2%}, worst under {max(errs):+.2%}, "
                   f"worst over {min(errs):+.2%}")
     if args.out:
         Path(args.out).write_text(json.dumps({"exact": args.exact, "gpu": args.gpu, "points": results}, indent=1))
@@ -225,8 +226,6 @@ def mfu(args) -> dict:
     """Achieved MFU per method from the real-size points with at least `--min-tokens` tokens per step (smaller steps
     are launch-bound on a fast GPU): training FLOPs per step (the estimator's count) ÷ the median plain step time
     (steps 2..) ÷ the catalog bf16 peak. `--write PROFILE` stores them as the profile's measured MFU."""
-    import statistics
-
     from advisor.catalog.gpus import resolve_gpu
     from advisor.estimator.fast import memory_model, step_flops
     from advisor.estimator.plan import build_plan
