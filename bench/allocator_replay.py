@@ -40,7 +40,6 @@ import argparse
 import json
 import math
 import sys
-import weakref
 
 import numpy as np
 
@@ -50,8 +49,8 @@ from advisor.memory.allocator import CachingAllocator as Allocator  # the model 
 def record_trace(payload: dict, seq_len: int, batch: int) -> tuple[list[int], list[tuple[str, int, int]], list[int]]:
     """(persistent sizes, step events) of training step 2 of the request's simulation at `seq_len`.
 
-    Events are ('a', id, nbytes) / ('f', id, 0) in order; persistent = storages alive before the step (weights,
-    optimizer state) plus those still alive after it."""
+    Events are ('a', id, nbytes) / ('f', id, 0) in order (the counter's own trace, `LiveBytes(record_allocations=
+    True)`, between marks around step 2); persistent = storages alive before the step (weights, optimizer state)."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     from advisor.engine import load_base_model, make_batch, make_optimizer, prepare, train_step
@@ -66,34 +65,6 @@ def record_trace(payload: dict, seq_len: int, batch: int) -> tuple[list[int], li
     p["config"]["training"]["per_device_train_batch_size"] = batch
     plan = build_plan(EstimateRequest.model_validate(p))
     resolved, cfg = plan.model, plan.config
-
-    class Tracer(LiveBytes):
-        def __init__(self):
-            super().__init__()
-            self.events: list = []
-            self.live: dict[int, int] = {}
-            self.ids = 0
-            self.recording = False
-
-        def _track(self, t, category):
-            from advisor.memory.counter import _storages
-
-            for st in _storages(t):
-                if self._entries.get(st) is None:
-                    self.ids += 1
-                    sid = self.ids
-                    n = st.nbytes()
-                    self.live[sid] = n
-                    if self.recording:
-                        self.events.append(("a", sid, n))
-                    weakref.finalize(st, self._freed, sid)
-            super()._track(t, category)
-
-        def _freed(self, sid):
-            n = self.live.pop(sid, None)
-            if self.recording and n is not None:
-                self.events.append(("f", sid, 0))
-
     model = load_base_model(resolved, cfg, on_meta=True)
     prepared = prepare(model, resolved, cfg, on_meta=True, total_steps=100)
     use_sim_masks(prepared.model)
@@ -101,20 +72,35 @@ def record_trace(payload: dict, seq_len: int, batch: int) -> tuple[list[int], li
         _to_fake(prepared)
         optimizer = make_optimizer(prepared, cfg.training)
         b = make_batch(resolved.kind, batch, seq_len, _vocab_size(resolved.config), fake=True)
-        tr = Tracer()
-        tr.register_model(prepared.model)
-        tr.register_batch(b)
-        tr.register_optimizer(optimizer)
-        with tr:
-            train_step(prepared, optimizer, b, cfg.training, 0, counter=tr)
-            before = dict(tr.live)
-            tr.recording = True
-            train_step(prepared, optimizer, b, cfg.training, 1, counter=tr)
-            tr.recording = False
-        after = dict(tr.live)
-        tr.close()
-    leaked = [sid for sid in after if sid not in before]  # storages made in the step that outlive it (none expected)
-    return list(before.values()), tr.events, leaked
+        counter = LiveBytes(record_allocations=True)
+        counter.register_model(prepared.model)
+        counter.register_batch(b)
+        counter.register_optimizer(optimizer)
+        with counter:
+            train_step(prepared, optimizer, b, cfg.training, 0, counter=counter)
+            counter.mark("step 2")
+            train_step(prepared, optimizer, b, cfg.training, 1, counter=counter)
+            counter.mark("end")
+        counter.close()
+        events = list(counter.allocation_events)
+    start = events.index(("mark", "step 2", 0))
+    stop = events.index(("mark", "end", 0))
+    live: dict[int, int] = {}
+    for kind, ref, n in events[:start]:
+        if kind == "alloc":
+            live[ref] = n
+        elif kind == "free":
+            live.pop(ref, None)
+    before = dict(live)
+    step = [("a" if kind == "alloc" else "f", ref, n) for kind, ref, n in events[start + 1:stop]
+            if kind in ("alloc", "free")]
+    for kind, ref, n in step:
+        if kind == "a":
+            live[ref] = n
+        else:
+            live.pop(ref, None)
+    leaked = [ref for ref in live if ref not in before]  # storages made in the step that outlive it (none expected)
+    return list(before.values()), step, leaked
 
 
 def linear_trace(payload: dict, s1: int, s2: int, s3: int, batch: int):

@@ -17,7 +17,7 @@ def _sharded_peaks(plan: Plan, sim: dict, devices: int) -> dict[str, tuple[float
     """Per strategy, the simulated replica's highest moment once its parameters, gradients and optimizer state are
     divided as the strategy shards them (the fast estimator's `_shard`), over every simulated phase: (tensor bytes
     per device, categories, phase)."""
-    from advisor.estimator.fast import STRATEGIES, _shard
+    from advisor.estimator.fast import STRATEGIES, _shard, state_created_in_step
     from advisor.estimator.static import static_terms
 
     static = static_terms(plan.model, plan.config)
@@ -26,11 +26,8 @@ def _sharded_peaks(plan: Plan, sim: dict, devices: int) -> dict[str, tuple[float
         best = None
         for phase, p in (sim.get("phases") or {}).items():
             cats = {k: float(v) for k, v in (p.get("breakdown_bytes") or {}).items()}
-            if phase == "optimizer_first" and static.optimizer_bytes > 0:
-                # the first step creates the state inside the step, where the counter calls it temporaries
-                moved = min(max(cats.get("temporaries", 0.0), 0.0), float(static.optimizer_bytes))
-                cats["temporaries"] = cats.get("temporaries", 0.0) - moved
-                cats["optimizer"] = cats.get("optimizer", 0.0) + moved
+            if phase == "optimizer_first":
+                cats = state_created_in_step(cats, static)
             cats = _shard(cats, shard, devices, static)
             total = sum(cats.values())
             if best is None or total > best[0]:

@@ -75,12 +75,8 @@ class MemoryModel:
                 # and a deep model's backward peaks in one of them (advisor.memory.counter)
                 continue
             cats = coeffs.bytes_by_category(layers, batch)
-            if phase.split("|")[0] == "optimizer_first" and self.static.optimizer_bytes > 0:
-                # the first step creates the state inside the step, where the counter can only call it
-                # temporaries: count up to the state's size as state, so sharding divides it as it does the state
-                moved = min(max(cats.get("temporaries", 0.0), 0.0), float(self.static.optimizer_bytes))
-                cats["temporaries"] = cats.get("temporaries", 0.0) - moved
-                cats["optimizer"] = cats.get("optimizer", 0.0) + moved
+            if phase.split("|")[0] == "optimizer_first":
+                cats = state_created_in_step(cats, self.static)
             elif cats.get("optimizer", 0) > 0:
                 cats["optimizer"] = float(self.static.optimizer_bytes)
             phase_values[phase] = cats
@@ -113,6 +109,18 @@ class MemoryModel:
             else:
                 hi = mid
         return lo
+
+
+def state_created_in_step(cats: dict[str, float], static: StaticTerms) -> dict[str, float]:
+    """The first step creates the optimizer state inside the step, where the counter can only call it temporaries:
+    count up to the state's size as state, so sharding divides it as it does the state."""
+    if static.optimizer_bytes <= 0:
+        return cats
+    out = dict(cats)
+    moved = min(max(out.get("temporaries", 0.0), 0.0), float(static.optimizer_bytes))
+    out["temporaries"] = out.get("temporaries", 0.0) - moved
+    out["optimizer"] = out.get("optimizer", 0.0) + moved
+    return out
 
 
 def _shard(cats: dict[str, float], shard: dict, devices: int, static: StaticTerms) -> dict[str, float]:
