@@ -114,9 +114,12 @@ def measure_one(model_dir: str, point: dict) -> dict:
                                                   _vocab_size(resolved.config), generator=gen).items()}
     if cuda:
         torch.cuda.reset_peak_memory_stats()
+    # the counter also records this real step's allocations: their replay (advisor.memory.allocator, the H100
+    # profile's two 32 MiB workspaces) beside max_memory_reserved tests the allocator model on the real trace
     result = _measure(prepared, optimizer, batch, cfg.training, 3,
                       register_extra=lambda c: c.register(_quant_state_tensors(prepared.model), "weights"),
-                      see_inside=_bnb_kernels(dev) if cfg.quantization is not None else None)
+                      see_inside=_bnb_kernels(dev) if cfg.quantization is not None else None,
+                      allocator_workspaces=[32 * 2**20, 32 * 2**20])
     stats = cuda_memory_stats() if cuda else {"max_reserved_bytes": 0, "max_allocated_bytes": 0, "context_bytes": 0}
     # step time without the counter's dispatch hook (after the memory figures are read)
     plain = timed_steps(prepared, optimizer, batch, cfg.training, range(3, 3 + point.get("timed_steps", 4)), cuda)
@@ -125,6 +128,7 @@ def measure_one(model_dir: str, point: dict) -> dict:
             "train_max_allocated": stats["max_allocated_bytes"],
             "whole_max_reserved": max(stats["max_reserved_bytes"], load["load_peak_reserved"]),
             "counter_peak": int(result["peak_bytes"]), "counter_phase": result.get("peak_phase"),
+            "real_trace_replay": result.get("allocator"),
             "context": stats["context_bytes"], "step_seconds": [s["seconds"] for s in result["steps"]],
             "plain_step_seconds": plain,
             "loss": result["steps"][-1]["loss"], "trainable_params": trainable, "total_params": total,
