@@ -53,8 +53,10 @@ def parse_points(text: str) -> list[dict]:
 
 
 def point_config(point: dict) -> dict:
-    return {"training": {"bf16": True, "torch_dtype": "bfloat16", "per_device_train_batch_size": point["batch"],
-                         "max_seq_length": point["seq"], "gradient_checkpointing": point["gc"]}}
+    training = {"bf16": True, "torch_dtype": "bfloat16", "per_device_train_batch_size": point["batch"],
+                "max_seq_length": point["seq"], "gradient_checkpointing": point["gc"]}
+    # Llama has no bias terms: BitFit adds them (PEFT's BEFT)
+    return {"training": training, **({"peft": {"bias_source": "add"}} if point.get("method") == "bitfit" else {})}
 
 
 # --------------------------------------------------------------------------- measure (CUDA)
