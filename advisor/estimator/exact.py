@@ -45,7 +45,7 @@ def exact_from_plan(plan: Plan, use_cache: bool = True, allocator: str = "auto",
 
     if allocator not in ("auto", "fitted"):
         raise ValueError(f"allocator must be 'auto' or 'fitted', got {allocator!r}")
-    from advisor.estimator.fast import resolve_strategy
+    from advisor.estimator.fast import first_fitting_strategy, resolve_strategy
 
     devices = plan.hardware.count
     strategy = resolve_strategy(strategy, devices)
@@ -81,9 +81,8 @@ def exact_from_plan(plan: Plan, use_cache: bool = True, allocator: str = "auto",
         memory = plan.hardware.memory_gib * 2**30 if plan.hardware.memory_gib is not None else None
         sharded = {name: (tensors + exact_overhead(plan, int(tensors))[0], cats, ph)
                    for name, (tensors, cats, ph) in _sharded_peaks(plan, sim, devices).items()}
-        if strategy is None:  # the first that fits, in the fast estimator's order
-            order = ("ddp", "zero2", "zero3", "zero2_offload", "zero3_offload")
-            strategy = next((s for s in order if memory is None or sharded[s][0] <= memory), "zero3_offload")
+        if strategy is None:  # the first that fits, as the fast estimator picks
+            strategy = first_fitting_strategy(lambda s: sharded[s][0], memory)
         device_peak, cats, phase = sharded[strategy]
         overhead_bytes = int(device_peak - sum(cats.values()))
         peak = int(device_peak)

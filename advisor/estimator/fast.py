@@ -10,6 +10,7 @@ first call for an (architecture, method config, sequence length) is arithmetic o
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from advisor.estimator.coefficients import MemoryCoefficients, fit_coefficients
@@ -32,6 +33,7 @@ STRATEGIES = {
     "zero3_offload": {"weights": True, "trainable": True, "gradients": True, "optimizer": "cpu", "offload": True},
 }
 STRATEGY_ALIASES = {"fsdp_grad_op": "zero2", "fsdp_full_shard": "zero3", "fsdp_offload": "zero3_offload"}
+STRATEGY_ORDER = ("ddp", "zero2", "zero3", "zero2_offload", "zero3_offload")  # least communication first
 
 
 def resolve_strategy(strategy: str | None, devices: int) -> str | None:
@@ -229,13 +231,18 @@ def time_and_cost(mm: MemoryModel, batch: int, strategy: str, devices: int) -> d
 
 
 # --------------------------------------------------------------------------- the answer
+def first_fitting_strategy(peak_of: Callable[[str], float], memory_bytes: float | None) -> str:
+    """The first strategy of STRATEGY_ORDER (least communication first) whose per-device peak fits."""
+    for strategy in STRATEGY_ORDER:
+        if memory_bytes is None or peak_of(strategy) <= memory_bytes:
+            return strategy
+    return STRATEGY_ORDER[-1]
+
+
 def choose_strategy(mm: MemoryModel, memory_bytes: float | None, batch: int, devices: int) -> str:
     if devices <= 1:
         return "ddp"
-    for strategy in ("ddp", "zero2", "zero3", "zero2_offload", "zero3_offload"):
-        if memory_bytes is None or mm.peak(batch, strategy, devices)[0] <= memory_bytes:
-            return strategy
-    return "zero3_offload"
+    return first_fitting_strategy(lambda s: mm.peak(batch, s, devices)[0], memory_bytes)
 
 
 def fast_estimate(req: EstimateRequest, strategy: str | None = None) -> dict:

@@ -35,9 +35,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from advisor.errors import AdvisorInputError
+from advisor.estimator.fast import STRATEGY_ORDER
 
 GIB = 2**30
-STRATEGY_ORDER = ("ddp", "zero2", "zero3", "zero2_offload", "zero3_offload")
 STRATEGY_WORDS = {
     "single": "one GPU", "ddp": "DDP (replicated)", "zero2": "ZeRO-2 / FSDP SHARD_GRAD_OP",
     "zero3": "ZeRO-3 / FSDP FULL_SHARD", "zero2_offload": "ZeRO-2 + CPU offload",
