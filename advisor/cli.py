@@ -128,6 +128,8 @@ def estimate(
     batch: Annotated[int | None, typer.Option(help="Micro-batch per device.")] = None,
     seq: Annotated[int | None, typer.Option(help="Sequence length (tokens).")] = None,
     checkpointing: Annotated[bool | None, typer.Option("--checkpointing/--no-checkpointing")] = None,
+    cross_entropy: Annotated[str | None, typer.Option(
+        "--cross-entropy", help="standard, chunked (torchtune) or fused_linear (Liger Kernel).")] = None,
     exact: Annotated[bool, typer.Option("--exact", help="Simulate the real step on fake tensors (seconds).")] = False,
     strategy: Annotated[str | None, typer.Option(help="Multi-GPU strategy: ddp, zero2, zero3, zero2_offload, "
                                                        "zero3_offload (fsdp_grad_op, fsdp_full_shard).")] = None,
@@ -150,7 +152,7 @@ def estimate(
             body["hardware"]["count"] = count
     training = dict((body.get("config") or {}).get("training") or {})
     for key, value in (("per_device_train_batch_size", batch), ("max_seq_length", seq),
-                       ("gradient_checkpointing", checkpointing)):
+                       ("gradient_checkpointing", checkpointing), ("cross_entropy", cross_entropy)):
         if value is not None:
             training[key] = value
     if training:

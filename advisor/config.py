@@ -72,6 +72,12 @@ class TrainingConfig(BaseModel):
     attn_implementation: Literal["sdpa", "flash_attention_2", "eager"] = "sdpa"
     rope_scaling: RopeScaling | None = Field(None, description="Extend the context beyond the model's positions "
                                              "(e.g. {'type': 'linear', 'factor': 8} for LongLoRA 4K → 32K).")
+    cross_entropy: Literal["standard", "chunked", "fused_linear"] = Field(
+        "standard",
+        description="How a causal LM's loss meets its logits: 'standard' (every position's logits at once, upcast "
+                    "to fp32: ≈ 12 bytes per token × vocabulary at the peak), 'chunked' (torchtune's "
+                    "CEWithChunkedOutputLoss, 8 slices: ≈ 6), 'fused_linear' (Liger Kernel's fused linear "
+                    "cross-entropy: no logits outlive a chunk of tokens). See advisor/losses.py.")
     packing: bool = False
     seed: int = 42
     logging_steps: int = Field(10, ge=1)

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from advisor.config import MethodConfig, TrainingConfig
+from advisor.losses import computing_loss
 from advisor.methods import BuildContext, Prepared, get_method
 
 # Library messages that say nothing to a user of the advisor: PEFT asking transformers' deprecated
@@ -287,6 +288,9 @@ def prepare(
         if not spec.full_weights:  # frozen embeddings: checkpointed blocks need an input that requires grad
             model.enable_input_require_grads()
     prepared = spec.build(model, dict(cfg.peft), ctx)
+    from advisor import losses
+
+    losses.install(prepared.model, resolved.kind, cfg.training.cross_entropy)
     prepared.model.train()
     return prepared
 
@@ -347,7 +351,7 @@ def train_step(
     """
     phase = counter.phase if counter is not None else (lambda _name: contextlib.nullcontext())
     device_type = next(iter(batch.values())).device.type
-    with phase("forward"), autocast_context(training, device_type):
+    with phase("forward"), autocast_context(training, device_type), computing_loss(prepared.model):
         out = prepared.model(**batch, **prepared.forward_kwargs)
         loss = out.loss
         extra = prepared.extra_loss() if prepared.extra_loss else None

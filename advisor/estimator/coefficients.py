@@ -84,13 +84,15 @@ def coefficient_key(resolved, cfg: MethodConfig, seq_len: int, target: str = "cp
         "method": _simulation_config(cfg).model_dump(
             mode="json", include={"method", "peft", "quantization"}),
         "training": cfg.training.model_dump(mode="json", include={"torch_dtype", "bf16", "fp16", "gradient_checkpointing",
-                                                                  "attn_implementation", "max_grad_norm",
+                                                                  "attn_implementation", "max_grad_norm", "cross_entropy",
                                                                   "max_target_length"}),
         "optim_family": "galore" if cfg.training.optim.startswith("galore") else _simulation_config(cfg).training.optim,
         "seq_len": seq_len,
         "target": target,
         "v": FIT_VERSION,
     }
+    if basis["training"]["cross_entropy"] == "standard":  # the default leaves the keys of before the option
+        del basis["training"]["cross_entropy"]
     return hashlib.sha256(json.dumps(basis, sort_keys=True, default=str).encode()).hexdigest()[:32]
 
 

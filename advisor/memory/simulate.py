@@ -256,13 +256,20 @@ def _vocab_size(config) -> int:
 
 
 # --------------------------------------------------------------------------- subprocess + cache
+def _config_payload(cfg: MethodConfig) -> dict:
+    out = cfg.model_dump(mode="json")
+    if out["training"].get("cross_entropy") == "standard":  # the default leaves the cache keys of before the option
+        del out["training"]["cross_entropy"]
+    return out
+
+
 def _request_payload(resolved, cfg: MethodConfig, batch_size: int, seq_len: int, steps: int, total_steps: int,
                      target: str = "cpu", allocator_workspaces: list[int] | None = None) -> dict:
     extra = {} if allocator_workspaces is None else {"allocator_workspaces": [int(w) for w in allocator_workspaces]}
     return {**extra,
         "model": {"id": resolved.id, "kind": resolved.kind,
                   "config": resolved.raw_config if resolved.raw_config is not None else resolved.config.to_dict()},
-        "config": cfg.model_dump(mode="json"),
+        "config": _config_payload(cfg),
         "batch_size": batch_size,
         "seq_len": seq_len,
         "steps": steps,

@@ -33,6 +33,7 @@ from typing import Callable
 
 import torch
 
+from advisor.losses import computing_loss
 from advisor.train import checkpoint as ckpt
 from advisor.train.data import TrainData, collate, label_tokens, load_dataset, real_tokens, to_device
 
@@ -595,7 +596,7 @@ class _Trainer:
             share = label_tokens(batch) / max(n_label, 1)
             sync = contextlib.nullcontext() if j == len(batches) - 1 else self.acc.no_sync(model)
             with sync:
-                with phase("forward"):
+                with phase("forward"), computing_loss(self.acc.unwrap_model(model)):
                     out = model(**batch, **prepared.forward_kwargs)
                     loss = out.loss.float() * share
                     # the outputs go before backward: under mixed precision accelerate returns an fp32 copy of the
