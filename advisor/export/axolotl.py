@@ -53,6 +53,7 @@ KNOWN_KEYS = frozenset({
     "learning_rate", "optimizer", "optim_target_modules", "optim_args", "lr_scheduler", "warmup_ratio",
     "weight_decay", "max_grad_norm", "bf16", "fp16", "gradient_checkpointing", "attn_implementation", "seed",
     "logging_steps", "save_steps", "eval_steps", "use_tensorboard", "deepspeed", "rope_scaling",
+    "plugins", "liger_fused_linear_cross_entropy", "chunked_cross_entropy",
 })
 
 
@@ -151,6 +152,14 @@ def render(ctx: ExportContext) -> Rendered:
     doc.put("fp16", bool(t.fp16), ctx.why("fp16", t.fp16) if t.fp16 else None)
     knob("gradient_checkpointing", "gradient_checkpointing", bool(t.gradient_checkpointing))
     doc.put("attn_implementation", t.attn_implementation)
+    if t.cross_entropy == "fused_linear":
+        doc.put("plugins", ["axolotl.integrations.liger.LigerPlugin"], "Liger Kernel, for its fused linear loss")
+        doc.put("liger_fused_linear_cross_entropy", True,
+                "cross_entropy fused_linear: no logits outlive a chunk of tokens (the other Liger kernels stay off)")
+    elif t.cross_entropy == "chunked":
+        doc.put("chunked_cross_entropy", True, "cross_entropy chunked: the loss upcasts the logits one slice at a time")
+        notes.append("Axolotl's chunked cross-entropy is not torchtune's 8-slice loss that the estimate models; its "
+                     "memory may differ by a fraction of the logits")
     if t.rope_scaling is not None:
         doc.put("rope_scaling", {"type": t.rope_scaling.type, "factor": float(t.rope_scaling.factor)},
                 "RoPE scaling: trains past the model's max_position_embeddings")

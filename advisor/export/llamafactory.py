@@ -57,7 +57,7 @@ OWN_KEYS = frozenset({
     "upcast_layernorm", "flash_attn", "shift_attn", "disable_gradient_checkpointing", "rope_scaling",
     "stage", "finetuning_type", "lora_rank", "lora_alpha", "lora_dropout", "lora_target", "use_rslora", "use_dora",
     "additional_target", "use_galore", "galore_target", "galore_rank", "galore_update_interval", "galore_scale",
-    "galore_proj_type", "galore_layerwise", "plot_loss",
+    "galore_proj_type", "galore_layerwise", "plot_loss", "enable_liger_kernel",
     "dataset", "dataset_dir", "template", "cutoff_len", "packing", "train_on_prompt", "val_size",
 })
 TRAINING_ARG_KEYS = frozenset({
@@ -145,6 +145,13 @@ def render(ctx: ExportContext) -> Rendered:
         if p.get("upcast_non_quantized"):
             doc.put("upcast_layernorm", True, "upcast_non_quantized: norms in fp32")
     doc.put("flash_attn", ATTENTION[t.attn_implementation], f"attn_implementation {t.attn_implementation}")
+    if t.cross_entropy == "fused_linear":
+        doc.put("enable_liger_kernel", True, "cross_entropy fused_linear: Liger's fused linear cross-entropy")
+        notes.append("enable_liger_kernel also swaps in Liger's RMSNorm, SwiGLU and RoPE kernels, which keep fewer "
+                     "activations than the estimate counts: it errs on the safe side")
+    elif t.cross_entropy == "chunked":
+        notes.append("LLaMA-Factory has no chunked cross-entropy key: it trains with the standard loss, which needs "
+                     "more memory than estimated (use cross_entropy fused_linear: enable_liger_kernel)")
     if ctx.method == "longlora":
         doc.put("shift_attn", True, "LongLoRA's shifted sparse attention (S²-Attn), group size 1/4")
     if t.rope_scaling is not None:

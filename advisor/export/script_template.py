@@ -250,6 +250,18 @@ def training_arguments(args, has_eval: bool, gradient_checkpointing: bool) -> Tr
     # transformers >= 5.2 folds warmup_ratio into warmup_steps (a float < 1 is a ratio)
     kw["warmup_ratio" if "warmup_ratio" in fields else "warmup_steps"] = t["warmup_ratio"]
     kw["eval_strategy" if "eval_strategy" in fields else "evaluation_strategy"] = "steps" if has_eval else "no"
+    loss = t.get("cross_entropy", "standard")
+    if loss == "fused_linear":
+        if torch.cuda.is_available() and importlib.util.find_spec("liger_kernel") and "use_liger_kernel" in fields:
+            kw["use_liger_kernel"] = True  # Liger's fused linear cross-entropy; its other kernels stay off
+            kw["liger_kernel_config"] = {"fused_linear_cross_entropy": True, "cross_entropy": False, "rope": False,
+                                         "rms_norm": False, "swiglu": False}
+        else:
+            print("note: cross_entropy fused_linear needs Liger Kernel on a GPU (pip install liger-kernel); training "
+                  "with the standard loss, which holds every position's fp32 logits (more memory than estimated)")
+    elif loss == "chunked":
+        print("note: cross_entropy chunked (torchtune's loss) has no Trainer switch; training with the standard loss, "
+              "which holds every position's fp32 logits (more memory than estimated)")
     kw.update(trainer_extras())
     return TrainingArguments(**{k: v for k, v in kw.items() if k in fields})
 

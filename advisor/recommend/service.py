@@ -185,7 +185,7 @@ def _fine_tune(out: dict, sc, rm, hw, ev, target: int | None = None) -> None:
     out["config"] = best.config.model_dump(mode="json")
     out["estimate"] = _public_estimate(best)
     out["config_sources"] = ev.hyperparameter_sources.get(best.method, {})
-    out["reasons"] = _reasons_for(best, ev, hw)
+    out["reasons"] = _reasons_for(best, ev, hw, causal=rm.kind != "seq2seq")
     out["alternatives"] = [
         {"method": c.method, "config": c.config.model_dump(mode="json"), "estimate": _public_estimate(c),
          "why_not_first": _why_not_first(c, best, sc.priority), "score": round(c.score, 3)}
@@ -459,7 +459,10 @@ def _fallback_reason(ev) -> dict:
             "source": "advisor/rules/rules.yaml § decision_order"}
 
 
-def _reasons_for(best: Candidate, ev, hw) -> list[dict]:
+LOGITS_SHARE = 0.2  # logits at least this share of the peak's tensors: point to the fused loss
+
+
+def _reasons_for(best: Candidate, ev, hw, causal: bool = True) -> list[dict]:
     reasons = [_reason(r) for r in ev.decision_rules[:3]]
     reasons += [_reason(r) for r in ev.method_reasons.get(best.method, []) if r["weight"] > 0 and r["counted"]]
     est = best.estimate
@@ -471,6 +474,19 @@ def _reasons_for(best: Candidate, ev, hw) -> list[dict]:
                      f"{est['micro_batch']} × {est['seq_len']} tokens"
                      + (f", {STRATEGY_WORDS.get(est['strategy'], est['strategy'])}" if hw.count > 1 else "")
                      + (", gradient checkpointing" if best.config.training.gradient_checkpointing else "") + "."),
+            "source": "estimator",
+        })
+    parts = est.get("breakdown_gib") or {}
+    logits = parts.get("logits") or 0.0
+    tensors = sum(v for k, v in parts.items() if k != "overhead")
+    if (tensors > 0 and logits >= LOGITS_SHARE * tensors
+            and best.config.training.cross_entropy == "standard" and causal):
+        reasons.append({
+            "rule": "estimator.logits",
+            "says": (f"The logits hold {logits:.2f} of the {tensors:.2f} GiB of tensors at the peak: "
+                     "config.training.cross_entropy 'fused_linear' (Liger Kernel's fused linear cross-entropy, which "
+                     "the executor runs too) keeps one chunk of them at a time; `advisor estimate --cross-entropy "
+                     "fused_linear` gives the peak with it."),
             "source": "estimator",
         })
     high = est.get("peak_vram_high_gib")
