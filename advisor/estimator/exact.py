@@ -26,7 +26,7 @@ def _sharded_peaks(plan: Plan, sim: dict, devices: int) -> dict[str, tuple[float
         best = None
         for phase, p in (sim.get("phases") or {}).items():
             cats = {k: float(v) for k, v in (p.get("breakdown_bytes") or {}).items()}
-            if phase == "optimizer_first":
+            if phase == "optimizer_first" and not p.get("state_counted"):
                 cats = state_created_in_step(cats, static)
             cats = _shard(cats, shard, devices, static)
             total = sum(cats.values())
@@ -51,10 +51,21 @@ def exact_from_plan(plan: Plan, use_cache: bool = True, allocator: str = "auto",
     strategy = resolve_strategy(strategy, devices)
     profile = profile_for(plan.hardware)
     # one replica's allocation trace: a sharded run allocates differently, so several GPUs use the fitted overhead
+    from advisor.estimator.coefficients import _simulation_config
+
+    # bitsandbytes' 8-bit optimizers read their state's values (data-dependent: they cannot run on fake tensors):
+    # the step is simulated with fused AdamW and the state replaced by its exact analytic size, as the fast model does
+    sim_config = _simulation_config(plan.config)
+    substituted = sim_config is not plan.config
+    # a paged optimizer's state is outside the allocator (unified memory): not in a replay, no overhead on it
+    paged_optim = plan.config.training.optim.startswith("paged_")
     replay = (profile.allocator_replay(plan.spec.id)
-              if plan.target == "cuda" and allocator == "auto" and devices == 1 else None)
-    sim = simulate(plan.model, plan.config, plan.batch_size, plan.seq_len, use_cache=use_cache, target=plan.target,
+              if plan.target == "cuda" and allocator == "auto" and devices == 1 and not substituted
+              and not paged_optim else None)
+    sim = simulate(plan.model, sim_config, plan.batch_size, plan.seq_len, use_cache=use_cache, target=plan.target,
                    allocator_workspaces=replay["workspace_bytes"] if replay else None)
+    if substituted:
+        sim = _analytic_optimizer_state(plan, sim)
     allocator = sim.get("allocator")
     if replay and allocator:
         # what max_memory_reserved will say (the step's allocations through the caching-allocator model) + the
@@ -69,7 +80,8 @@ def exact_from_plan(plan: Plan, use_cache: bool = True, allocator: str = "auto",
         band_low, band_high = float(replay["band"]["low"]), float(replay["band"]["high"])
         band_source = f"{profile.id}: {replay['band'].get('source', '')}"
     else:
-        overhead_bytes, overhead_source = exact_overhead(plan, sim["peak_bytes"], sim)
+        outside = _paged_at_peak(plan, {"optimizer": (sim["breakdown_bytes"].get("optimizer") or 0) / 2**30}, "ddp", 1)
+        overhead_bytes, overhead_source = exact_overhead(plan, sim["peak_bytes"] - outside, sim)
         peak = sim["peak_bytes"] + overhead_bytes
         band_low, band_high = profile.band(plan.spec.id)
         band_source = profile.band_source(plan.spec.id)
@@ -92,12 +104,18 @@ def exact_from_plan(plan: Plan, use_cache: bool = True, allocator: str = "auto",
         notes.append(f"per-device peak under {strategy} on {devices} GPUs: the simulated replica's parameters, "
                      "gradients and optimizer state divided as the strategy shards them (full sharding gathers one "
                      "block and prefetches the next), with the profile's fitted overhead")
+    paged = _paged_at_peak(plan, breakdown, multi.get("strategy", "ddp"), devices)
+    if paged > 0:
+        from advisor.estimator.fast import paged_note
+
+        notes.append(paged_note(plan.config.training.optim, paged))
     return {
         "peak_vram_gib": round(peak / 2**30, 3),
         "peak_bytes": peak,
         "peak_vram_low_gib": round(peak * (1 + band_low) / 2**30, 3),
         "peak_vram_high_gib": round(peak * (1 + band_high) / 2**30, 3),
-        **fit_fields(peak, plan.hardware),
+        **fit_fields(peak - paged, plan.hardware),
+        **({"paged_optimizer_gib": round(paged / 2**30, 3)} if paged > 0 else {}),
         "breakdown_gib": breakdown,
         "peak_phase": phase,
         "strategy": multi.get("strategy", "single"),
@@ -121,6 +139,59 @@ def exact_from_plan(plan: Plan, use_cache: bool = True, allocator: str = "auto",
         "notes": notes,
         "simulation_seconds": round(sim.get("seconds", 0.0), 2),
     }
+
+
+def _analytic_optimizer_state(plan: Plan, sim: dict) -> dict:
+    """`sim` (run with fused AdamW) with each phase's optimizer state set to the configured optimizer's exact bytes,
+    and the peak taken again over the phases."""
+    from advisor.estimator.static import static_terms
+
+    from advisor.estimator.fast import state_created_in_step
+
+    static = static_terms(plan.model, plan.config)
+    state = static.optimizer_bytes
+    sim = {**sim, "phases": {k: {**v, "breakdown_bytes": dict(v.get("breakdown_bytes") or {})}
+                             for k, v in (sim.get("phases") or {}).items()}}
+    best = None
+    for name, phase in sim["phases"].items():
+        if name == "optimizer_first":
+            # the state being made: fused AdamW's swapped for the real one's, counted as state up to its size, as in
+            # the fast model (state_counted: _sharded_peaks must not do it again)
+            before = sum(phase["breakdown_bytes"].values())
+            phase["breakdown_bytes"] = {k: int(v) for k, v in
+                                        state_created_in_step(phase["breakdown_bytes"], static).items()}
+            phase["peak_bytes"] = int(phase["peak_bytes"] - before + sum(phase["breakdown_bytes"].values()))
+            phase["state_counted"] = True
+        held = phase["breakdown_bytes"].get("optimizer", 0)
+        if held > 0 and name != "optimizer_first":
+            phase["breakdown_bytes"]["optimizer"] = state
+            phase["peak_bytes"] = int(phase["peak_bytes"] - held + state)
+        if name.startswith("backward_"):
+            continue  # windows of the backward phase, which is itself a phase
+        if best is None or phase["peak_bytes"] > best[1]["peak_bytes"]:
+            best = (name, phase)
+    if best is not None:
+        sim.update(peak_bytes=best[1]["peak_bytes"], breakdown_bytes=best[1]["breakdown_bytes"],
+                   peak_phase=best[0].split("_")[0])
+    sim["notes"] = list(sim.get("notes", [])) + [
+        f"{plan.config.training.optim} cannot run on fake tensors (bitsandbytes reads its state's values): the step "
+        "was simulated with fused AdamW and the optimizer state replaced by its exact size"]
+    return sim
+
+
+def _paged_at_peak(plan: Plan, breakdown_gib: dict, strategy: str, devices: int) -> int:
+    """A paged optimizer's state in unified memory at the peak, per device (see MemoryModel.paged_bytes)."""
+    from advisor.estimator.fast import STRATEGIES
+    from advisor.estimator.static import static_terms
+
+    if plan.target != "cuda" or not plan.config.training.optim.startswith("paged_"):
+        return 0
+    paged = static_terms(plan.model, plan.config).paged_optimizer_bytes
+    rule = STRATEGIES[strategy]["optimizer"] if devices > 1 else False
+    if rule == "cpu":
+        return 0
+    paged /= devices if rule else 1
+    return int(min(paged, (breakdown_gib.get("optimizer") or 0.0) * 2**30))
 
 
 def exact_overhead(plan: Plan, tensor_bytes: int, sim: dict | None = None) -> tuple[int, str]:

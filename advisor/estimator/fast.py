@@ -85,28 +85,49 @@ class MemoryModel:
         # GaLore's SVD runs inside the optimizer step: its solver workspace (invisible to tensor accounting, fitted
         # per device by the calibration) competes for the peak in that phase only
         svd = self.profile.svd_workspace_factor() * self.static.svd_matrix_bytes
+        paged = self.paged_bytes(strategy, devices)
         for phase, cats in phase_values.items():
             cats = _shard(cats, shard, devices, self.static)
             total = sum(cats.values())
-            device = total + self.profile.overhead_bytes(total) + (svd if phase.startswith("optimizer") else 0.0)
+            # paged optimizer state is not in PyTorch's allocator: no allocator overhead on it
+            outside = min(paged, max(cats.get("optimizer", 0.0), 0.0))
+            device = total + self.profile.overhead_bytes(total - outside) + (
+                svd if phase.startswith("optimizer") else 0.0)
             if best is None or device > best[3]:
-                best = (total, cats, phase.split("|")[0].split("_")[0], device)
-        total, cats, phase, _ = best
-        overhead = self.profile.overhead_bytes(total) + (svd if phase == "optimizer" else 0.0)
+                best = (total, cats, phase.split("|")[0].split("_")[0], device, outside)
+        total, cats, phase, _, outside = best
+        overhead = self.profile.overhead_bytes(total - outside) + (svd if phase == "optimizer" else 0.0)
         cats["overhead"] = overhead
         return int(total + overhead), cats, phase
 
+    def paged_bytes(self, strategy: str = "ddp", devices: int = 1) -> float:
+        """Per device, the optimizer state a paged bitsandbytes optimizer keeps in CUDA unified memory (0 off
+        CUDA, where bitsandbytes falls back to ordinary tensors; 0 where a strategy offloads the state)."""
+        if self.plan.target != "cuda" or not self.static.paged_optimizer_bytes:
+            return 0.0
+        rule = STRATEGIES[strategy]["optimizer"] if devices > 1 else False
+        if rule == "cpu":
+            return 0.0
+        return self.static.paged_optimizer_bytes / (devices if rule else 1)
+
+    def fit_bytes(self, batch: int, strategy: str = "ddp", devices: int = 1) -> tuple[int, int]:
+        """(peak, the part of it that must be resident): a paged optimizer's state moves to CPU RAM when the GPU
+        is full instead of failing the step, so fitting is judged on the rest."""
+        peak, cats, _ = self.peak(batch, strategy, devices)
+        outside = min(self.paged_bytes(strategy, devices), max(cats.get("optimizer", 0.0), 0.0))
+        return peak, int(peak - outside)
+
     def max_micro_batch(self, memory_bytes: float, strategy: str = "ddp", devices: int = 1, limit: int = 4096) -> int:
         """Largest micro-batch whose peak fits in `memory_bytes` (0 if even 1 does not fit)."""
-        if self.peak(1, strategy, devices)[0] > memory_bytes:
+        if self.fit_bytes(1, strategy, devices)[1] > memory_bytes:
             return 0
         lo, hi = 1, 2
-        while hi <= limit and self.peak(hi, strategy, devices)[0] <= memory_bytes:
+        while hi <= limit and self.fit_bytes(hi, strategy, devices)[1] <= memory_bytes:
             lo, hi = hi, hi * 2
         hi = min(hi, limit + 1)
         while hi - lo > 1:
             mid = (lo + hi) // 2
-            if self.peak(mid, strategy, devices)[0] <= memory_bytes:
+            if self.fit_bytes(mid, strategy, devices)[1] <= memory_bytes:
                 lo = mid
             else:
                 hi = mid
@@ -119,6 +140,11 @@ def state_created_in_step(cats: dict[str, float], static: StaticTerms) -> dict[s
     if static.optimizer_bytes <= 0:
         return cats
     out = dict(cats)
+    simulated = static.simulated_optimizer_bytes
+    if simulated >= 0 and simulated != static.optimizer_bytes:
+        # the slice ran fused AdamW in place of a bitsandbytes optimizer: the state it made is swapped for the real
+        # one's (8-bit: a quarter of fp32 AdamW's; Llama-2-7B full fine-tuning's first step was 12.6 GiB too high)
+        out["temporaries"] = max(0.0, out.get("temporaries", 0.0) - simulated) + static.optimizer_bytes
     moved = min(max(out.get("temporaries", 0.0), 0.0), float(static.optimizer_bytes))
     out["temporaries"] = out.get("temporaries", 0.0) - moved
     out["optimizer"] = out.get("optimizer", 0.0) + moved
@@ -203,7 +229,12 @@ def step_flops(mm: MemoryModel, batch: int) -> float:
     return training_flops_per_token(mm) * batch * mm.plan.seq_len + float(mm.static.optimizer_flops_per_step)
 
 
-def time_and_cost(mm: MemoryModel, batch: int, strategy: str, devices: int) -> dict:
+# Host↔GPU transfer rate for paged optimizer state that does not fit: PCIe 4.0 ×16 is 32 GB/s per direction in
+# theory, ≈ 25 GB/s in practice for pinned or unified-memory page migration (NVIDIA's bandwidthTest on A100 hosts)
+PAGING_BYTES_PER_S = 25e9
+
+
+def time_and_cost(mm: MemoryModel, batch: int, strategy: str, devices: int, paged_spill_bytes: float = 0.0) -> dict:
     plan = mm.plan
     per_token = training_flops_per_token(mm)
     rate, rate_source = mm.profile.achieved_flops(plan.spec.id, plan.hardware)
@@ -216,8 +247,17 @@ def time_and_cost(mm: MemoryModel, batch: int, strategy: str, devices: int) -> d
     # accumulation would spread them further, so this errs slow)
     per_token_all = per_token + float(mm.static.optimizer_flops_per_step) / tokens_per_step
     tokens_per_s = rate / per_token_all * devices * scaling
+    paging = 0.0
+    if paged_spill_bytes > 0:
+        # the state that does not fit goes in and out once per optimizer step (every gradient_accumulation_steps
+        # micro-batches)
+        paging = 2 * paged_spill_bytes / PAGING_BYTES_PER_S
+        micro_per_step = max(plan.training.gradient_accumulation_steps, 1)
+        seconds = tokens_per_step * devices / tokens_per_s + paging / micro_per_step
+        tokens_per_s = tokens_per_step * devices / seconds
+        rate_source += f"; + paging {paged_spill_bytes / GIB:.2f} GiB of optimizer state per step at 25 GB/s"
     out = {"tokens_per_s": round(tokens_per_s, 1), "train_hours": None, "cost_usd": None, "time_source": rate_source,
-           "flops_per_token": per_token_all}
+           "flops_per_token": per_token_all, "paging_seconds_per_step": paging}
     ds = plan.request.dataset
     if ds is not None and ds.num_examples:
         avg = ds.avg_tokens or (ds.max_tokens or plan.seq_len)
@@ -242,7 +282,7 @@ def first_fitting_strategy(peak_of: Callable[[str], float], memory_bytes: float 
 def choose_strategy(mm: MemoryModel, memory_bytes: float | None, batch: int, devices: int) -> str:
     if devices <= 1:
         return "ddp"
-    return first_fitting_strategy(lambda s: mm.peak(batch, s, devices)[0], memory_bytes)
+    return first_fitting_strategy(lambda s: mm.fit_bytes(batch, s, devices)[1], memory_bytes)
 
 
 def fast_estimate(req: EstimateRequest, strategy: str | None = None) -> dict:
@@ -257,17 +297,20 @@ def estimate_plan(plan: Plan, strategy: str | None = None, mm: MemoryModel | Non
     batch = plan.batch_size
     strategy = resolve_strategy(strategy, devices) or choose_strategy(mm, memory_bytes, batch, devices)
     peak, cats, phase = mm.peak(batch, strategy, devices)
+    resident = mm.fit_bytes(batch, strategy, devices)[1]
+    paged = peak - resident
     band_low, band_high = mm.profile.band(plan.spec.id)
     result = {
         "peak_vram_gib": round(peak / GIB, 3),
         "peak_bytes": peak,
         # what torch.cuda.max_memory_reserved() reports: the peak without the CUDA context (the allocator's reserve)
-        "peak_reserved_gib": round((peak - mm.profile.context_bytes()) / GIB, 3),
-        "peak_reserved_bytes": int(peak - mm.profile.context_bytes()),
+        # and without a paged optimizer's state (unified memory, outside the allocator)
+        "peak_reserved_gib": round((resident - mm.profile.context_bytes()) / GIB, 3),
+        "peak_reserved_bytes": int(resident - mm.profile.context_bytes()),
         "peak_vram_low_gib": round(peak * (1 + band_low) / GIB, 3),
         "peak_vram_high_gib": round(peak * (1 + band_high) / GIB, 3),
-        "fits": None if memory_bytes is None else peak <= memory_bytes,
-        "headroom_gib": None if memory_bytes is None else round((memory_bytes - peak) / GIB, 3),
+        "fits": None if memory_bytes is None else resident <= memory_bytes,
+        "headroom_gib": None if memory_bytes is None else round((memory_bytes - resident) / GIB, 3),
         "breakdown_gib": breakdown_from_counter(cats, cats.get("overhead", 0.0), phase),
         "peak_phase": phase,
         "micro_batch": batch,
@@ -281,9 +324,12 @@ def estimate_plan(plan: Plan, strategy: str | None = None, mm: MemoryModel | Non
         "strategy": strategy if devices > 1 else "single",
         "config": plan.config.model_dump(mode="json"),
     }
+    if paged > 0:
+        result["paged_optimizer_gib"] = round(paged / GIB, 3)
     if devices > 1:
         result["per_strategy_gib"] = {s: round(mm.peak(batch, s, devices)[0] / GIB, 3) for s in STRATEGIES}
-    timing = time_and_cost(mm, batch, strategy, devices)
+    spill = 0.0 if memory_bytes is None else max(0.0, min(float(paged), peak - memory_bytes))
+    timing = time_and_cost(mm, batch, strategy, devices, paged_spill_bytes=spill)
     result.update({k: timing[k] for k in ("tokens_per_s", "train_hours", "cost_usd")})
     result["provenance"] = {
         "memory": f"fitted:{mm.coefficients.key} (exact slice simulations of this architecture and method) "
@@ -298,8 +344,19 @@ def estimate_plan(plan: Plan, strategy: str | None = None, mm: MemoryModel | Non
         notes.append(plan.model.note)
     if memory_bytes is None:
         notes.append("no GPU given: memory is reported, fit is not judged")
+    if paged > 0:
+        notes.append(paged_note(plan.training.optim, paged, spill, timing.get("paging_seconds_per_step", 0.0)))
     result["notes"] = notes
     return result
+
+
+def paged_note(optim: str, paged: float, spill: float = 0.0, paging_seconds: float = 0.0) -> str:
+    return (f"{optim}: {paged / GIB:.2f} GiB of optimizer state live in CUDA unified memory (bitsandbytes' paged "
+            "buffers, outside PyTorch's allocator): counted in peak_vram_gib while the GPU has room, not in "
+            "peak_reserved_gib; when the GPU is full they page to CPU RAM instead of failing, so fits and headroom "
+            "(and max_micro_batch) leave them out"
+            + (f". Here {spill / GIB:.2f} GiB of them do not fit: every optimizer step pages them over PCIe "
+               f"(≈ +{paging_seconds:.2f} s per step, in tokens/s)" if spill > 0 else ""))
 
 
 def compare_gpus(req: EstimateRequest, counts=(1, 2, 4, 8)) -> list[dict]:

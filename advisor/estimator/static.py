@@ -50,6 +50,13 @@ class StaticTerms:
     # GaLore: fp32 bytes of the largest gradient matrix its projector decomposes (torch.linalg.svd); on CUDA the
     # solver's workspace and column-major copies, invisible to tensor accounting, scale with it (Profile.svd_workspace)
     svd_matrix_bytes: int = 0
+    # bitsandbytes' paged optimizers (paged_adamw_8bit / _32bit) keep the moments of every parameter of ≥ 1e5
+    # elements in CUDA unified memory (cudaMallocManaged, outside PyTorch's allocator): resident while the GPU has
+    # room, paged to CPU RAM when it has not. Part of optimizer_bytes
+    paged_optimizer_bytes: int = 0
+    # the state of the optimizer the simulation ran (fused AdamW for bitsandbytes' optimizers, which cannot run on
+    # fake tensors; otherwise optimizer_bytes): its creation in the first step is replaced by the real state's
+    simulated_optimizer_bytes: int = -1
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -120,6 +127,11 @@ def _count(resolved, cfg: MethodConfig, layers: int) -> dict[str, int]:
             out["weights"] += b.numel() * b.element_size()
     opt_bytes, temp_bytes = optimizer_bytes(prepared, cfg)
     out["optimizer"], out["optimizer_temp"] = opt_bytes, temp_bytes
+    out["paged_optimizer"] = paged_optimizer_bytes(prepared, cfg)
+    from advisor.estimator.coefficients import _simulation_config
+
+    sim_cfg = _simulation_config(cfg)
+    out["simulated_optimizer"] = opt_bytes if sim_cfg is cfg else optimizer_bytes(prepared, sim_cfg)[0]
     out["optimizer_flops"] = optimizer_flops(prepared, cfg)
     out["svd_matrix"] = svd_matrix_bytes(prepared, cfg)
     return out
@@ -171,7 +183,8 @@ def optimizer_bytes(prepared, cfg: MethodConfig) -> tuple[int, int]:
     holds one update-sized copy of every parameter at once; GaLore projects each 2-D gradient to rank r
     (states r x max(m, n), projector r x min(m, n)) and briefly holds the full-rank update of one matrix;
     bitsandbytes' 8-bit states are one byte per element plus fp32 block scales (tensors under 4096 elements stay
-    32-bit); Adafactor factors the second moment into row and column vectors (fp32).
+    32-bit) and its 32-bit optimizers keep both moments in fp32 whatever the parameter's dtype; Adafactor factors the
+    second moment into row and column vectors (fp32).
     """
     name = cfg.training.optim
     groups = prepared.optimizer_params or [{"params": prepared.trainable_parameters()}]
@@ -190,6 +203,8 @@ def optimizer_bytes(prepared, cfg: MethodConfig) -> tuple[int, int]:
                 largest_temp = max(largest_temp, (m * k + low) * es)
             elif eight_bit:
                 state += 2 * n + 2 * math.ceil(n / 256) * 4 + 4 if n >= 4096 else 2 * n * 4 + 4
+            elif name == "paged_adamw_32bit":
+                state += 2 * n * 4  # bitsandbytes' 32-bit states are fp32 whatever the parameter's dtype
             elif name == "sgd":
                 state += n * es
             elif name in ("adafactor", "galore_adafactor"):
@@ -199,6 +214,22 @@ def optimizer_bytes(prepared, cfg: MethodConfig) -> tuple[int, int]:
                 if name == "adamw_torch":
                     foreach_temp += n * es
     return state, max(foreach_temp, largest_temp)
+
+
+PAGED_OPTIMIZERS = ("paged_adamw_8bit", "paged_adamw_32bit")
+PAGED_MIN_ELEMENTS = 100_000  # bitsandbytes Optimizer8bit.get_state_buffer: smaller states stay ordinary tensors
+
+
+def paged_optimizer_bytes(prepared, cfg: MethodConfig) -> int:
+    """The part of the optimizer state a paged bitsandbytes optimizer allocates in CUDA unified memory: state1
+    and state2 (uint8 for 8-bit, fp32 for 32-bit) of each parameter with ≥ 1e5 elements; block scales stay tensors."""
+    name = cfg.training.optim
+    if name not in PAGED_OPTIMIZERS:
+        return 0
+    per_element = 2 * (1 if name == "paged_adamw_8bit" else 4)
+    params = [p for g in (prepared.optimizer_params or [{"params": prepared.trainable_parameters()}])
+              for p in g["params"]]
+    return sum(p.numel() * per_element for p in params if p.numel() >= PAGED_MIN_ELEMENTS)
 
 
 def svd_matrix_bytes(prepared, cfg: MethodConfig) -> int:
@@ -239,7 +270,7 @@ def _key(resolved, cfg: MethodConfig) -> str:
     basis = {"config": resolved.config.to_dict(), "kind": resolved.kind,
              "method": cfg.model_dump(mode="json", include={"method", "peft", "quantization"}),
              "training": cfg.training.model_dump(mode="json", include={"torch_dtype", "optim", "bf16", "fp16"}),
-             "v": 5}
+             "v": 7}
     basis["config"].pop("_name_or_path", None)
     basis["config"].pop("transformers_version", None)
     return hashlib.sha256(json.dumps(basis, sort_keys=True, default=str).encode()).hexdigest()[:32]
@@ -304,4 +335,6 @@ def _compute(resolved, cfg: MethodConfig) -> dict:
         "optimizer_flops_per_step": extrapolate("optimizer_flops"),
         "decoder_matmul_params": extrapolate("decoder_matmul_params"),
         "svd_matrix_bytes": max(one["svd_matrix"], two["svd_matrix"]),
+        "paged_optimizer_bytes": extrapolate("paged_optimizer"),
+        "simulated_optimizer_bytes": extrapolate("simulated_optimizer"),
     }

@@ -287,7 +287,7 @@ def _configure_and_fit(cand: Candidate, sc, rm, hw, ev, seq: int, precision: dic
                     + (f"only micro-batch {max_mb}" if max_mb else "no micro-batch") + f" on {hw.name}.")
             fm, cfg, strategy, max_mb, gc = fm_gc, cfg_gc, strategy_gc, max_mb_gc, True
     if strategy is None:
-        peak_1 = min(fm.mm.peak(1, s, devices)[0] for s in (STRATEGY_ORDER if devices > 1 else ("ddp",)))
+        peak_1 = min(fm.mm.fit_bytes(1, s, devices)[1] for s in (STRATEGY_ORDER if devices > 1 else ("ddp",)))
         cand.rejected = (f"needs {peak_1 / GIB:.1f} GiB per GPU at micro-batch 1"
                          f"{' with gradient checkpointing' if gc else ''}"
                          f"{' under the best sharding' if devices > 1 else ''}; {hw.name} has "

@@ -353,7 +353,7 @@ class _Trainer:
                 plan.gradient_checkpointing = True
             est, mm, best = est2, mm2, best2  # refused or not, the numbers are those with checkpointing
         if best < 1:
-            peak1 = mm.peak(1, strategy, self.world)[0]
+            peak1 = mm.fit_bytes(1, strategy, self.world)[1]
             details = {"peak_gib_at_micro_batch_1": round(peak1 / GIB, 3), "device_memory_gib": memory_gib,
                        "device": device_name, "gradient_checkpointing": plan.gradient_checkpointing or
                        self.spec.id != "prefix_tuning", "method": self.spec.id, "model": self.job["model"],
