@@ -78,6 +78,11 @@ class TrainingConfig(BaseModel):
                     "to fp32: ≈ 12 bytes per token × vocabulary at the peak), 'chunked' (torchtune's "
                     "CEWithChunkedOutputLoss, 8 slices: ≈ 6), 'fused_linear' (Liger Kernel's fused linear "
                     "cross-entropy: no logits outlive a chunk of tokens). See advisor/losses.py.")
+    optimizer_in_backward: bool = Field(
+        False,
+        description="Step each parameter's optimizer inside backward, as soon as its gradient is complete, and free "
+                    "the gradient (torchtune's optimizer_in_bwd): the whole model's gradients never exist at once. "
+                    "One GPU, gradient_accumulation_steps 1, max_grad_norm 0, not with fp16 or AdaLoRA.")
     packing: bool = False
     seed: int = 42
     logging_steps: int = Field(10, ge=1)

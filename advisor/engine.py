@@ -298,6 +298,13 @@ def prepare(
 # --------------------------------------------------------------------------- optimizer and step
 def make_optimizer(prepared: Prepared, training: TrainingConfig) -> torch.optim.Optimizer:
     groups = prepared.optimizer_params or [{"params": prepared.trainable_parameters()}]
+    if training.optimizer_in_backward:
+        check_optimizer_in_backward(training, prepared.method)
+        return InBackwardOptimizer(lambda g: _optimizer(g, training), groups)
+    return _optimizer(groups, training)
+
+
+def _optimizer(groups: list[dict], training: TrainingConfig) -> torch.optim.Optimizer:
     lr, wd = training.learning_rate, training.weight_decay
     name = training.optim
     if name.startswith("galore_"):
@@ -322,6 +329,94 @@ def make_optimizer(prepared: Prepared, training: TrainingConfig) -> torch.optim.
     cls = {"adamw_8bit": bnb.optim.AdamW8bit, "paged_adamw_8bit": bnb.optim.PagedAdamW8bit,
            "paged_adamw_32bit": bnb.optim.PagedAdamW32bit}[name]
     return cls(groups, lr=lr, weight_decay=wd)
+
+
+def check_optimizer_in_backward(training: TrainingConfig, method: str, devices: int = 1) -> None:
+    """What the optimizer step in backward cannot be combined with, each refused naming its field."""
+    if not training.optimizer_in_backward:
+        return
+    from advisor.errors import AdvisorInputError
+
+    why = "each parameter is updated as soon as its gradient is complete"
+    if training.gradient_accumulation_steps != 1:
+        raise AdvisorInputError("config.training.gradient_accumulation_steps",
+                                f"must be 1 with optimizer_in_backward: {why} (no gradients are kept to "
+                                f"accumulate); got {training.gradient_accumulation_steps}", allowed=["1"])
+    if training.max_grad_norm:
+        raise AdvisorInputError("config.training.max_grad_norm",
+                                f"must be 0 with optimizer_in_backward: {why}, and clipping needs the norm of all "
+                                f"gradients at once; got {training.max_grad_norm:g}", allowed=["0"])
+    if training.fp16:
+        raise AdvisorInputError("config.training.fp16", f"fp16 loss scaling cannot be used with optimizer_in_backward: "
+                                f"{why}, and the scaler unscales and skips whole steps; use bf16", allowed=["false"])
+    if method == "adalora":
+        raise AdvisorInputError("config.training.optimizer_in_backward",
+                                "AdaLoRA reads every gradient after backward to reallocate its ranks",
+                                allowed=["false"])
+    if devices > 1:
+        raise AdvisorInputError("config.training.optimizer_in_backward",
+                                f"one GPU only: data-parallel replicas must average gradients before any update "
+                                f"(hardware.count is {devices})", allowed=["false"])
+
+
+class InBackwardOptimizer(torch.optim.Optimizer):
+    """The optimizer step fused into backward (torchtune's `optimizer_in_bwd`, PyTorch's
+    `_apply_optimizer_in_backward`): one optimizer per parameter, stepped by a post-accumulate-grad hook the moment
+    that parameter's gradient is complete, which then frees it, so the whole model's gradients never exist at once.
+
+    `step()` and `zero_grad()` are no-ops; `param_groups` are the per-parameter optimizers' own dicts (an LR
+    scheduler changes them in place) and `state` their states; the state dict holds each optimizer's."""
+
+    def __init__(self, make, groups: list[dict]):
+        self._optimizers: list[torch.optim.Optimizer] = []
+        self._hooks = []
+        for group in groups:
+            options = {k: v for k, v in group.items() if k != "params"}
+            for p in group["params"]:
+                opt = make([{**options, "params": [p]}])
+                self._optimizers.append(opt)
+                self._hooks.append(p.register_post_accumulate_grad_hook(self._stepper(opt)))
+        self.defaults = dict(self._optimizers[0].defaults) if self._optimizers else {}
+
+    @property
+    def param_groups(self) -> list[dict]:
+        # read each time: an optimizer's load_state_dict (accelerate's prepare, a resume) replaces its group dicts
+        return [g for opt in self._optimizers for g in opt.param_groups]
+
+    @staticmethod
+    def _stepper(opt: torch.optim.Optimizer):
+        def hook(_param) -> None:
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        return hook
+
+    @property
+    def state(self) -> dict:
+        merged: dict = {}
+        for opt in self._optimizers:
+            merged.update(opt.state)
+        return merged
+
+    def step(self, closure=None):
+        return None
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        return None
+
+    def state_dict(self) -> dict:
+        return {"optimizer_in_backward": [opt.state_dict() for opt in self._optimizers]}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        states = state_dict["optimizer_in_backward"]
+        if len(states) != len(self._optimizers):
+            raise ValueError(f"checkpoint has {len(states)} per-parameter optimizers, this model {len(self._optimizers)}")
+        for opt, st in zip(self._optimizers, states):
+            opt.load_state_dict(st)
+
+    def remove_hooks(self) -> None:
+        for h in self._hooks:
+            h.remove()
+        self._hooks = []
 
 
 def autocast_context(training: TrainingConfig, device_type: str):

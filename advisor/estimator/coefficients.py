@@ -66,12 +66,16 @@ class MemoryCoefficients:
                    d["seq_len"], d["key"], d.get("seconds", 0.0))
 
 
+# optimizers that cannot run on fake tensors (bitsandbytes' 8-bit kernels read their state's values) → the one the
+# simulation runs instead; the state is replaced by the exact analytic bytes afterwards (static.optimizer_bytes)
+SIMULATED_AS = {"adamw_8bit": "adamw_torch_fused", "paged_adamw_8bit": "adamw_torch_fused",
+                "paged_adamw_32bit": "adamw_torch_fused", "galore_adamw_8bit": "galore_adamw"}
+
+
 def _simulation_config(cfg: MethodConfig) -> MethodConfig:
-    """Optimizers that cannot run on fake tensors (bitsandbytes 8-bit/paged) are simulated as fused AdamW;
-    their state is replaced by the exact analytic bytes afterwards."""
-    if cfg.training.optim in ("adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit"):
+    if cfg.training.optim in SIMULATED_AS:
         cfg = cfg.model_copy(deep=True)
-        cfg.training.optim = "adamw_torch_fused"
+        cfg.training.optim = SIMULATED_AS[cfg.training.optim]
     return cfg
 
 
@@ -84,15 +88,18 @@ def coefficient_key(resolved, cfg: MethodConfig, seq_len: int, target: str = "cp
         "method": _simulation_config(cfg).model_dump(
             mode="json", include={"method", "peft", "quantization"}),
         "training": cfg.training.model_dump(mode="json", include={"torch_dtype", "bf16", "fp16", "gradient_checkpointing",
-                                                                  "attn_implementation", "max_grad_norm", "cross_entropy",
+                                                                  "attn_implementation", "max_grad_norm", "cross_entropy", "optimizer_in_backward",
                                                                   "max_target_length"}),
         "optim_family": "galore" if cfg.training.optim.startswith("galore") else _simulation_config(cfg).training.optim,
         "seq_len": seq_len,
         "target": target,
         "v": FIT_VERSION,
     }
-    if basis["training"]["cross_entropy"] == "standard":  # the default leaves the keys of before the option
+    # the defaults leave the keys of before these options
+    if basis["training"]["cross_entropy"] == "standard":
         del basis["training"]["cross_entropy"]
+    if not basis["training"]["optimizer_in_backward"]:
+        del basis["training"]["optimizer_in_backward"]
     return hashlib.sha256(json.dumps(basis, sort_keys=True, default=str).encode()).hexdigest()[:32]
 
 

@@ -105,16 +105,20 @@ def exact_from_plan(plan: Plan, use_cache: bool = True, allocator: str = "auto",
                      "gradients and optimizer state divided as the strategy shards them (full sharding gathers one "
                      "block and prefetches the next), with the profile's fitted overhead")
     paged = _paged_at_peak(plan, breakdown, multi.get("strategy", "ddp"), devices)
+    resident = peak - paged  # what must fit: a paged optimizer's state pages to CPU RAM when the GPU is full
     if paged > 0:
-        from advisor.estimator.fast import paged_note
+        from advisor.estimator.fast import device_peak, paged_note
 
-        notes.append(paged_note(plan.config.training.optim, paged))
+        memory = plan.hardware.memory_gib * 2**30 if plan.hardware.memory_gib is not None else None
+        notes.append(paged_note(plan.config.training.optim, paged,
+                                0.0 if memory is None else max(0.0, min(paged, peak - memory))))
+        peak = device_peak(peak, resident, memory)
     return {
         "peak_vram_gib": round(peak / 2**30, 3),
         "peak_bytes": peak,
         "peak_vram_low_gib": round(peak * (1 + band_low) / 2**30, 3),
         "peak_vram_high_gib": round(peak * (1 + band_high) / 2**30, 3),
-        **fit_fields(peak - paged, plan.hardware),
+        **fit_fields(resident, plan.hardware),
         **({"paged_optimizer_gib": round(paged / 2**30, 3)} if paged > 0 else {}),
         "breakdown_gib": breakdown,
         "peak_phase": phase,
@@ -173,9 +177,12 @@ def _analytic_optimizer_state(plan: Plan, sim: dict) -> dict:
     if best is not None:
         sim.update(peak_bytes=best[1]["peak_bytes"], breakdown_bytes=best[1]["breakdown_bytes"],
                    peak_phase=best[0].split("_")[0])
+    from advisor.estimator.coefficients import SIMULATED_AS
+
+    optim = plan.config.training.optim
     sim["notes"] = list(sim.get("notes", [])) + [
-        f"{plan.config.training.optim} cannot run on fake tensors (bitsandbytes reads its state's values): the step "
-        "was simulated with fused AdamW and the optimizer state replaced by its exact size"]
+        f"{optim} cannot run on fake tensors (bitsandbytes reads its state's values): the step was simulated with "
+        f"{SIMULATED_AS.get(optim, 'another optimizer')} and the optimizer state replaced by its exact size"]
     return sim
 
 

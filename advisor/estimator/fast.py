@@ -296,9 +296,11 @@ def estimate_plan(plan: Plan, strategy: str | None = None, mm: MemoryModel | Non
     memory_bytes = hw.memory_gib * GIB if hw.memory_gib is not None else None
     batch = plan.batch_size
     strategy = resolve_strategy(strategy, devices) or choose_strategy(mm, memory_bytes, batch, devices)
-    peak, cats, phase = mm.peak(batch, strategy, devices)
+    whole, cats, phase = mm.peak(batch, strategy, devices)
     resident = mm.fit_bytes(batch, strategy, devices)[1]
-    paged = peak - resident
+    paged = whole - resident
+    # paged state beyond the device's memory stays in CPU RAM: the device holds at most its memory
+    peak = device_peak(whole, resident, memory_bytes)
     band_low, band_high = mm.profile.band(plan.spec.id)
     result = {
         "peak_vram_gib": round(peak / GIB, 3),
@@ -328,7 +330,7 @@ def estimate_plan(plan: Plan, strategy: str | None = None, mm: MemoryModel | Non
         result["paged_optimizer_gib"] = round(paged / GIB, 3)
     if devices > 1:
         result["per_strategy_gib"] = {s: round(mm.peak(batch, s, devices)[0] / GIB, 3) for s in STRATEGIES}
-    spill = 0.0 if memory_bytes is None else max(0.0, min(float(paged), peak - memory_bytes))
+    spill = 0.0 if memory_bytes is None else max(0.0, min(float(paged), whole - memory_bytes))
     timing = time_and_cost(mm, batch, strategy, devices, paged_spill_bytes=spill)
     result.update({k: timing[k] for k in ("tokens_per_s", "train_hours", "cost_usd")})
     result["provenance"] = {
@@ -350,9 +352,17 @@ def estimate_plan(plan: Plan, strategy: str | None = None, mm: MemoryModel | Non
     return result
 
 
+def device_peak(whole: int, resident: int, memory_bytes: float | None) -> int:
+    """The device's peak when a paged optimizer's state (whole − resident) may not all fit: resident while the
+    state fits beside it, else the device's whole memory (the rest of the state pages to CPU RAM)."""
+    if whole == resident or memory_bytes is None:
+        return int(whole)
+    return int(min(whole, max(resident, memory_bytes)))
+
+
 def paged_note(optim: str, paged: float, spill: float = 0.0, paging_seconds: float = 0.0) -> str:
     return (f"{optim}: {paged / GIB:.2f} GiB of optimizer state live in CUDA unified memory (bitsandbytes' paged "
-            "buffers, outside PyTorch's allocator): counted in peak_vram_gib while the GPU has room, not in "
+            "buffers, outside PyTorch's allocator): counted in peak_vram_gib as far as the GPU has room, not in "
             "peak_reserved_gib; when the GPU is full they page to CPU RAM instead of failing, so fits and headroom "
             "(and max_micro_batch) leave them out"
             + (f". Here {spill / GIB:.2f} GiB of them do not fit: every optimizer step pages them over PCIe "

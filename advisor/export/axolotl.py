@@ -138,7 +138,14 @@ def render(ctx: ExportContext) -> Rendered:
     knob("gradient_accumulation_steps", "gradient_accumulation_steps", t.gradient_accumulation_steps)
     knob("num_epochs", "num_train_epochs", t.num_train_epochs)
     knob("learning_rate", "learning_rate", t.learning_rate)
-    knob("optimizer", "optim", t.optim)
+    if t.optimizer_in_backward and ctx.method == "galore":
+        doc.put("optimizer", f"{t.optim}_layerwise", "optimizer_in_backward: transformers' layer-wise GaLore steps "
+                "each weight inside backward")
+    else:
+        knob("optimizer", "optim", t.optim)
+        if t.optimizer_in_backward:
+            notes.append("Axolotl steps the optimizer inside backward only for GaLore (galore_*_layerwise): this run "
+                         "keeps every gradient until the optimizer step (more memory than estimated)")
     if ctx.method == "galore":
         doc.put("optim_target_modules", list(p["target_modules"]), "GaLore projects these blocks' 2-D weights")
         doc.put("optim_args", {"rank": int(p["rank"]), "update_proj_gap": int(p["update_proj_gap"]),

@@ -145,6 +145,9 @@ def render(ctx: ExportContext) -> Rendered:
         if p.get("upcast_non_quantized"):
             doc.put("upcast_layernorm", True, "upcast_non_quantized: norms in fp32")
     doc.put("flash_attn", ATTENTION[t.attn_implementation], f"attn_implementation {t.attn_implementation}")
+    if t.optimizer_in_backward and ctx.method != "galore":
+        notes.append("LLaMA-Factory steps the optimizer inside backward only for GaLore (galore_layerwise): this run "
+                     "keeps every gradient until the optimizer step (more memory than estimated)")
     if t.cross_entropy == "fused_linear":
         doc.put("enable_liger_kernel", True, "cross_entropy fused_linear: Liger's fused linear cross-entropy")
         notes.append("enable_liger_kernel also swaps in Liger's RMSNorm, SwiGLU and RoPE kernels, which keep fewer "
@@ -191,7 +194,10 @@ def render(ctx: ExportContext) -> Rendered:
             knob("galore_update_interval", "update_proj_gap", int(p["update_proj_gap"]))
             doc.put("galore_scale", float(p["scale"]), ctx.why("scale", p["scale"]))
             doc.put("galore_proj_type", p["proj_type"])
-            doc.put("galore_layerwise", False, "layer-wise GaLore cannot accumulate gradients or run distributed")
+            if t.optimizer_in_backward:
+                doc.put("galore_layerwise", True, "optimizer_in_backward: each weight steps inside backward")
+            else:
+                doc.put("galore_layerwise", False, "layer-wise GaLore cannot accumulate gradients or run distributed")
 
     doc.section("dataset")
     doc.put("dataset", DATASET_NAME, f"{ctx.dataset_format} file, see dataset_info.json above")

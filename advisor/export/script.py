@@ -234,7 +234,9 @@ def apply_method(model, seq2seq: bool, total_steps: int):
 
 def trainer_extras() -> dict:
     args = ",".join(f"{k}={PEFT[k]}" for k in ("rank", "update_proj_gap", "scale", "proj_type"))
-    return {"optim": TRAINING["optim"], "optim_target_modules": PEFT["target_modules"], "optim_args": args}
+    # optimizer_in_backward: transformers' layer-wise GaLore steps each weight inside backward
+    optim = TRAINING["optim"] + ("_layerwise" if TRAINING.get("optimizer_in_backward") else "")
+    return {"optim": optim, "optim_target_modules": PEFT["target_modules"], "optim_args": args}
 ''' + _SAVE_TRAINER.format(what="the full model (model.safetensors + config)")
 
 _S2ATTN_HEAD = '''from collections import Counter

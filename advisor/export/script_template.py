@@ -263,6 +263,9 @@ def training_arguments(args, has_eval: bool, gradient_checkpointing: bool) -> Tr
         print("note: cross_entropy chunked (torchtune's loss) has no Trainer switch; training with the standard loss, "
               "which holds every position's fp32 logits (more memory than estimated)")
     kw.update(trainer_extras())
+    if t.get("optimizer_in_backward") and not str(kw.get("optim", "")).endswith("_layerwise"):
+        print("note: optimizer_in_backward has no Trainer switch for this optimizer; every gradient is kept until "
+              "the optimizer step (more memory than estimated)")
     return TrainingArguments(**{k: v for k, v in kw.items() if k in fields})
 
 

@@ -281,14 +281,19 @@ class _Trainer:
             self._release()
             latest = ckpt.latest_checkpoint(self.out)
             retry = {"step": ckpt.read_trainer_state(latest)["step"] if latest else 0,
-                     "micro_batch": plan.micro_batch // 2, "grad_accum": plan.grad_accum * 2,
+                     "micro_batch": plan.micro_batch // 2, "grad_accum": self._retry_accum(plan),
                      "previous_micro_batch": plan.micro_batch, "error": message}
             self.oom_retries.append(retry)
             self.emit("oom_retry", **{k: v for k, v in retry.items() if k != "error"})
-            plan = Plan(plan.micro_batch // 2, plan.grad_accum * 2, plan.gradient_checkpointing, latest)
+            plan = Plan(plan.micro_batch // 2, self._retry_accum(plan), plan.gradient_checkpointing, latest)
         if self.main:
             self._write_plan(plan, predicted, adjusted, result)
         return result
+
+    def _retry_accum(self, plan: Plan) -> int:
+        """Accumulation after an OOM halves the micro-batch: doubled, keeping the effective batch, except with the
+        optimizer step in backward, which cannot accumulate (the effective batch halves)."""
+        return 1 if self.cfg.training.optimizer_in_backward else plan.grad_accum * 2
 
     def _resume_path(self, resume) -> Path | None:
         if resume is None or resume is False:
@@ -340,7 +345,8 @@ class _Trainer:
             self.notes.append(f"fit is not judged on {self.device.type}: the estimate is recorded for comparison only")
             return est, None
         memory = memory_gib * GIB
-        if est["peak_bytes"] <= memory:
+        # a paged optimizer's state pages to CPU RAM when the GPU is full: it does not have to fit
+        if est["peak_bytes"] - est.get("paged_optimizer_gib", 0.0) * GIB <= memory:
             return est, None
         strategy = self.job.get("strategy") or "ddp"
         old = {"micro_batch": plan.micro_batch, "grad_accum": plan.grad_accum,
@@ -366,6 +372,8 @@ class _Trainer:
         # the largest micro-batch that fits and divides the effective batch, so the effective batch is unchanged
         micro = max(d for d in range(1, min(best, plan.micro_batch) + 1) if self.effective_rows % d == 0)
         accum = self.effective_rows // micro
+        if self.cfg.training.optimizer_in_backward:  # nothing to accumulate: the effective batch shrinks instead
+            micro, accum = min(best, plan.micro_batch), 1
         plan.micro_batch, plan.grad_accum = micro, accum
         est, _, _ = self._estimate(micro, plan.gradient_checkpointing)
         adjusted = {"reason": f"the plan needs {old['micro_batch']} rows per micro-batch; the estimator allows at most "
@@ -417,6 +425,9 @@ class _Trainer:
             for p in prepared.trainable_parameters():
                 if p.dtype == torch.float16:
                     p.data = p.data.float()
+        from advisor.engine import check_optimizer_in_backward
+
+        check_optimizer_in_backward(t, self.spec.id, self.world)
         optimizer = make_optimizer(prepared, t)
         warmup = math.ceil(t.warmup_ratio * self.total_steps)
         scheduler = get_scheduler(t.lr_scheduler_type, optimizer, num_warmup_steps=warmup,
