@@ -41,8 +41,10 @@ AnswerDotAI/fsdp_qlora, GaLore and LLaMA-Factory; each row's `source` names the 
 from), adds two columns: `unit` (GiB, GB, or unknown = read as GB) and `stat` (reserved → compared with
 `peak_reserved_gib`; allocated/active → the tensor bytes; device/unknown → `peak_vram_gib`). Its rows go through the
 same rules, plus: explicit target lists `(q,v,o,gate,up,down)` → the `*_proj` modules (T5/mT0: q, v; BLOOM:
-query_key_value); rows whose source names a technique the estimator does not model (chunked cross-entropy,
-torch.compile, optimizer step in backward, activation or CPU offload), a non-AdamW optimizer, multi-GPU sharding,
+query_key_value); torchtune's chunked cross-entropy → `cross_entropy: chunked`; the optimizer step in backward
+(torchtune's `optimizer_in_bwd`, GaLore's per-layer updates) → `optimizer_in_backward` (accumulation 1, no clipping);
+rows whose source names a technique the estimator does not model (torch.compile, also on the rows after it in a
+table whose techniques add up, activation or CPU offload), a non-AdamW optimizer, multi-GPU sharding,
 unstated checkpointing, or lengths far below the stated cap are skipped with the reason; precision fp32 → fp32
 weights without autocast; and Qwen's full-parameter rows run its DeepSpeed bf16 script (fp32 master weights and
 states: `SOURCE_TRAINING`). Exact cross-checks default to none for this file.
@@ -95,17 +97,18 @@ QWEN1_YI.update({"qwen-1_8b": QWEN1_YI["qwen-1_8b-chat"], "qwen-7b": QWEN1_YI["q
 CATALOG = {"llama-3.2-3b": "meta-llama/Llama-3.2-3B", "llama3-8b-instruct": "meta-llama/Meta-Llama-3-8B",
            "meta-llama-3-8b-instruct": "meta-llama/Meta-Llama-3-8B", "llama-3.1-8b-instruct": "meta-llama/Llama-3.1-8B",
            "llama-2-7b-hf": "meta-llama/Llama-2-7b-hf", "llama-2-70b-hf": "meta-llama/Llama-2-70b-hf", "bigscience/t0_3b": "bigscience/T0_3B",
-           "bigscience/mt0-xxl": "bigscience/mt0-xxl", "bigscience/bloomz-7b1": "bigscience/bloomz-7b1"}
+           "bigscience/mt0-xxl": "bigscience/mt0-xxl", "bigscience/bloomz-7b1": "bigscience/bloomz-7b1",
+           # GaLore's configs/llama_7b.json: LLaMA-1 7B's shapes (4096 wide, 11008 MLP, 32 blocks of 32 heads, vocab
+           # 32000), which are Llama-2-7B's (6.74B parameters either way)
+           "llama-7b (random init, llama_7b.json)": "meta-llama/Llama-2-7b-hf"}
 # cards a source does not name ("unknown", "2xGPU-FSDP", "2x40GB-ZeRO3"): the peak does not depend on which GPU,
 # only the fit would; every named card goes through the catalog's own aliases (`_catalog_gpu`)
 UNNAMED_GPUS = {"unknown": "a100-80gb", "gpu": "a100-80gb", "40gb": "a100-40gb"}
 UNMODELLED = ("unsloth", "gptq", "dora", "loha", "vera", "boft", "oft", "fourierft", "llama-pro", "lisa",
               "p-tuning", "adaption_prompt", "ln_tuning", "lokr", "lora-fa", "osf", "trainable_tokens", "tinylora",
-              "miss", "randlora", "lily", "+ lm_head", "modules_to_save", "all-linear (q,k,v,o + mlp", "per-layer")
+              "miss", "randlora", "lily", "+ lm_head", "modules_to_save", "all-linear (q,k,v,o + mlp")
 # training techniques a row's source names that the estimator does not model (it would over-estimate them)
-UNMODELLED_TECHNIQUES = {"chunkedoutputloss": "chunked cross-entropy", "chunked ce": "chunked cross-entropy",
-                         "optimizer_in_bwd": "optimizer step fused into backward",
-                         "activation offload": "activation offloading", "fsdp_offload": "CPU offload",
+UNMODELLED_TECHNIQUES = {"activation offload": "activation offloading", "fsdp_offload": "CPU offload",
                          "torch.compile": "torch.compile (fused kernels save fewer activations)",
                          "real lengths short": "lengths far below the stated cap (the longest batch is unknown)"}
 # short target names in method strings → module names per family (Llama-style *_proj; T5 q/v; BLOOM fused qkv)
@@ -239,6 +242,10 @@ def map_row(row: dict) -> tuple[dict | None, str | None]:
     for word, technique in UNMODELLED_TECHNIQUES.items():
         if word in low:
             return None, f"{technique}: a technique the estimator does not model"
+    if "applied cumulatively" in low and not any(f"step={w}" in low for w in ("baseline", "+packed")):
+        # a table whose techniques add up row by row (torchtune's 'Optimization flags'): torch.compile is on from
+        # its own row down, whether a later row names it or not
+        return None, "torch.compile (fused kernels save fewer activations): a technique the estimator does not model"
     if row["grad_ckpt"].strip().lower() not in ("on", "off", "true", "false", "yes", "no", "1", "0"):
         return None, f"gradient checkpointing {row['grad_ckpt']!r}: not stated by the source"
     optim = map_optimizer(row["optimizer"])
@@ -252,6 +259,14 @@ def map_row(row: dict) -> tuple[dict | None, str | None]:
         "bf16": True,
     }
     training.update(SOURCE_TRAINING.get(source_short(row["source"]), {}).get(method, {}))
+    # techniques the estimator models, by the words their sources use
+    if any(w in low for w in ("chunkedoutputloss", "chunked ce", "chunked cross-entropy")):
+        training["cross_entropy"] = "chunked"  # torchtune's CEWithChunkedOutputLoss
+    opt_text = row["optimizer"].lower()
+    if "optimizer_in_bwd" in low or "in backward" in low or "layerwise" in opt_text or "per-layer" in row["method"]:
+        # the step of each parameter inside backward (torchtune's optimizer_in_bwd, GaLore's per-layer updates):
+        # no accumulation and no clipping, which both need every gradient at once
+        training.update(optimizer_in_backward=True, gradient_accumulation_steps=1, max_grad_norm=0)
     precision = row.get("precision", "").strip().lower()
     if "int8" in precision or "8bit" in precision.replace("-", ""):
         return None, f"precision {row.get('precision')!r}: 8-bit base weights (LLM.int8) are not modelled"
@@ -295,6 +310,8 @@ def map_optimizer(text: str) -> str | None:
         return "adamw_torch"
     if "fused" in t and "adam" in t:
         return "adamw_torch_fused"
+    if "galore" in t:  # GaLore's own optimizers (per-layer: the step in backward, set beside)
+        return "galore_adamw_8bit" if "8bit" in t else "galore_adafactor" if "adafactor" in t else "galore_adamw"
     if "adam" in t and "8bit" in t:
         return "paged_adamw_8bit" if "paged" in t else "adamw_8bit"
     if "paged" in t and "adam" in t:
@@ -441,12 +458,19 @@ def main(argv: list[str] | None = None) -> int:
     # sensitivity (reported beside, never used for the headline numbers): the two global choices that move the
     # answer most: fused instead of foreach AdamW for full fine-tuning (foreach holds an update-sized copy of the
     # parameters inside optimizer.step), and QLoRA with PEFT's prepare_model_for_kbit_training upcast of the
-    # non-quantized parameters (embeddings, lm_head, norms) to fp32
+    # non-quantized parameters (embeddings, lm_head, norms) to fp32; and for a paged optimizer with an unstated
+    # statistic, the allocator's reserve instead of the device
     for r in results:
         if "error_pct" not in r:
             continue
         variant = None
-        if r["method"] == "full":
+        as_reserved = False
+        paged = str(r["payload"]["config"]["training"].get("optim", "")).startswith("paged_")
+        if paged and r["quantity"] == "device":
+            # an unstated statistic of a run with paged optimizer state: the device holds what it can of the state,
+            # an allocator statistic (what torchtune's log_memory_stats prints) none of it
+            variant, as_reserved = ("the statistic read as the allocator's reserve (paged state outside it)", {}), True
+        elif r["method"] == "full":
             variant = ("optim adamw_torch_fused", {"training": {"optim": "adamw_torch_fused"}})
         elif r["method"] == "qlora":
             variant = ("qlora upcast_non_quantized=False", {"peft": {"upcast_non_quantized": False}})
@@ -461,7 +485,7 @@ def main(argv: list[str] | None = None) -> int:
             continue
         alt_tensor = alt["peak_bytes"] - alt["breakdown_gib"].get("overhead", 0.0) * GIB
         alt_gib = {"reserved": alt["peak_reserved_bytes"], "tensor": alt_tensor,
-                   "device": alt["peak_bytes"]}[r["quantity"]] / GIB
+                   "device": alt["peak_bytes"]}["reserved" if as_reserved else r["quantity"]] / GIB
         r["sensitivity"] = {"variant": name, "predicted_gib": alt_gib,
                             "error_pct": (alt_gib - r["measured_gib"]) / r["measured_gib"] * 100}
         print(f"  sensitivity [{r['row']}] {r['model']} {r['method_text']} with {name}: {alt_gib:.2f} GiB "
