@@ -130,6 +130,10 @@ def estimate(
     checkpointing: Annotated[bool | None, typer.Option("--checkpointing/--no-checkpointing")] = None,
     cross_entropy: Annotated[str | None, typer.Option(
         "--cross-entropy", help="standard, chunked (torchtune) or fused_linear (Liger Kernel).")] = None,
+    optim: Annotated[str | None, typer.Option("--optim", help="Optimizer (config.training.optim).")] = None,
+    in_backward: Annotated[bool, typer.Option(
+        "--optimizer-in-backward", help="Step each parameter inside backward (no gradient buffer; sets "
+                                        "accumulation 1 and no clipping).")] = False,
     exact: Annotated[bool, typer.Option("--exact", help="Simulate the real step on fake tensors (seconds).")] = False,
     strategy: Annotated[str | None, typer.Option(help="Multi-GPU strategy: ddp, zero2, zero3, zero2_offload, "
                                                        "zero3_offload (fsdp_grad_op, fsdp_full_shard).")] = None,
@@ -152,9 +156,14 @@ def estimate(
             body["hardware"]["count"] = count
     training = dict((body.get("config") or {}).get("training") or {})
     for key, value in (("per_device_train_batch_size", batch), ("max_seq_length", seq),
-                       ("gradient_checkpointing", checkpointing), ("cross_entropy", cross_entropy)):
+                       ("gradient_checkpointing", checkpointing), ("cross_entropy", cross_entropy),
+                       ("optim", optim)):
         if value is not None:
             training[key] = value
+    if in_backward:  # what the option needs, unless the file says otherwise (then its error names the field)
+        training.update(optimizer_in_backward=True, **{k: v for k, v in (("gradient_accumulation_steps", 1),
+                                                                          ("max_grad_norm", 0))
+                                                       if k not in training})
     if training:
         body["config"] = {**(body.get("config") or {}), "training": training}
     if exact:
@@ -204,11 +213,14 @@ def _render_estimate(result: dict) -> None:
         band = f" (band {result['peak_vram_low_gib']:.2f}–{result['peak_vram_high_gib']:.2f})"
     console.print(f"peak [bold]{result['peak_vram_gib']:.2f} GiB[/]{band} — {verdict}"
                   + (f", headroom {result['headroom_gib']:.2f} GiB" if result.get("headroom_gib") is not None else ""))
+    if result.get("paged_optimizer_gib"):
+        console.print(f"paged optimizer state {result['paged_optimizer_gib']:.2f} GiB in CUDA unified memory: it pages "
+                      "to CPU RAM when the GPU is full, so the fit is judged without it (see the note)")
     table = Table(show_header=True)
     table.add_column("component")
     table.add_column("GiB", justify="right")
     table.add_column("")
-    peak = max(result["peak_vram_gib"], 1e-9)
+    peak = max(result["peak_vram_gib"], sum(result["breakdown_gib"].values()), 1e-9)
     for key, value in result["breakdown_gib"].items():
         table.add_row(key, f"{value:.3f}", "█" * int(round(30 * value / peak)))
     console.print(table)

@@ -203,3 +203,31 @@ def test_exports_step_galore_layer_wise_and_say_where_a_tool_cannot(tiny_dirs, t
     for fmt in ("axolotl", "llamafactory"):
         out = export(fmt, recommendation=full, dataset=str(data["alpaca"]))
         assert any("inside backward only for GaLore" in n for n in out["notes"]), fmt
+
+
+def test_the_recommendation_points_to_the_step_in_backward_when_gradients_are_at_the_peak(tokenizer, tmp_path,
+                                                                                        monkeypatch):
+    """Full fine-tuning of a wide model on short rows peaks at the end of backward, where the gradients are: the
+    recommendation names optimizer_in_backward, and with it the estimate drops them."""
+    from advisor.demo import write_tiny_model
+    from advisor.recommend import recommend
+    from advisor.settings import get_settings
+
+    path = write_tiny_model(tmp_path / "wide", "llama", tokenizer, vocab_size=8192, hidden_size=512,
+                            intermediate_size=2048, num_hidden_layers=4)
+    monkeypatch.setenv("ADVISOR_CACHE_DIR", str(tmp_path / "cache"))
+    get_settings.cache_clear()
+    try:
+        rec = recommend({"model": str(path), "task": "domain_adaptation", "priority": "quality",
+                         "hardware": {"gpu": "h100"},
+                         "dataset": {"num_examples": 1000000, "avg_tokens": 24, "max_tokens": 32}})
+        assert rec["method"] == "full"
+        said = [r for r in rec["reasons"] if r["rule"] == "estimator.gradients"]
+        assert len(said) == 1 and "optimizer_in_backward" in said[0]["says"]
+        training = {**rec["config"]["training"], **IN_BACKWARD}
+        with_it = fast_estimate(EstimateRequest.model_validate(
+            {"model": str(path), "method": "full", "hardware": {"gpu": "h100"}, "config": {"training": training}}))
+        assert with_it["breakdown_gib"]["gradients"] == 0
+        assert with_it["peak_bytes"] < rec["estimate"]["peak_bytes"]
+    finally:
+        get_settings.cache_clear()

@@ -460,6 +460,7 @@ def _fallback_reason(ev) -> dict:
 
 
 LOGITS_SHARE = 0.2  # logits at least this share of the peak's tensors: point to the fused loss
+GRADIENTS_SHARE = 0.2  # gradients at least this share (one GPU): point to the optimizer step in backward
 
 
 def _reasons_for(best: Candidate, ev, hw, causal: bool = True) -> list[dict]:
@@ -487,6 +488,18 @@ def _reasons_for(best: Candidate, ev, hw, causal: bool = True) -> list[dict]:
                      "config.training.cross_entropy 'fused_linear' (Liger Kernel's fused linear cross-entropy, which "
                      "the executor runs too) keeps one chunk of them at a time; `advisor estimate --cross-entropy "
                      "fused_linear` gives the peak with it."),
+            "source": "estimator",
+        })
+    gradients = parts.get("gradients") or 0.0
+    training = best.config.training
+    if (tensors > 0 and gradients >= GRADIENTS_SHARE * tensors and hw.count == 1
+            and not training.optimizer_in_backward and best.method != "adalora"):
+        reasons.append({
+            "rule": "estimator.gradients",
+            "says": (f"The gradients hold {gradients:.2f} of the {tensors:.2f} GiB of tensors at the peak: "
+                     "config.training.optimizer_in_backward (each parameter steps inside backward and drops its "
+                     "gradient, torchtune's optimizer_in_bwd; with gradient_accumulation_steps 1 and max_grad_norm 0) "
+                     "never holds them all; `advisor estimate --optimizer-in-backward` gives the peak with it."),
             "source": "estimator",
         })
     high = est.get("peak_vram_high_gib")
