@@ -17,7 +17,7 @@ the same exact peak.
 
     signed error % = (estimate − exact) / exact × 100
 
-Run: `HF_HUB_OFFLINE=1 .venv/bin/python -m bench.accuracy [--quick | --large] [--jobs N] [--out PATH]`.
+Run: `HF_HUB_OFFLINE=1 .venv/bin/python -m bench.accuracy [--quick | --medium | --options | --large] [--jobs N] [--out PATH]`.
 Exact simulations run first (`--jobs` at once, default 2), then the fast estimator alone, so its timings are not
 disturbed by this benchmark's own subprocesses (they are by anything else the machine runs: the JSON records the
 load average). Results are written after every case, so a long run can be polled.
@@ -77,6 +77,21 @@ QUICK_MODELS = [("openai-community/gpt2", "gpt2"), ("Qwen/Qwen2.5-0.5B", "Qwen2.
                 ("meta-llama/Llama-3.2-1B", "Llama-3.2-1B")]
 QUICK_METHODS = ("full", "lora", "qlora", "prompt_tuning")
 QUICK_GRID = ((1, 512, False), (4, 1024, True))
+
+# --options: the training options beside the methods (loss implementation, bitsandbytes and paged optimizers, the
+# optimizer step in backward) on the quick models; 3 × 700 rounds the fused loss's chunk up to a power of two
+_IN_BACKWARD = {"optimizer_in_backward": True, "gradient_accumulation_steps": 1, "max_grad_norm": 0}
+OPTIONS = (
+    ("chunked CE", {"cross_entropy": "chunked"}, ("full", "lora", "qlora")),
+    ("fused CE", {"cross_entropy": "fused_linear"}, ("full", "lora", "qlora")),
+    ("adamw_8bit", {"optim": "adamw_8bit"}, ("full",)),
+    ("paged_adamw_8bit", {"optim": "paged_adamw_8bit"}, ("full",)),
+    ("in backward", _IN_BACKWARD, ("full", "lora")),
+    ("in backward, paged_adamw_32bit", {**_IN_BACKWARD, "optim": "paged_adamw_32bit"}, ("full",)),
+    ("galore_adamw_8bit", {"optim": "galore_adamw_8bit"}, ("galore",)),
+    ("galore_adamw_8bit in backward", {**_IN_BACKWARD, "optim": "galore_adamw_8bit"}, ("galore",)),
+)
+OPTIONS_GRID = ((1, 512, False), (4, 1024, True), (3, 700, True))
 
 
 # --------------------------------------------------------------------------- shared helpers (anchors, latency)
@@ -184,7 +199,12 @@ def write_json(path: Path, data: dict) -> None:
 
 
 # --------------------------------------------------------------------------- plan
-def plan(quick: bool, large: bool, medium: bool = False) -> list[dict]:
+def plan(quick: bool, large: bool, medium: bool = False, options: bool = False) -> list[dict]:
+    if options:
+        return [{"model": m, "label": f"{label} [{tag}]", "method": meth, "b": b, "s": s, "gc": gc,
+                 "training": training}
+                for m, label in QUICK_MODELS for tag, training, methods in OPTIONS for meth in methods
+                for (b, s, gc) in OPTIONS_GRID]
     if medium:
         cases = [{"model": m, "label": label, "method": meth, "b": b, "s": s, "gc": gc}
                  for m, label in MEDIUM_MODELS for meth in METHODS for (b, s, gc) in MEDIUM_GRID]
@@ -214,7 +234,8 @@ def prepare_case(case: dict) -> tuple[Any, dict | None, str | None]:
     options = [{"bias_source": "existing"}, {"bias_source": "add"}] if case["method"] == "bitfit" else [{}]
     last = None
     for peft in options:
-        req = request(case["model"], case["method"], case["b"], case["s"], case["gc"], peft)
+        req = request(case["model"], case["method"], case["b"], case["s"], case["gc"], peft,
+                      training=case.get("training"))
         try:
             p = build_plan(req)
             # a method that does not apply to this architecture (no bias terms, no known target modules) fails
@@ -392,6 +413,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true", help="3 models × 4 methods × 2 grid points")
     ap.add_argument("--medium", action="store_true",
                     help="every method: 3 small models × 2 grid points + Llama-2-7B × 1 point (~20-30 min here)")
+    ap.add_argument("--options", action="store_true",
+                    help="the training options (chunked/fused CE, 8-bit and paged optimizers, the step in backward) "
+                         "on the quick models")
     ap.add_argument("--large", action="store_true", help="add Llama-2-13B, Llama-3-8B, Qwen2.5-14B, Llama-2-70B")
     ap.add_argument("--large-only", action="store_true", help="only the --large models (to extend an earlier run)")
     ap.add_argument("--merge", default=None, help="merge the rows of this earlier result JSON (same schema)")
@@ -412,15 +436,16 @@ def main(argv: list[str] | None = None) -> int:
     from advisor.settings import get_settings
 
     out_path = (REPO / args.out) if not Path(args.out).is_absolute() else Path(args.out)
-    cases = plan(args.quick, args.large or args.large_only, medium=args.medium)
+    cases = plan(args.quick, args.large or args.large_only, medium=args.medium, options=args.options)
     if args.large_only:
         cases = only_large(cases)
     env = environment()
     exact_cache = get_settings().cache_dir
     meta = {"benchmark": "accuracy", **env, "exact_cache": str(exact_cache), "jobs": args.jobs,
             "fast_cache": "data root (warm)" if args.warm_fast else "private empty dir (cold first call)",
-            "grid": [list(g) for g in (QUICK_GRID if args.quick else MEDIUM_GRID if args.medium else GRID)],
-            "selection": "quick" if args.quick else "medium" if args.medium else "full",
+            "grid": [list(g) for g in (OPTIONS_GRID if args.options else QUICK_GRID if args.quick
+                                       else MEDIUM_GRID if args.medium else GRID)],
+            "selection": "options" if args.options else "quick" if args.quick else "medium" if args.medium else "full",
             "hardware": "h100 (CUDA profile overhead on both sides)", "naive_rule": "total_params × 2 bytes × 4"}
     t_start = time.perf_counter()
 
@@ -505,7 +530,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _merge(previous: list[dict], rows: list[dict]) -> list[dict]:
-    key = lambda r: (r["model"], r["method"], r["b"], r["s"], r["gc"])  # noqa: E731
+    key = lambda r: (r["label"], r["model"], r["method"], r["b"], r["s"], r["gc"])  # noqa: E731
     new = {key(r) for r in rows}
     return [r for r in previous if key(r) not in new] + rows
 
