@@ -202,7 +202,9 @@ def collect(run: bool = False) -> list[dict]:
             _run(["-m", "advisor.cli", "calibrate", "--refit", str(cpu_path), "--repredict", "--out", str(refit)])
             cpu, cpu_path = _load(refit), cpu_path
     cuda, cuda_path = _profile("cuda")
-    rows = [fast_vs_exact(_load(accuracy_path), "re-run --quick" if run else "bench/results/accuracy.json"),
+    options = fast_vs_exact(_load(RESULTS / "accuracy_options.json"), "bench/results/accuracy_options.json")
+    options["comparison"] += " (training options: chunked/fused loss, 8-bit/paged AdamW, step in backward)"
+    rows = [fast_vs_exact(_load(accuracy_path), "re-run --quick" if run else "bench/results/accuracy.json"), options,
             probes(cpu, cpu_path, "CPU", "≤ 1% (the counter is exact there)"),
             probes(cuda, cuda_path, "GPU", "median ≤ 3%, p95 ≤ 8%, never under by more than 5%"),
             realsize(RESULTS / "gpu_realsize_h100.json"),
