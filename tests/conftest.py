@@ -127,3 +127,20 @@ class AdvisorServer:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
+
+
+# ------------------------------------------------------------------------------------------------ exports
+def single_gpu_recommendation(model_dir, method: str, training: dict) -> dict:
+    """A minimal recommendation (one A100) for `method` with `training` on the method's defaults: what the
+    exporters read."""
+    from advisor.methods import get_method
+
+    cfg = get_method(method).resolve_config({"training": training})
+    return {"decision": "fine_tune", "method": method, "config": cfg.model_dump(mode="json"),
+            "estimate": {"peak_vram_gib": 9.8, "fits": True, "seq_len": cfg.training.max_seq_length,
+                         "strategy": "single",
+                         "hardware": {"name": "NVIDIA A100 80GB", "count": 1, "usable_memory_gib": 79.2}},
+            "reasons": [], "alternatives": [], "rejected": [], "notes": [], "model": str(model_dir),
+            "config_sources": {}, "scenario": {"model": str(model_dir),
+                                               "hardware": {"gpu": "NVIDIA A100 80GB", "count": 1},
+                                               "dataset": {"num_examples": 2000}}}

@@ -8,6 +8,7 @@ import math
 
 import pytest
 import torch
+from conftest import single_gpu_recommendation
 
 from advisor.catalog.models import resolve_model
 from advisor.engine import load_base_model, make_batch, prepare
@@ -212,14 +213,7 @@ def test_exports_carry_the_loss(tiny_dirs, tmp_path):
     data = write_datasets(tmp_path / "data", n=8)
 
     def rec(mode):
-        cfg = get_method("lora").resolve_config({"training": {"cross_entropy": mode, "max_seq_length": 64}})
-        return {"decision": "fine_tune", "method": "lora", "config": cfg.model_dump(mode="json"),
-                "estimate": {"peak_vram_gib": 9.8, "fits": True, "seq_len": 64, "strategy": "single",
-                             "hardware": {"name": "NVIDIA A100 80GB", "count": 1, "usable_memory_gib": 79.2}},
-                "reasons": [], "alternatives": [], "rejected": [], "notes": [], "model": str(tiny_dirs["llama"]),
-                "config_sources": {}, "scenario": {"model": str(tiny_dirs["llama"]),
-                                                   "hardware": {"gpu": "NVIDIA A100 80GB", "count": 1},
-                                                   "dataset": {"num_examples": 2000}}}
+        return single_gpu_recommendation(tiny_dirs["llama"], "lora", {"cross_entropy": mode, "max_seq_length": 64})
 
     ax = yaml.safe_load(export("axolotl", recommendation=rec("fused_linear"), dataset=str(data["alpaca"]))["content"])
     assert ax["plugins"] == ["axolotl.integrations.liger.LigerPlugin"] and ax["liger_fused_linear_cross_entropy"]

@@ -5,6 +5,7 @@ there), the first step's state creation (simulated with fused AdamW, swapped for
 from __future__ import annotations
 
 import pytest
+from conftest import single_gpu_recommendation
 
 from advisor.catalog.models import resolve_model
 from advisor.estimator.exact import exact_estimate
@@ -183,14 +184,7 @@ def test_exports_step_galore_layer_wise_and_say_where_a_tool_cannot(tiny_dirs, t
     data = write_datasets(tmp_path / "data", n=8)
 
     def rec(method):
-        cfg = get_method(method).resolve_config({"training": {**IN_BACKWARD, "max_seq_length": 64}})
-        return {"decision": "fine_tune", "method": method, "config": cfg.model_dump(mode="json"),
-                "estimate": {"peak_vram_gib": 9.8, "fits": True, "seq_len": 64, "strategy": "single",
-                             "hardware": {"name": "NVIDIA A100 80GB", "count": 1, "usable_memory_gib": 79.2}},
-                "reasons": [], "alternatives": [], "rejected": [], "notes": [], "model": str(tiny_dirs["llama"]),
-                "config_sources": {}, "scenario": {"model": str(tiny_dirs["llama"]),
-                                                   "hardware": {"gpu": "NVIDIA A100 80GB", "count": 1},
-                                                   "dataset": {"num_examples": 2000}}}
+        return single_gpu_recommendation(tiny_dirs["llama"], method, {**IN_BACKWARD, "max_seq_length": 64})
 
     galore = rec("galore")
     ax = yaml.safe_load(export("axolotl", recommendation=galore, dataset=str(data["alpaca"]))["content"])
