@@ -129,6 +129,15 @@ class MethodConfig(BaseModel):
     training: TrainingConfig = Field(default_factory=TrainingConfig)
 
 
+# training options added after caches existed: at these values they stay out of cache keys, so the simulations and
+# fits cached before them still serve (advisor.memory.simulate, advisor.estimator.coefficients)
+KEY_NEUTRAL_DEFAULTS = {"cross_entropy": "standard", "optimizer_in_backward": False}
+
+
+def without_neutral_defaults(training: dict) -> dict:
+    return {k: v for k, v in training.items() if not (k in KEY_NEUTRAL_DEFAULTS and KEY_NEUTRAL_DEFAULTS[k] == v)}
+
+
 def pydantic_to_input_error(err: ValidationError, prefix: str) -> AdvisorInputError:
     """The first validation problem as an AdvisorInputError whose field is the dotted path."""
     first = err.errors()[0]

@@ -369,13 +369,12 @@ class InBackwardOptimizer(torch.optim.Optimizer):
 
     def __init__(self, make, groups: list[dict]):
         self._optimizers: list[torch.optim.Optimizer] = []
-        self._hooks = []
         for group in groups:
             options = {k: v for k, v in group.items() if k != "params"}
             for p in group["params"]:
                 opt = make([{**options, "params": [p]}])
                 self._optimizers.append(opt)
-                self._hooks.append(p.register_post_accumulate_grad_hook(self._stepper(opt)))
+                p.register_post_accumulate_grad_hook(self._stepper(opt))
         self.defaults = dict(self._optimizers[0].defaults) if self._optimizers else {}
 
     @property
@@ -412,11 +411,6 @@ class InBackwardOptimizer(torch.optim.Optimizer):
             raise ValueError(f"checkpoint has {len(states)} per-parameter optimizers, this model {len(self._optimizers)}")
         for opt, st in zip(self._optimizers, states):
             opt.load_state_dict(st)
-
-    def remove_hooks(self) -> None:
-        for h in self._hooks:
-            h.remove()
-        self._hooks = []
 
 
 def autocast_context(training: TrainingConfig, device_type: str):

@@ -109,11 +109,6 @@ def install(model: torch.nn.Module, kind: str, mode: str) -> None:
     setattr(base, _STATE, state)
 
 
-def mode_of(model: torch.nn.Module) -> str:
-    state = getattr(_base(model), _STATE, None)
-    return state["mode"] if state else "standard"
-
-
 @contextlib.contextmanager
 def computing_loss(model: torch.nn.Module):
     """While inside, a forward with labels computes the installed chunked / fused loss (no-op for 'standard')."""

@@ -26,7 +26,7 @@ import json
 import threading
 from dataclasses import dataclass
 
-from advisor.config import MethodConfig
+from advisor.config import MethodConfig, without_neutral_defaults
 from advisor.memory.counter import CATEGORIES
 from advisor.settings import get_settings
 
@@ -95,11 +95,7 @@ def coefficient_key(resolved, cfg: MethodConfig, seq_len: int, target: str = "cp
         "target": target,
         "v": FIT_VERSION,
     }
-    # the defaults leave the keys of before these options
-    if basis["training"]["cross_entropy"] == "standard":
-        del basis["training"]["cross_entropy"]
-    if not basis["training"]["optimizer_in_backward"]:
-        del basis["training"]["optimizer_in_backward"]
+    basis["training"] = without_neutral_defaults(basis["training"])
     return hashlib.sha256(json.dumps(basis, sort_keys=True, default=str).encode()).hexdigest()[:32]
 
 

@@ -80,13 +80,14 @@ def exact_from_plan(plan: Plan, use_cache: bool = True, allocator: str = "auto",
         band_low, band_high = float(replay["band"]["low"]), float(replay["band"]["high"])
         band_source = f"{profile.id}: {replay['band'].get('source', '')}"
     else:
-        outside = _paged_at_peak(plan, {"optimizer": (sim["breakdown_bytes"].get("optimizer") or 0) / 2**30}, "ddp", 1)
+        outside = _paged_at(plan, sim["breakdown_bytes"], "ddp", 1)
         overhead_bytes, overhead_source = exact_overhead(plan, sim["peak_bytes"] - outside, sim)
         peak = sim["peak_bytes"] + overhead_bytes
         band_low, band_high = profile.band(plan.spec.id)
         band_source = profile.band_source(plan.spec.id)
     notes = list(sim.get("notes", [])) + ([plan.model.note] if plan.model.note else []) + list(profile.notes)
     breakdown = breakdown_from_counter(sim["breakdown_bytes"], overhead_bytes, sim["peak_phase"])
+    at_peak = sim["breakdown_bytes"]  # bytes by category at the peak (per device below, when sharded)
     phase = sim["peak_phase"]
     multi = {}
     if devices > 1:
@@ -96,6 +97,7 @@ def exact_from_plan(plan: Plan, use_cache: bool = True, allocator: str = "auto",
         if strategy is None:  # the first that fits, as the fast estimator picks
             strategy = first_fitting_strategy(lambda s: sharded[s][0], memory)
         device_peak, cats, phase = sharded[strategy]
+        at_peak = cats
         overhead_bytes = int(device_peak - sum(cats.values()))
         peak = int(device_peak)
         breakdown = breakdown_from_counter(cats, overhead_bytes, phase)
@@ -104,7 +106,7 @@ def exact_from_plan(plan: Plan, use_cache: bool = True, allocator: str = "auto",
         notes.append(f"per-device peak under {strategy} on {devices} GPUs: the simulated replica's parameters, "
                      "gradients and optimizer state divided as the strategy shards them (full sharding gathers one "
                      "block and prefetches the next), with the profile's fitted overhead")
-    paged = _paged_at_peak(plan, breakdown, multi.get("strategy", "ddp"), devices)
+    paged = _paged_at(plan, at_peak, multi.get("strategy", "ddp"), devices)
     resident = peak - paged  # what must fit: a paged optimizer's state pages to CPU RAM when the GPU is full
     if paged > 0:
         from advisor.estimator.fast import device_peak, paged_note
@@ -148,9 +150,8 @@ def exact_from_plan(plan: Plan, use_cache: bool = True, allocator: str = "auto",
 def _analytic_optimizer_state(plan: Plan, sim: dict) -> dict:
     """`sim` (run with fused AdamW) with each phase's optimizer state set to the configured optimizer's exact bytes,
     and the peak taken again over the phases."""
-    from advisor.estimator.static import static_terms
-
     from advisor.estimator.fast import state_created_in_step
+    from advisor.estimator.static import static_terms
 
     static = static_terms(plan.model, plan.config)
     state = static.optimizer_bytes
@@ -186,19 +187,15 @@ def _analytic_optimizer_state(plan: Plan, sim: dict) -> dict:
     return sim
 
 
-def _paged_at_peak(plan: Plan, breakdown_gib: dict, strategy: str, devices: int) -> int:
-    """A paged optimizer's state in unified memory at the peak, per device (see MemoryModel.paged_bytes)."""
-    from advisor.estimator.fast import STRATEGIES
+def _paged_at(plan: Plan, cats: dict, strategy: str, devices: int) -> int:
+    """The paged optimizer state in unified memory at a moment (`cats`: bytes by category), per device."""
+    from advisor.estimator.fast import paged_part, paged_state_bytes
     from advisor.estimator.static import static_terms
 
-    if plan.target != "cuda" or not plan.config.training.optim.startswith("paged_"):
+    if not plan.config.training.optim.startswith("paged_"):
         return 0
-    paged = static_terms(plan.model, plan.config).paged_optimizer_bytes
-    rule = STRATEGIES[strategy]["optimizer"] if devices > 1 else False
-    if rule == "cpu":
-        return 0
-    paged /= devices if rule else 1
-    return int(min(paged, (breakdown_gib.get("optimizer") or 0.0) * 2**30))
+    static = static_terms(plan.model, plan.config)
+    return int(paged_part(paged_state_bytes(static, plan.target, strategy, devices), cats))
 
 
 def exact_overhead(plan: Plan, tensor_bytes: int, sim: dict | None = None) -> tuple[int, str]:

@@ -85,12 +85,12 @@ class MemoryModel:
         # GaLore's SVD runs inside the optimizer step: its solver workspace (invisible to tensor accounting, fitted
         # per device by the calibration) competes for the peak in that phase only
         svd = self.profile.svd_workspace_factor() * self.static.svd_matrix_bytes
-        paged = self.paged_bytes(strategy, devices)
+        paged = paged_state_bytes(self.static, self.plan.target, strategy, devices)
         for phase, cats in phase_values.items():
             cats = _shard(cats, shard, devices, self.static)
             total = sum(cats.values())
             # paged optimizer state is not in PyTorch's allocator: no allocator overhead on it
-            outside = min(paged, max(cats.get("optimizer", 0.0), 0.0))
+            outside = paged_part(paged, cats)
             device = total + self.profile.overhead_bytes(total - outside) + (
                 svd if phase.startswith("optimizer") else 0.0)
             if best is None or device > best[3]:
@@ -100,22 +100,11 @@ class MemoryModel:
         cats["overhead"] = overhead
         return int(total + overhead), cats, phase
 
-    def paged_bytes(self, strategy: str = "ddp", devices: int = 1) -> float:
-        """Per device, the optimizer state a paged bitsandbytes optimizer keeps in CUDA unified memory (0 off
-        CUDA, where bitsandbytes falls back to ordinary tensors; 0 where a strategy offloads the state)."""
-        if self.plan.target != "cuda" or not self.static.paged_optimizer_bytes:
-            return 0.0
-        rule = STRATEGIES[strategy]["optimizer"] if devices > 1 else False
-        if rule == "cpu":
-            return 0.0
-        return self.static.paged_optimizer_bytes / (devices if rule else 1)
-
     def fit_bytes(self, batch: int, strategy: str = "ddp", devices: int = 1) -> tuple[int, int]:
         """(peak, the part of it that must be resident): a paged optimizer's state moves to CPU RAM when the GPU
         is full instead of failing the step, so fitting is judged on the rest."""
         peak, cats, _ = self.peak(batch, strategy, devices)
-        outside = min(self.paged_bytes(strategy, devices), max(cats.get("optimizer", 0.0), 0.0))
-        return peak, int(peak - outside)
+        return peak, int(peak - paged_part(paged_state_bytes(self.static, self.plan.target, strategy, devices), cats))
 
     def max_micro_batch(self, memory_bytes: float, strategy: str = "ddp", devices: int = 1, limit: int = 4096) -> int:
         """Largest micro-batch whose peak fits in `memory_bytes` (0 if even 1 does not fit)."""
@@ -132,6 +121,22 @@ class MemoryModel:
             else:
                 hi = mid
         return lo
+
+
+def paged_state_bytes(static: StaticTerms, target: str, strategy: str = "ddp", devices: int = 1) -> float:
+    """Per device, the optimizer state a paged bitsandbytes optimizer keeps in CUDA unified memory (0 off CUDA, where
+    bitsandbytes falls back to ordinary tensors; 0 where a strategy offloads the state; divided where it shards it)."""
+    if target != "cuda" or not static.paged_optimizer_bytes:
+        return 0.0
+    rule = STRATEGIES[strategy]["optimizer"] if devices > 1 else False
+    if rule == "cpu":
+        return 0.0
+    return static.paged_optimizer_bytes / (devices if rule else 1)
+
+
+def paged_part(paged: float, cats: dict[str, float]) -> float:
+    """How much of a moment's optimizer bytes (`cats`, bytes by category) is paged state: none before it exists."""
+    return min(paged, max(cats.get("optimizer", 0.0), 0.0))
 
 
 def state_created_in_step(cats: dict[str, float], static: StaticTerms) -> dict[str, float]:
@@ -297,8 +302,8 @@ def estimate_plan(plan: Plan, strategy: str | None = None, mm: MemoryModel | Non
     batch = plan.batch_size
     strategy = resolve_strategy(strategy, devices) or choose_strategy(mm, memory_bytes, batch, devices)
     whole, cats, phase = mm.peak(batch, strategy, devices)
-    resident = mm.fit_bytes(batch, strategy, devices)[1]
-    paged = whole - resident
+    paged = int(paged_part(paged_state_bytes(mm.static, plan.target, strategy, devices), cats))
+    resident = whole - paged
     # paged state beyond the device's memory stays in CPU RAM: the device holds at most its memory
     peak = device_peak(whole, resident, memory_bytes)
     band_low, band_high = mm.profile.band(plan.spec.id)

@@ -99,7 +99,7 @@ def widths(config) -> dict[str, int]:
 
 
 def _count(resolved, cfg: MethodConfig, layers: int) -> dict[str, int]:
-    from advisor.engine import load_base_model, make_optimizer, prepare
+    from advisor.engine import load_base_model, prepare
 
     sliced = copy.copy(resolved)
     sliced.config = sliced_config(resolved.config, layers)

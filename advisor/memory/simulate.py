@@ -25,7 +25,6 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any
 
 import torch
 
@@ -263,12 +262,10 @@ def _vocab_size(config) -> int:
 
 # --------------------------------------------------------------------------- subprocess + cache
 def _config_payload(cfg: MethodConfig) -> dict:
+    from advisor.config import without_neutral_defaults
+
     out = cfg.model_dump(mode="json")
-    # the defaults leave the cache keys of before these options
-    if out["training"].get("cross_entropy") == "standard":
-        del out["training"]["cross_entropy"]
-    if out["training"].get("optimizer_in_backward") is False:
-        del out["training"]["optimizer_in_backward"]
+    out["training"] = without_neutral_defaults(out["training"])
     return out
 
 
