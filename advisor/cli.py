@@ -134,9 +134,13 @@ def estimate(
     in_backward: Annotated[bool, typer.Option(
         "--optimizer-in-backward", help="Step each parameter inside backward (no gradient buffer; sets "
                                         "accumulation 1 and no clipping).")] = False,
+    offload_activations: Annotated[bool, typer.Option(
+        "--activation-offloading", help="Saved activations wait in host memory until backward "
+                                        "(config.training.activation_offloading).")] = False,
     exact: Annotated[bool, typer.Option("--exact", help="Simulate the real step on fake tensors (seconds).")] = False,
     strategy: Annotated[str | None, typer.Option(help="Multi-GPU strategy: ddp, zero2, zero3, zero2_offload, "
-                                                       "zero3_offload (fsdp_grad_op, fsdp_full_shard).")] = None,
+                                                       "zero3_offload, zero3_offload_params (fsdp_grad_op, "
+                                                       "fsdp_full_shard, fsdp_offload).")] = None,
     compare_gpus: Annotated[bool, typer.Option("--compare-gpus", help="Rank every catalog GPU × 1/2/4/8 by cost.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print the API's JSON.")] = False,
 ) -> None:
@@ -164,6 +168,8 @@ def estimate(
         training.update(optimizer_in_backward=True, **{k: v for k, v in (("gradient_accumulation_steps", 1),
                                                                           ("max_grad_norm", 0))
                                                        if k not in training})
+    if offload_activations:
+        training["activation_offloading"] = True
     if training:
         body["config"] = {**(body.get("config") or {}), "training": training}
     if exact:

@@ -83,6 +83,12 @@ class TrainingConfig(BaseModel):
         description="Step each parameter's optimizer inside backward, as soon as its gradient is complete, and free "
                     "the gradient (torchtune's optimizer_in_bwd): the whole model's gradients never exist at once. "
                     "One GPU, gradient_accumulation_steps 1, max_grad_norm 0, not with fp16 or AdaLoRA.")
+    activation_offloading: bool = Field(
+        False,
+        description="Move the tensors the forward pass saves for backward to host memory and bring them back when "
+                    "backward needs them (torchtune's / TRL's / Axolotl's activation_offloading): with gradient "
+                    "checkpointing only the blocks' inputs stay behind on the device, and then not even those. "
+                    "The output head and the loss are not offloaded. See advisor/offload.py.")
     packing: bool = False
     seed: int = 42
     logging_steps: int = Field(10, ge=1)
@@ -131,7 +137,7 @@ class MethodConfig(BaseModel):
 
 # training options added after caches existed: at these values they stay out of cache keys, so the simulations and
 # fits cached before them still serve (advisor.memory.simulate, advisor.estimator.coefficients)
-KEY_NEUTRAL_DEFAULTS = {"cross_entropy": "standard", "optimizer_in_backward": False}
+KEY_NEUTRAL_DEFAULTS = {"cross_entropy": "standard", "optimizer_in_backward": False, "activation_offloading": False}
 
 
 def without_neutral_defaults(training: dict) -> dict:

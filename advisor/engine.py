@@ -291,6 +291,10 @@ def prepare(
     from advisor import losses
 
     losses.install(prepared.model, resolved.kind, cfg.training.cross_entropy)
+    if cfg.training.activation_offloading:
+        from advisor import offload
+
+        offload.install(prepared.model)
     prepared.model.train()
     return prepared
 
@@ -440,7 +444,7 @@ def train_step(
     """
     phase = counter.phase if counter is not None else (lambda _name: contextlib.nullcontext())
     device_type = next(iter(batch.values())).device.type
-    with phase("forward"), autocast_context(training, device_type), computing_loss(prepared.model):
+    with phase("forward"), autocast_context(training, device_type), training_forward(prepared.model):
         out = prepared.model(**batch, **prepared.forward_kwargs)
         loss = out.loss
         extra = prepared.extra_loss() if prepared.extra_loss else None
@@ -458,6 +462,16 @@ def train_step(
         optimizer.zero_grad(set_to_none=True)
     value = float(loss.detach()) if compute_loss_value and not _is_fake(loss) and loss.device.type != "meta" else None
     return StepResult(loss=value)
+
+
+@contextlib.contextmanager
+def training_forward(model: nn.Module):
+    """The forward of a training step: the installed loss (chunked / fused cross-entropy) and activation
+    offloading, where the config asked for them."""
+    from advisor.offload import offloading
+
+    with computing_loss(model), offloading(model):
+        yield
 
 
 def _is_fake(t: torch.Tensor) -> bool:

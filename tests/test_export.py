@@ -389,6 +389,7 @@ def _launch_env(path: Path) -> tuple[object, dict]:
 @pytest.mark.parametrize("strategy,backend,distributed", [
     ("single", "auto", "NO"), ("ddp", "auto", "MULTI_GPU"), ("zero2", "auto", "FSDP"), ("zero3", "auto", "FSDP"),
     ("zero2_offload", "auto", "DEEPSPEED"), ("zero3_offload", "auto", "DEEPSPEED"), ("zero3", "deepspeed", "DEEPSPEED"),
+    ("zero3_offload_params", "auto", "FSDP"), ("zero3_offload_params", "deepspeed", "DEEPSPEED"),
 ])
 def test_accelerate_config_loads_with_accelerates_own_classes(tiny_dirs, tmp_path, monkeypatch, strategy, backend,
                                                               distributed):
@@ -409,13 +410,16 @@ def test_accelerate_config_loads_with_accelerates_own_classes(tiny_dirs, tmp_pat
         monkeypatch.setenv(key, value)
     if distributed == "FSDP":
         plugin = FullyShardedDataParallelPlugin()
-        assert plugin.fsdp_version == 2 and plugin.reshard_after_forward is (strategy == "zero3")
+        assert plugin.fsdp_version == 2 and plugin.reshard_after_forward is (strategy != "zero2")
+        # FSDP's offload moves parameters, gradients and the step to the host: only the parameter-offload strategy
+        assert (type(plugin.cpu_offload).__name__ == "CPUOffloadPolicy") is (strategy == "zero3_offload_params")
         assert plugin.transformer_cls_names_to_wrap == ["LlamaDecoderLayer"] and plugin.activation_checkpointing
         assert get_module_class_from_name(_base(tiny_dirs["llama"]), "LlamaDecoderLayer") is not None
     elif distributed == "DEEPSPEED":
         plugin = DeepSpeedPlugin()
         assert plugin.zero_stage == (2 if strategy.startswith("zero2") else 3)
-        assert plugin.offload_optimizer_device == ("cpu" if strategy.endswith("offload") else "none")
+        assert plugin.offload_optimizer_device == ("cpu" if "offload" in strategy else "none")
+        assert plugin.offload_param_device == ("cpu" if strategy == "zero3_offload_params" else "none")
         assert plugin.gradient_accumulation_steps == 2
     elif distributed == "MULTI_GPU":
         assert args.multi_gpu and args.num_processes == 4

@@ -28,7 +28,7 @@ def _sharded_peaks(plan: Plan, sim: dict, devices: int) -> dict[str, tuple[float
             cats = {k: float(v) for k, v in (p.get("breakdown_bytes") or {}).items()}
             if phase == "optimizer_first" and not p.get("state_counted"):
                 cats = state_created_in_step(cats, static)
-            cats = _shard(cats, shard, devices, static)
+            cats = _shard(cats, shard, devices, static, phase)
             total = sum(cats.values())
             if best is None or total > best[0]:
                 best = (total, cats, phase.split("_")[0])

@@ -24,16 +24,25 @@ GIB = 2**30
 # Multi-GPU strategies: which categories are divided by the device count.
 #   ddp: nothing (replicas); zero2 / fsdp_grad_op: gradients and optimizer state; zero3 / fsdp_full: everything
 #   that is a parameter, gradient or optimizer state. Frozen weights are sharded only by zero3/fsdp_full, which is
-#   why LoRA on 8 GPUs under DDP or ZeRO-2 still holds the whole base model on every GPU.
+#   why LoRA on 8 GPUs under DDP or ZeRO-2 still holds the whole base model on every GPU. "cpu": the category lives
+#   in host memory (DeepSpeed's offload_optimizer; offload_param / FSDP's offload_params for zero3_offload_params,
+#   where the device holds only what is gathered for the block running: `_shard`).
 STRATEGIES = {
     "ddp": {"weights": False, "trainable": False, "gradients": False, "optimizer": False, "offload": False},
     "zero2": {"weights": False, "trainable": False, "gradients": True, "optimizer": True, "offload": False},
-    "zero2_offload": {"weights": False, "trainable": False, "gradients": True, "optimizer": "cpu", "offload": True},
+    "zero2_offload": {"weights": False, "trainable": False, "gradients": True, "optimizer": "cpu",
+                      "offload": "optimizer"},
     "zero3": {"weights": True, "trainable": True, "gradients": True, "optimizer": True, "offload": False},
-    "zero3_offload": {"weights": True, "trainable": True, "gradients": True, "optimizer": "cpu", "offload": True},
+    "zero3_offload": {"weights": True, "trainable": True, "gradients": True, "optimizer": "cpu",
+                      "offload": "optimizer"},
+    "zero3_offload_params": {"weights": "cpu", "trainable": "cpu", "gradients": "cpu", "optimizer": "cpu",
+                             "offload": "params"},
 }
-STRATEGY_ALIASES = {"fsdp_grad_op": "zero2", "fsdp_full_shard": "zero3", "fsdp_offload": "zero3_offload"}
-STRATEGY_ORDER = ("ddp", "zero2", "zero3", "zero2_offload", "zero3_offload")  # least communication first
+# FSDP's names: its CPU offload (offload_params) moves the parameters, their gradients and the optimizer step to the
+# host, which is zero3_offload_params
+STRATEGY_ALIASES = {"fsdp_grad_op": "zero2", "fsdp_full_shard": "zero3", "fsdp_offload": "zero3_offload_params"}
+STRATEGY_ORDER = ("ddp", "zero2", "zero3", "zero2_offload", "zero3_offload",
+                  "zero3_offload_params")  # least communication first
 
 
 def resolve_strategy(strategy: str | None, devices: int) -> str | None:
@@ -87,7 +96,7 @@ class MemoryModel:
         svd = self.profile.svd_workspace_factor() * self.static.svd_matrix_bytes
         paged = paged_state_bytes(self.static, self.plan.target, strategy, devices)
         for phase, cats in phase_values.items():
-            cats = _shard(cats, shard, devices, self.static)
+            cats = _shard(cats, shard, devices, self.static, phase)
             total = sum(cats.values())
             # paged optimizer state is not in PyTorch's allocator: no allocator overhead on it
             outside = paged_part(paged, cats)
@@ -156,10 +165,17 @@ def state_created_in_step(cats: dict[str, float], static: StaticTerms) -> dict[s
     return out
 
 
-def _shard(cats: dict[str, float], shard: dict, devices: int, static: StaticTerms) -> dict[str, float]:
+def _shard(cats: dict[str, float], shard: dict, devices: int, static: StaticTerms,
+           phase: str = "") -> dict[str, float]:
+    """One device's bytes by category at a moment (`phase`) of one replica's step (`cats`) under a strategy."""
     if devices <= 1:
         return dict(cats)
     out = dict(cats)
+    if shard["optimizer"] == "cpu" and phase.startswith("optimizer"):
+        # the step runs on the host (DeepSpeed's CPU Adam / FSDP's offloaded step): its working copies are not here
+        out["temporaries"] = 0.0
+    if shard["offload"] == "params":
+        return _offload_params(out, static)
     for key in ("weights", "trainable", "gradients", "optimizer"):
         rule = shard[key]
         if rule == "cpu":
@@ -169,6 +185,30 @@ def _shard(cats: dict[str, float], shard: dict, devices: int, static: StaticTerm
     if shard["weights"]:  # ZeRO-3/FSDP gather one block's parameters (and prefetch the next) at a time
         per_layer = (static.weights_bytes + static.trainable_bytes) / max(static.layers, 1)
         out["temporaries"] = out.get("temporaries", 0.0) + 2 * per_layer
+    return out
+
+
+def _offload_params(cats: dict[str, float], static: StaticTerms) -> dict[str, float]:
+    """ZeRO-3 with offload_param + offload_optimizer, FSDP FULL_SHARD with offload_params: parameters, gradients and
+    the optimizer step live on the host; the device holds what is gathered to run: the model's root (embeddings,
+    final norm, output head: FSDP keeps the root unit gathered from the first forward to the end of backward), the
+    block running and the next one (prefetch), and the gradients of the unit being reduced before they go to the
+    host. Activations, logits and temporaries are the replica's own, unchanged."""
+    out = dict(cats)
+    block, block_t = float(static.block_param_bytes), float(static.block_trainable_bytes)
+    params = float(static.weights_bytes + static.trainable_bytes)
+    if block <= 0:  # no per-block split known: the average block
+        block = params / max(static.layers, 1)
+        block_t = static.trainable_bytes / max(static.layers, 1)
+    root = max(params - block * static.layers, 0.0)
+    root_t = max(static.trainable_bytes - block_t * static.layers, 0.0)
+    gathered = min(params, root + 2 * block)
+    gathered_t = min(float(static.trainable_bytes), root_t + 2 * block_t)
+    out["trainable"] = gathered_t if cats.get("trainable", 0.0) > 0 else 0.0
+    out["weights"] = gathered - out["trainable"]
+    # the host holds every gradient: the device has one unit's (the root's is the largest: embeddings, head)
+    out["gradients"] = min(cats.get("gradients", 0.0), max(root_t, block_t))
+    out["optimizer"] = 0.0
     return out
 
 
@@ -239,6 +279,24 @@ def step_flops(mm: MemoryModel, batch: int) -> float:
 PAGING_BYTES_PER_S = 25e9
 
 
+def offloaded_activation_bytes(mm: MemoryModel, batch: int) -> float:
+    """Bytes activation offloading sends to the host in one micro-batch's forward (and back in its backward): the
+    activations resident when backward starts (its `backward_head` window) without offloading minus those it leaves
+    on the device, each from its own fit."""
+    plan = mm.plan
+    if not plan.training.activation_offloading or plan.target != "cuda":
+        return 0.0
+    plain = plan.config.model_copy(deep=True)
+    plain.training.activation_offloading = False
+
+    def resident(coefficients) -> float:
+        phase = coefficients.phases.get("backward_head") or coefficients.phases["backward"]
+        return phase.bytes_by_category(mm.static.layers, batch).get("activations", 0.0)
+
+    whole = resident(fit_coefficients(plan.model, plain, plan.seq_len, plan.target))
+    return max(float(whole - resident(mm.coefficients)), 0.0)
+
+
 def time_and_cost(mm: MemoryModel, batch: int, strategy: str, devices: int, paged_spill_bytes: float = 0.0) -> dict:
     plan = mm.plan
     per_token = training_flops_per_token(mm)
@@ -246,12 +304,32 @@ def time_and_cost(mm: MemoryModel, batch: int, strategy: str, devices: int, page
     if rate is None:
         return {"tokens_per_s": None, "train_hours": None, "cost_usd": None, "time_source": rate_source}
     rate *= mm.profile.method_speed_factor(plan.spec.id)
-    scaling = mm.profile.multi_gpu_efficiency(strategy) if devices > 1 else 1.0
+    # parameter offload runs the same host-side optimizer step as zero3_offload; its parameter traffic is added below
+    scaling = (mm.profile.multi_gpu_efficiency("zero3_offload" if strategy == "zero3_offload_params" else strategy)
+               if devices > 1 else 1.0)
     tokens_per_step = max(batch * plan.seq_len, 1)
     # the optimizer's per-step FLOPs (GaLore) spread over the step's tokens (one step per micro-batch: gradient
     # accumulation would spread them further, so this errs slow)
     per_token_all = per_token + float(mm.static.optimizer_flops_per_step) / tokens_per_step
     tokens_per_s = rate / per_token_all * devices * scaling
+    offload_s = 0.0
+    if devices > 1 and STRATEGIES[strategy]["offload"] == "params":
+        # every micro-batch copies each device's parameter shard host → device for the forward and again for the
+        # backward, and its gradient shard back, over PCIe (not overlapped with compute: errs slow)
+        st = mm.static
+        offload_s = (2 * (st.weights_bytes + st.trainable_bytes) + st.trainable_bytes) / devices / PAGING_BYTES_PER_S
+        seconds = tokens_per_step * devices / tokens_per_s + offload_s
+        tokens_per_s = tokens_per_step * devices / seconds
+        rate_source += f"; + {offload_s:.2f} s per micro-batch of parameter offload traffic at 25 GB/s"
+    moved = offloaded_activation_bytes(mm, batch)
+    if moved > 0:
+        # the copies run on the compute stream (advisor.offload, transformers' offload): each activation goes out in
+        # forward and back in backward over PCIe, not overlapped (torchtune's side streams hide part of it)
+        seconds = 2 * moved / PAGING_BYTES_PER_S
+        offload_s += seconds
+        tokens_per_s = tokens_per_step * devices / (tokens_per_step * devices / tokens_per_s + seconds)
+        rate_source += (f"; + {seconds:.3f} s per micro-batch copying {moved / GIB:.2f} GiB of activations to the host "
+                        "and back at 25 GB/s")
     paging = 0.0
     if paged_spill_bytes > 0:
         # the state that does not fit goes in and out once per optimizer step (every gradient_accumulation_steps
@@ -262,7 +340,8 @@ def time_and_cost(mm: MemoryModel, batch: int, strategy: str, devices: int, page
         tokens_per_s = tokens_per_step * devices / seconds
         rate_source += f"; + paging {paged_spill_bytes / GIB:.2f} GiB of optimizer state per step at 25 GB/s"
     out = {"tokens_per_s": round(tokens_per_s, 1), "train_hours": None, "cost_usd": None, "time_source": rate_source,
-           "flops_per_token": per_token_all, "paging_seconds_per_step": paging}
+           "flops_per_token": per_token_all, "paging_seconds_per_step": paging,
+           "offload_seconds_per_micro_batch": offload_s}
     ds = plan.request.dataset
     if ds is not None and ds.num_examples:
         avg = ds.avg_tokens or (ds.max_tokens or plan.seq_len)

@@ -57,6 +57,11 @@ class StaticTerms:
     # the state of the optimizer the simulation ran (fused AdamW for bitsandbytes' optimizers, which cannot run on
     # fake tensors; otherwise optimizer_bytes): its creation in the first step is replaced by the real state's
     simulated_optimizer_bytes: int = -1
+    # one transformer block's parameters (frozen + trainable) and its trainable part: what ZeRO-3 / FSDP gather onto
+    # the device while the block runs; the rest of weights + trainable (embeddings, final norm, output head) is the
+    # model's root, which FSDP keeps gathered from the first forward to the end of backward
+    block_param_bytes: int = 0
+    block_trainable_bytes: int = 0
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -270,7 +275,7 @@ def _key(resolved, cfg: MethodConfig) -> str:
     basis = {"config": resolved.config.to_dict(), "kind": resolved.kind,
              "method": cfg.model_dump(mode="json", include={"method", "peft", "quantization"}),
              "training": cfg.training.model_dump(mode="json", include={"torch_dtype", "optim", "bf16", "fp16"}),
-             "v": 7}
+             "v": 8}
     basis["config"].pop("_name_or_path", None)
     basis["config"].pop("transformers_version", None)
     return hashlib.sha256(json.dumps(basis, sort_keys=True, default=str).encode()).hexdigest()[:32]
@@ -337,4 +342,6 @@ def _compute(resolved, cfg: MethodConfig) -> dict:
         "svd_matrix_bytes": max(one["svd_matrix"], two["svd_matrix"]),
         "paged_optimizer_bytes": extrapolate("paged_optimizer"),
         "simulated_optimizer_bytes": extrapolate("simulated_optimizer"),
+        "block_param_bytes": int(two["weights"] + two["trainable"] - one["weights"] - one["trainable"]),
+        "block_trainable_bytes": int(two["trainable"] - one["trainable"]),
     }

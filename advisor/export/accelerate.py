@@ -10,9 +10,11 @@ The estimator's strategy (`estimate.strategy`) picks the backend (see multigpu.p
     zero3           FSDP (v2)           fsdp_reshard_after_forward: true   (= FULL_SHARD)
     zero2_offload   DEEPSPEED           zero_stage 2, offload_optimizer_device: cpu
     zero3_offload   DEEPSPEED           zero_stage 3, offload_optimizer_device: cpu
+    zero3_offload_params FSDP (v2)      fsdp_reshard_after_forward: true, fsdp_offload_params: true
 
-`backend="deepspeed"` uses DeepSpeed ZeRO-2/3 for zero2/zero3 too; `backend="fsdp"` refuses the offload strategies
-(FSDP's offload moves parameters as well, more than the estimate assumed). FSDP wraps each decoder block: the
+`backend="deepspeed"` uses DeepSpeed ZeRO-2/3 for zero2/zero3 too (zero3_offload_params: offload_param_device and
+offload_optimizer_device cpu); `backend="fsdp"` refuses the optimizer-only offload strategies (FSDP's offload moves
+the parameters as well: that is zero3_offload_params). FSDP wraps each decoder block: the
 class named in the model class' `_no_split_modules` (LlamaDecoderLayer, ...). Checkpointing under FSDP uses FSDP's
 own activation checkpointing (the exported script turns the Trainer's off when it sees it). num_processes is the
 GPU count; mixed_precision follows the config (bf16 / fp16 / no). Key names are accelerate's own (the
@@ -26,7 +28,7 @@ import math
 
 from advisor.errors import AdvisorInputError
 from advisor.export.base import ExportContext, ExportFormat, Rendered, register_format
-from advisor.export.multigpu import FSDP1_NAME, FSDP_RESHARD, OFFLOADS_OPTIMIZER, WORDS, ZERO_STAGE
+from advisor.export.multigpu import FSDP1_NAME, FSDP_RESHARD, OFFLOADS_OPTIMIZER, OFFLOADS_PARAMS, WORDS, ZERO_STAGE
 from advisor.export.script import METHODS as SCRIPT_METHODS
 from advisor.export.script import REFUSALS as SCRIPT_REFUSALS
 from advisor.export.yamldoc import YamlDoc
@@ -41,7 +43,7 @@ def backend_for(strategy: str, backend: str) -> str:
         return "none"
     if strategy == "ddp":
         return "ddp"
-    if backend == "deepspeed" or strategy in OFFLOADS_OPTIMIZER:
+    if backend == "deepspeed" or strategy in OFFLOADS_OPTIMIZER - OFFLOADS_PARAMS:
         if backend == "fsdp":
             raise AdvisorInputError(
                 "backend", f"{strategy} keeps the optimizer state on the CPU, which FSDP cannot do alone (its offload "
@@ -93,7 +95,7 @@ def render(ctx: ExportContext) -> Rendered:
             "fsdp_auto_wrap_policy": "TRANSFORMER_BASED_WRAP",
             "fsdp_transformer_layer_cls_to_wrap": ctx.layer_class,
             "fsdp_reshard_after_forward": FSDP_RESHARD[ctx.strategy],
-            "fsdp_offload_params": False,
+            "fsdp_offload_params": ctx.strategy in OFFLOADS_PARAMS,
             "fsdp_state_dict_type": "FULL_STATE_DICT",
             "fsdp_activation_checkpointing": bool(t.gradient_checkpointing),
         }
@@ -102,7 +104,7 @@ def render(ctx: ExportContext) -> Rendered:
         ds = {
             "zero_stage": ZERO_STAGE[ctx.strategy],
             "offload_optimizer_device": "cpu" if ctx.strategy in OFFLOADS_OPTIMIZER else "none",
-            "offload_param_device": "none",
+            "offload_param_device": "cpu" if ctx.strategy in OFFLOADS_PARAMS else "none",
             "gradient_accumulation_steps": t.gradient_accumulation_steps,
             "gradient_clipping": t.max_grad_norm,
             "zero3_init_flag": ZERO_STAGE[ctx.strategy] == 3,

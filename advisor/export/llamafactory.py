@@ -57,7 +57,7 @@ OWN_KEYS = frozenset({
     "upcast_layernorm", "flash_attn", "shift_attn", "disable_gradient_checkpointing", "rope_scaling",
     "stage", "finetuning_type", "lora_rank", "lora_alpha", "lora_dropout", "lora_target", "use_rslora", "use_dora",
     "additional_target", "use_galore", "galore_target", "galore_rank", "galore_update_interval", "galore_scale",
-    "galore_proj_type", "galore_layerwise", "plot_loss", "enable_liger_kernel",
+    "galore_proj_type", "galore_layerwise", "plot_loss", "enable_liger_kernel", "use_unsloth_gc",
     "dataset", "dataset_dir", "template", "cutoff_len", "packing", "train_on_prompt", "val_size",
 })
 TRAINING_ARG_KEYS = frozenset({
@@ -148,6 +148,12 @@ def render(ctx: ExportContext) -> Rendered:
     if t.optimizer_in_backward and ctx.method != "galore":
         notes.append("LLaMA-Factory steps the optimizer inside backward only for GaLore (galore_layerwise): this run "
                      "keeps every gradient until the optimizer step (more memory than estimated)")
+    if t.activation_offloading and t.gradient_checkpointing:
+        doc.put("use_unsloth_gc", True, "activation_offloading: the checkpointed blocks' inputs wait in host memory "
+                "(unsloth's offloaded checkpointing, built into LLaMA-Factory)")
+    elif t.activation_offloading:
+        notes.append("LLaMA-Factory offloads activations only with gradient checkpointing (use_unsloth_gc): without "
+                     "it this run keeps every activation on the GPU (more memory than estimated)")
     if t.cross_entropy == "fused_linear":
         doc.put("enable_liger_kernel", True, "cross_entropy fused_linear: Liger's fused linear cross-entropy")
         notes.append("enable_liger_kernel also swaps in Liger's RMSNorm, SwiGLU and RoPE kernels, which keep fewer "

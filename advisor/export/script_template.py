@@ -247,6 +247,14 @@ def training_arguments(args, has_eval: bool, gradient_checkpointing: bool) -> Tr
     kw[ckpt] = gradient_checkpointing
     if gradient_checkpointing:
         kw[f"{ckpt}_kwargs"] = {"use_reentrant": False}
+    if t.get("activation_offloading"):
+        enable = getattr(transformers.PreTrainedModel, "activation_checkpointing_enable", None)
+        if gradient_checkpointing and enable is not None and "offload" in inspect.signature(enable).parameters:
+            kw[f"{ckpt}_kwargs"]["offload"] = True  # the checkpointed blocks' inputs wait in pinned host memory
+        else:
+            print("note: activation_offloading needs gradient checkpointing and transformers' offload option "
+                  "(activation_checkpointing_kwargs offload); training keeps the activations on the device "
+                  "(more memory than estimated)")
     # transformers >= 5.2 folds warmup_ratio into warmup_steps (a float < 1 is a ratio)
     kw["warmup_ratio" if "warmup_ratio" in fields else "warmup_steps"] = t["warmup_ratio"]
     kw["eval_strategy" if "eval_strategy" in fields else "evaluation_strategy"] = "steps" if has_eval else "no"

@@ -237,6 +237,8 @@ def _run_launched(job, sink: EventSink, stop: StopFlag, resume: str | None) -> d
     n = int(job.spec["num_processes"])
     files = write_launch_files(dict(job.spec), job.output_dir, strategy=job.spec.get("strategy") or "ddp",
                                num_processes=n, cpu=not torch.cuda.is_available())
+    if files.note:
+        sink({"type": "note", "message": files.note})
     stop_file = files.events_dir / "STOP"
     stop_file.unlink(missing_ok=True)  # a resume must not see the previous cancel's request
     cmd = launch_command(files, n, resume=resume or "none", stop_file=stop_file)

@@ -133,6 +133,7 @@ class LiveBytes(TorchDispatchMode):
         self._phase_peaks: dict[str, PhasePeak] = {}
         self._in_head = 0
         self._past_head = False
+        self._host = 0  # > 0 inside `host_allocations()`
         self._hook_handles: list = []
         self._optimizers: list[torch.optim.Optimizer] = []
         # backward windows (see `_block_hooks`): which sub-windows of backward are active, and the blocks seen
@@ -327,6 +328,8 @@ class LiveBytes(TorchDispatchMode):
             with self:
                 return kernel(*args, **(kwargs or {}))
         out = func(*args, **(kwargs or {}))
+        if self._host:  # host memory (offloaded activations): not the device's
+            return out
         category = _PHASE_DEFAULT_CATEGORY[self._phase]
         if self._phase == "forward" and self._past_head:
             category = "logits"
@@ -406,3 +409,19 @@ def cuda_memory_stats(device: int | None = None) -> dict[str, int] | None:
         # what the process holds beyond the caching allocator: CUDA context, cuBLAS/cuDNN workspaces
         "context_bytes": max(0, (total - free) - torch.cuda.memory_reserved(device)),
     }
+
+
+@contextlib.contextmanager
+def host_allocations() -> Iterator[None]:
+    """Tensors made inside are host memory (activation offloading's copies, `advisor.offload`): every live-bytes
+    counter watching leaves them out of the device's count."""
+    from torch.utils._python_dispatch import _get_current_dispatch_mode_stack
+
+    counters = [m for m in _get_current_dispatch_mode_stack() if isinstance(m, LiveBytes)]
+    for c in counters:
+        c._host += 1
+    try:
+        yield
+    finally:
+        for c in counters:
+            c._host -= 1

@@ -15,8 +15,9 @@ One request, each step once:
    micro-batch that fits each GPU. Gradient checkpointing only when needed: it stays off when the method fits at
    least half the suggested micro-batch without it. The micro-batch is the suggested one or the largest that fits,
    and accumulation keeps the seeds' effective batch. With several GPUs the first strategy that fits is taken in the
-   order DDP, ZeRO-2, ZeRO-3, ZeRO-2 + offload, ZeRO-3 + offload. A method that does not fit at micro-batch 1 with
-   checkpointing under any strategy is rejected with its numbers; so is one over the budget (dollars or hours).
+   order DDP, ZeRO-2, ZeRO-3, ZeRO-2 + offload, ZeRO-3 + offload, ZeRO-3 + parameter offload. A method that does
+   not fit at micro-batch 1 with checkpointing under any strategy is rejected with its numbers; so is one over the
+   budget (dollars or hours).
 5. **Rank** by `priority`: the rules' score (which already holds the seeds' accuracy/speed/parameter tables for the
    stated priority) plus an estimator term: `cost` and `speed` subtract 3 points (one decision-tree leaf) per
    doubling of dollars / hours over the cheapest / fastest candidate, `balanced` 1 point per doubling of dollars,
@@ -42,6 +43,7 @@ STRATEGY_WORDS = {
     "single": "one GPU", "ddp": "DDP (replicated)", "zero2": "ZeRO-2 / FSDP SHARD_GRAD_OP",
     "zero3": "ZeRO-3 / FSDP FULL_SHARD", "zero2_offload": "ZeRO-2 + CPU offload",
     "zero3_offload": "ZeRO-3 + CPU offload",
+    "zero3_offload_params": "ZeRO-3 / FSDP + CPU offload of parameters and optimizer state",
 }
 PRIORITY_WEIGHTS = {  # points per doubling (cost, speed, balanced) or per tenfold (min_params)
     "cost": ("cost_usd", 3.0, 2.0), "speed": ("train_hours", 3.0, 2.0), "balanced": ("cost_usd", 1.0, 2.0),
@@ -461,6 +463,7 @@ def _fallback_reason(ev) -> dict:
 
 LOGITS_SHARE = 0.2  # logits at least this share of the peak's tensors: point to the fused loss
 GRADIENTS_SHARE = 0.2  # gradients at least this share (one GPU): point to the optimizer step in backward
+ACTIVATIONS_SHARE = 0.3  # activations at least this share with checkpointing on: point to activation offloading
 
 
 def _reasons_for(best: Candidate, ev, hw, causal: bool = True) -> list[dict]:
@@ -500,6 +503,18 @@ def _reasons_for(best: Candidate, ev, hw, causal: bool = True) -> list[dict]:
                      "config.training.optimizer_in_backward (each parameter steps inside backward and drops its "
                      "gradient, torchtune's optimizer_in_bwd; with gradient_accumulation_steps 1 and max_grad_norm 0) "
                      "never holds them all; `advisor estimate --optimizer-in-backward` gives the peak with it."),
+            "source": "estimator",
+        })
+    activations = parts.get("activations") or 0.0
+    if (tensors > 0 and activations >= ACTIVATIONS_SHARE * tensors and training.gradient_checkpointing
+            and not training.activation_offloading):
+        reasons.append({
+            "rule": "estimator.activations",
+            "says": (f"The activations hold {activations:.2f} of the {tensors:.2f} GiB of tensors at the peak, "
+                     "with checkpointing on: config.training.activation_offloading (the saved activations wait in "
+                     "host memory until backward, as torchtune / TRL / Axolotl offload them; slower by the PCIe "
+                     "copies) keeps only the block being recomputed; `advisor estimate --activation-offloading` "
+                     "gives the peak with it."),
             "source": "estimator",
         })
     high = est.get("peak_vram_high_gib")

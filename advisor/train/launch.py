@@ -9,7 +9,12 @@ Strategy → accelerate configuration (advisor/estimator/fast.py STRATEGIES; nev
     ddp            DistributedDataParallel (MULTI_GPU, or MULTI_CPU with gloo on a CPU-only host)
     zero2          DeepSpeed ZeRO-2 when deepspeed is installed, else FSDP SHARD_GRAD_OP
     zero3          DeepSpeed ZeRO-3 when deepspeed is installed, else FSDP FULL_SHARD
-    *_offload      the same with optimizer (ZeRO) or parameter (FSDP) offload to CPU
+    zero2_offload, zero3_offload
+                   DeepSpeed with the optimizer state on the CPU (offload_optimizer); without DeepSpeed, FSDP
+                   FULL_SHARD with offload_params (FSDP cannot offload the optimizer state alone: it moves the
+                   parameters too, which needs less GPU memory than estimated and is slower; the job says so)
+    zero3_offload_params
+                   DeepSpeed ZeRO-3 with offload_param + offload_optimizer, else FSDP FULL_SHARD + offload_params
 
 The accelerate config is written as YAML next to the job JSON; each process writes its events as JSON lines to
 `events-rank<r>.jsonl` (rank 0 streams everything, the others their `result`).
@@ -28,8 +33,8 @@ import yaml
 
 from advisor.errors import AdvisorInputError
 
-FSDP_SHARDING = {"zero2": "SHARD_GRAD_OP", "zero2_offload": "SHARD_GRAD_OP", "zero3": "FULL_SHARD",
-                 "zero3_offload": "FULL_SHARD"}
+FSDP_SHARDING = {"zero2": "SHARD_GRAD_OP", "zero2_offload": "FULL_SHARD", "zero3": "FULL_SHARD",
+                 "zero3_offload": "FULL_SHARD", "zero3_offload_params": "FULL_SHARD"}
 
 
 @dataclass
@@ -41,6 +46,7 @@ class LaunchFiles:
     events_dir: Path
     strategy: str
     backend: str  # "ddp" | "fsdp" | "deepspeed"
+    note: str | None = None  # how the launch differs from the estimated strategy, if it does
 
 
 def accelerate_config(strategy: str, num_processes: int, *, mixed_precision: str = "no", cpu: bool = False,
@@ -61,16 +67,17 @@ def accelerate_config(strategy: str, num_processes: int, *, mixed_precision: str
     if cpu:
         raise AdvisorInputError("strategy", f"{strategy} shards over GPUs; on CPU processes only ddp is supported",
                                 allowed=["ddp"])
-    offload = STRATEGIES[strategy]["offload"]
+    offload = STRATEGIES[strategy]["offload"]  # False | "optimizer" | "params"
     if deepspeed is None:
         deepspeed = importlib.util.find_spec("deepspeed") is not None
     if deepspeed:
         stage = 3 if strategy.startswith("zero3") else 2
         ds = {"zero_stage": stage, "gradient_accumulation_steps": grad_accum, "gradient_clipping": 1.0,
               "offload_optimizer_device": "cpu" if offload else "none",
-              "offload_param_device": "cpu" if offload and stage == 3 else "none",
+              "offload_param_device": "cpu" if offload == "params" else "none",
               "zero3_init_flag": False, "zero3_save_16bit_model": stage == 3}
         return {**base, "distributed_type": "DEEPSPEED", "deepspeed_config": ds}, "deepspeed"
+    # FSDP has no optimizer-only offload: its offload_params moves parameters, gradients and the step to the host
     fsdp = {"fsdp_sharding_strategy": FSDP_SHARDING[strategy], "fsdp_offload_params": bool(offload),
             "fsdp_auto_wrap_policy": "TRANSFORMER_BASED_WRAP", "fsdp_backward_prefetch": "BACKWARD_PRE",
             "fsdp_state_dict_type": "FULL_STATE_DICT", "fsdp_use_orig_params": True,  # frozen + trainable mixed
@@ -79,8 +86,10 @@ def accelerate_config(strategy: str, num_processes: int, *, mixed_precision: str
 
 
 def write_launch_files(job: dict, output_dir: str | Path, *, strategy: str = "ddp", num_processes: int = 2,
-                       cpu: bool = False, workdir: str | Path | None = None) -> LaunchFiles:
-    """Write the job JSON and the accelerate config for `strategy`; returns their paths."""
+                       cpu: bool = False, workdir: str | Path | None = None,
+                       deepspeed: bool | None = None) -> LaunchFiles:
+    """Write the job JSON and the accelerate config for `strategy`; returns their paths. `deepspeed`: use DeepSpeed
+    for the sharded strategies (default: when it is installed)."""
     if num_processes < 1:
         raise AdvisorInputError("num_processes", "must be >= 1")
     output_dir = Path(output_dir)
@@ -91,7 +100,15 @@ def write_launch_files(job: dict, output_dir: str | Path, *, strategy: str = "dd
     if cpu and mixed == "fp16":
         mixed = "no"
     config, backend = accelerate_config(strategy, num_processes, mixed_precision=mixed, cpu=cpu,
-                                        grad_accum=int(t.get("gradient_accumulation_steps", 1)))
+                                        grad_accum=int(t.get("gradient_accumulation_steps", 1)), deepspeed=deepspeed)
+    note = None
+    from advisor.estimator.fast import STRATEGIES, STRATEGY_ALIASES
+
+    name = STRATEGY_ALIASES.get(strategy, strategy)
+    if backend == "fsdp" and STRATEGIES[name]["offload"] == "optimizer":
+        note = (f"{name} keeps only the optimizer state on the CPU, which needs DeepSpeed (not installed): launched "
+                "as FSDP FULL_SHARD with offload_params, which also moves the parameters to the CPU: less GPU "
+                "memory than estimated, slower steps (pip install deepspeed for the estimated strategy)")
     job = {**job, "strategy": None if strategy == "ddp" else strategy, "num_processes": num_processes}
     job_path = directory / "job.json"
     job_path.write_text(json.dumps(job, indent=2))
@@ -101,7 +118,7 @@ def write_launch_files(job: dict, output_dir: str | Path, *, strategy: str = "dd
     events.mkdir(exist_ok=True)
     for old in events.glob("events-rank*.jsonl"):
         old.unlink()
-    return LaunchFiles(directory, job_path, cfg_path, output_dir, events, strategy, backend)
+    return LaunchFiles(directory, job_path, cfg_path, output_dir, events, strategy, backend, note)
 
 
 def _free_port() -> int:

@@ -33,7 +33,7 @@ from typing import Callable
 
 import torch
 
-from advisor.losses import computing_loss
+from advisor.engine import training_forward
 from advisor.train import checkpoint as ckpt
 from advisor.train.data import TrainData, collate, label_tokens, load_dataset, real_tokens, to_device
 
@@ -607,7 +607,7 @@ class _Trainer:
             share = label_tokens(batch) / max(n_label, 1)
             sync = contextlib.nullcontext() if j == len(batches) - 1 else self.acc.no_sync(model)
             with sync:
-                with phase("forward"), computing_loss(self.acc.unwrap_model(model)):
+                with phase("forward"), training_forward(self.acc.unwrap_model(model)):
                     out = model(**batch, **prepared.forward_kwargs)
                     loss = out.loss.float() * share
                     # the outputs go before backward: under mixed precision accelerate returns an fp32 copy of the
