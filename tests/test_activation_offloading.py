@@ -137,3 +137,36 @@ def test_exports_carry_offloading(tiny_dirs, tmp_path, gc):
     plain = single_gpu_recommendation(tiny_dirs["llama"], "lora", {"gradient_checkpointing": gc})
     assert "activation_offloading" not in yaml.safe_load(export("axolotl", recommendation=plain,
                                                                 dataset=data)["content"])
+
+
+def test_the_recommendation_points_to_offloading_when_checkpointed_activations_dominate(tokenizer, tmp_path,
+                                                                                         monkeypatch):
+    """A deep, narrow model with a small vocabulary on long examples, on a card where it needs checkpointing: the
+    activations are the largest tensors at the peak, and the recommendation says offloading them is an option; the
+    estimate with the option on is lower."""
+    from advisor.demo import write_tiny_model
+    from advisor.estimator.fast import fast_estimate
+    from advisor.recommend import recommend
+    from advisor.schemas import EstimateRequest
+    from advisor.settings import get_settings
+
+    monkeypatch.setenv("ADVISOR_CACHE_DIR", str(tmp_path / "cache"))
+    get_settings.cache_clear()
+    try:
+        path = write_tiny_model(tmp_path / "deep", "llama", tokenizer, vocab_size=512, hidden_size=64,
+                                intermediate_size=128, num_hidden_layers=8)
+        scenario = {"model": str(path), "task": "instruction_following", "hardware": {"vram_gib": 1.05},
+                    "dataset": {"num_examples": 5000, "avg_tokens": 2048, "max_tokens": 4096}}
+        rec = recommend(scenario)
+        training = rec["config"]["training"]
+        parts = rec["estimate"]["breakdown_gib"]
+        said = [r for r in rec["reasons"] if r["rule"] == "estimator.activations"]
+        assert training["gradient_checkpointing"] and not training["activation_offloading"]
+        assert parts["activations"] >= 0.3 * (sum(parts.values()) - parts["overhead"]) and len(said) == 1, parts
+        assert "--activation-offloading" in said[0]["says"] and said[0]["source"] == "estimator"
+        request = {"model": str(path), "hardware": {"vram_gib": 1.05}, "method": rec["method"],
+                   "config": {**rec["config"], "training": {**training, "activation_offloading": True}}}
+        offloaded = fast_estimate(EstimateRequest.model_validate(request))
+        assert offloaded["breakdown_gib"]["activations"] < parts["activations"]
+    finally:
+        get_settings.cache_clear()
