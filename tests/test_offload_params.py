@@ -121,3 +121,21 @@ def test_deepspeed_json_for_tools_offloads_parameters_only_for_that_strategy():
     assert zero["stage"] == 3 and zero["offload_param"]["device"] == "cpu"
     assert zero["offload_optimizer"]["device"] == "cpu"
     assert "offload_param" not in deepspeed_json("zero3_offload")["zero_optimization"]
+
+
+def test_zero3_gathers_two_blocks_and_keeps_the_root_gathered():
+    """Without offload, ZeRO-3 / FSDP full-shard hold their shard of everything plus what is gathered: two blocks
+    (the one running, the one prefetched) and the root unit, which FSDP leaves unsharded from the first forward to
+    the end of backward: of it, the (1 - 1/N) not already in the device's shard."""
+    from advisor.estimator.fast import STRATEGIES, _shard, memory_model
+    from advisor.estimator.plan import build_plan
+
+    plan = build_plan(_request("lora", count=4))
+    static = memory_model(plan).static
+    root, block = _root_and_block_bytes(plan.model.config)
+    replica = {"weights": float(static.weights_bytes), "trainable": float(static.trainable_bytes),
+               "activations": 1e6, "temporaries": 0.0}
+    out = _shard(replica, STRATEGIES["zero3"], 4, static, "backward")
+    assert out["weights"] == pytest.approx(static.weights_bytes / 4)
+    assert out["temporaries"] == pytest.approx(2 * block + root * 3 / 4, rel=0.01)
+    assert out["activations"] == replica["activations"]

@@ -182,10 +182,22 @@ def _shard(cats: dict[str, float], shard: dict, devices: int, static: StaticTerm
             out[key] = 0.0
         elif rule:
             out[key] = cats.get(key, 0.0) / devices
-    if shard["weights"]:  # ZeRO-3/FSDP gather one block's parameters (and prefetch the next) at a time
-        per_layer = (static.weights_bytes + static.trainable_bytes) / max(static.layers, 1)
-        out["temporaries"] = out.get("temporaries", 0.0) + 2 * per_layer
+    if shard["weights"]:
+        # ZeRO-3/FSDP gather one block's parameters (and prefetch the next) at a time; the root unit (embeddings,
+        # final norm, output head) stays gathered from the first forward to the end of backward (FSDP keeps the
+        # root's parameters unsharded after forward: they are needed first in backward)
+        block, root = _block_and_root(static)
+        out["temporaries"] = out.get("temporaries", 0.0) + 2 * block + root * (1 - 1 / devices)
     return out
+
+
+def _block_and_root(static: StaticTerms) -> tuple[float, float]:
+    """(bytes of one block's parameters, bytes of the parameters outside the blocks)."""
+    params = float(static.weights_bytes + static.trainable_bytes)
+    block = float(static.block_param_bytes)
+    if block <= 0:  # no per-block split known: the average block, no root
+        return params / max(static.layers, 1), 0.0
+    return block, max(params - block * static.layers, 0.0)
 
 
 def _offload_params(cats: dict[str, float], static: StaticTerms) -> dict[str, float]:
@@ -195,12 +207,10 @@ def _offload_params(cats: dict[str, float], static: StaticTerms) -> dict[str, fl
     block running and the next one (prefetch), and the gradients of the unit being reduced before they go to the
     host. Activations, logits and temporaries are the replica's own, unchanged."""
     out = dict(cats)
-    block, block_t = float(static.block_param_bytes), float(static.block_trainable_bytes)
     params = float(static.weights_bytes + static.trainable_bytes)
-    if block <= 0:  # no per-block split known: the average block
-        block = params / max(static.layers, 1)
-        block_t = static.trainable_bytes / max(static.layers, 1)
-    root = max(params - block * static.layers, 0.0)
+    block, root = _block_and_root(static)
+    block_t = (float(static.block_trainable_bytes) if static.block_param_bytes > 0
+               else static.trainable_bytes / max(static.layers, 1))
     root_t = max(static.trainable_bytes - block_t * static.layers, 0.0)
     gathered = min(params, root + 2 * block)
     gathered_t = min(float(static.trainable_bytes), root_t + 2 * block_t)
