@@ -79,7 +79,7 @@ QUICK_METHODS = ("full", "lora", "qlora", "prompt_tuning")
 QUICK_GRID = ((1, 512, False), (4, 1024, True))
 
 # --options: the training options beside the methods (loss implementation, bitsandbytes and paged optimizers, the
-# optimizer step in backward) on the quick models; 3 × 700 rounds the fused loss's chunk up to a power of two
+# optimizer step in backward, activation offloading) on the quick models; 3 × 700 rounds the fused loss's chunk up to a power of two
 _IN_BACKWARD = {"optimizer_in_backward": True, "gradient_accumulation_steps": 1, "max_grad_norm": 0}
 OPTIONS = (
     ("chunked CE", {"cross_entropy": "chunked"}, ("full", "lora", "qlora")),
@@ -90,6 +90,7 @@ OPTIONS = (
     ("in backward, paged_adamw_32bit", {**_IN_BACKWARD, "optim": "paged_adamw_32bit"}, ("full",)),
     ("galore_adamw_8bit", {"optim": "galore_adamw_8bit"}, ("galore",)),
     ("galore_adamw_8bit in backward", {**_IN_BACKWARD, "optim": "galore_adamw_8bit"}, ("galore",)),
+    ("activation offloading", {"activation_offloading": True}, ("full", "lora", "qlora")),
 )
 OPTIONS_GRID = ((1, 512, False), (4, 1024, True), (3, 700, True))
 
@@ -414,8 +415,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--medium", action="store_true",
                     help="every method: 3 small models × 2 grid points + Llama-2-7B × 1 point (~20-30 min here)")
     ap.add_argument("--options", action="store_true",
-                    help="the training options (chunked/fused CE, 8-bit and paged optimizers, the step in backward) "
-                         "on the quick models")
+                    help="the training options (chunked/fused CE, 8-bit and paged optimizers, the step in backward, "
+                         "activation offloading) on the quick models")
     ap.add_argument("--large", action="store_true", help="add Llama-2-13B, Llama-3-8B, Qwen2.5-14B, Llama-2-70B")
     ap.add_argument("--large-only", action="store_true", help="only the --large models (to extend an earlier run)")
     ap.add_argument("--merge", default=None, help="merge the rows of this earlier result JSON (same schema)")

@@ -43,10 +43,10 @@ from), adds two columns: `unit` (GiB, GB, or unknown = read as GB) and `stat` (r
 same rules, plus: explicit target lists `(q,v,o,gate,up,down)` → the `*_proj` modules (T5/mT0: q, v; BLOOM:
 query_key_value); torchtune's chunked cross-entropy → `cross_entropy: chunked`; the optimizer step in backward
 (torchtune's `optimizer_in_bwd`, GaLore's per-layer updates) → `optimizer_in_backward` (accumulation 1, no clipping);
-rows whose source names a technique the estimator does not model (torch.compile, also on the rows after it in a
-table whose techniques add up, activation or CPU offload), a non-AdamW optimizer, multi-GPU sharding,
-unstated checkpointing, or lengths far below the stated cap are skipped with the reason; precision fp32 → fp32
-weights without autocast; and Qwen's full-parameter rows run its DeepSpeed bf16 script (fp32 master weights and
+activation offloading → `activation_offloading`; "-offload" multi-GPU rows (FSDP offload_params) →
+`zero3_offload_params`; rows whose source names a technique the estimator does not model (torch.compile, also on the
+rows after it in a table whose techniques add up), a non-AdamW optimizer, unstated checkpointing, or lengths far
+below the stated cap are skipped with the reason; precision fp32 → fp32 weights without autocast; and Qwen's full-parameter rows run its DeepSpeed bf16 script (fp32 master weights and
 states: `SOURCE_TRAINING`). Exact cross-checks default to none for this file.
 
 Run: `HF_HUB_OFFLINE=1 .venv/bin/python -m bench.anchors [--csv FILE] [--exact-rows N] [--out PATH] [--markdown]`
@@ -103,13 +103,12 @@ CATALOG = {"llama-3.2-3b": "meta-llama/Llama-3.2-3B", "llama3-8b-instruct": "met
            "llama-7b (random init, llama_7b.json)": "meta-llama/Llama-2-7b-hf"}
 # cards a source does not name ("unknown", "2xGPU-FSDP", "2x40GB-ZeRO3"): the peak does not depend on which GPU,
 # only the fit would; every named card goes through the catalog's own aliases (`_catalog_gpu`)
-UNNAMED_GPUS = {"unknown": "a100-80gb", "gpu": "a100-80gb", "40gb": "a100-40gb"}
+UNNAMED_GPUS = {"unknown": "a100-80gb", "gpu": "a100-80gb", "40gb": "a100-40gb", "24gb": "rtx-4090"}
 UNMODELLED = ("unsloth", "gptq", "dora", "loha", "vera", "boft", "oft", "fourierft", "llama-pro", "lisa",
               "p-tuning", "adaption_prompt", "ln_tuning", "lokr", "lora-fa", "osf", "trainable_tokens", "tinylora",
               "miss", "randlora", "lily", "+ lm_head", "modules_to_save", "all-linear (q,k,v,o + mlp")
 # training techniques a row's source names that the estimator does not model (it would over-estimate them)
-UNMODELLED_TECHNIQUES = {"activation offload": "activation offloading", "fsdp_offload": "CPU offload",
-                         "torch.compile": "torch.compile (fused kernels save fewer activations)",
+UNMODELLED_TECHNIQUES = {"torch.compile": "torch.compile (fused kernels save fewer activations)",
                          "real lengths short": "lengths far below the stated cap (the longest batch is unknown)"}
 # short target names in method strings → module names per family (Llama-style *_proj; T5 q/v; BLOOM fused qkv)
 SHORT_TARGETS = {"q": "q_proj", "k": "k_proj", "v": "v_proj", "o": "o_proj", "gate": "gate_proj", "up": "up_proj",
@@ -262,6 +261,8 @@ def map_row(row: dict) -> tuple[dict | None, str | None]:
     # techniques the estimator models, by the words their sources use
     if any(w in low for w in ("chunkedoutputloss", "chunked ce", "chunked cross-entropy")):
         training["cross_entropy"] = "chunked"  # torchtune's CEWithChunkedOutputLoss
+    if any(w in low for w in ("activation offload", "offload_activations", "activation_offloading")):
+        training["activation_offloading"] = True  # saved activations in host memory until backward
     opt_text = row["optimizer"].lower()
     if "optimizer_in_bwd" in low or "in backward" in low or "layerwise" in opt_text or "per-layer" in row["method"]:
         # the step of each parameter inside backward (torchtune's optimizer_in_bwd, GaLore's per-layer updates):
@@ -283,8 +284,6 @@ def map_row(row: dict) -> tuple[dict | None, str | None]:
     gpu, count, strategy = map_gpu(row["gpu"])
     if gpu is None:
         return None, f"no mapping for GPU {row['gpu']!r}"
-    if strategy == "offload":
-        return None, "FSDP CPU offload of parameters: not modelled (our offload strategies move optimizer state only)"
     try:
         model = map_model(row["model"])
     except KeyError as err:
@@ -322,13 +321,14 @@ def map_optimizer(text: str) -> str | None:
 def map_gpu(text: str) -> tuple[str | None, int, str | None]:
     """(catalog GPU, count, strategy) for a row's `gpu`: "A100-80GB" is one card; "NxCARD-FSDP" / "NxCARD-ZeRO3" are N
     cards fully sharded (FSDP FULL_SHARD and ZeRO-3 both shard weights, gradients and optimizer state: `zero3`),
-    "-offload" marks CPU offload; "2xGPU-FSDP" (a source that does not name the card) is read as A100 80GB."""
+    "-offload" marks CPU offload of the parameters (FSDP's offload_params, ZeRO-3's offload_param:
+    `zero3_offload_params`); "2xGPU-FSDP" (a source that does not name the card) is read as A100 80GB."""
     t = text.strip().lower()
     m = re.fullmatch(r"(\d+)x(.+?)-(fsdp|zero3)(-offload)?", t)
     if m is None:
         return UNNAMED_GPUS.get(t) or _catalog_gpu(t), 1, None
     card = UNNAMED_GPUS.get(m.group(2)) or _catalog_gpu(m.group(2))
-    return card, int(m.group(1)), "offload" if m.group(4) else "zero3"
+    return card, int(m.group(1)), "zero3_offload_params" if m.group(4) else "zero3"
 
 
 def _catalog_gpu(name: str) -> str | None:
