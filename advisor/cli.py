@@ -134,6 +134,8 @@ def estimate(
     in_backward: Annotated[bool, typer.Option(
         "--optimizer-in-backward", help="Step each parameter inside backward (no gradient buffer; sets "
                                         "accumulation 1 and no clipping).")] = False,
+    compiled: Annotated[bool, typer.Option(
+        "--torch-compile", help="Compile each block with torch.compile (config.training.torch_compile).")] = False,
     offload_activations: Annotated[bool, typer.Option(
         "--activation-offloading", help="Saved activations wait in host memory until backward "
                                         "(config.training.activation_offloading).")] = False,
@@ -170,6 +172,8 @@ def estimate(
                                                        if k not in training})
     if offload_activations:
         training["activation_offloading"] = True
+    if compiled:
+        training["torch_compile"] = True
     if training:
         body["config"] = {**(body.get("config") or {}), "training": training}
     if exact:

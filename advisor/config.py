@@ -89,6 +89,12 @@ class TrainingConfig(BaseModel):
                     "backward needs them (torchtune's / TRL's / Axolotl's activation_offloading): with gradient "
                     "checkpointing only the blocks' inputs stay behind on the device, and then not even those. "
                     "The output head and the loss are not offloaded. See advisor/offload.py.")
+    torch_compile: bool = Field(
+        False,
+        description="Compile each transformer block with torch.compile (torchtune's compile: True): AOTAutograd's "
+                    "min-cut partitioner saves fewer activations and recomputes cheap ones in backward. Inductor on "
+                    "CUDA; the estimate runs the same partitioning without code generation "
+                    "(aot_eager_decomp_partition), which is also what a CPU run uses. Not with AdaLoRA.")
     packing: bool = False
     seed: int = 42
     logging_steps: int = Field(10, ge=1)
@@ -137,7 +143,8 @@ class MethodConfig(BaseModel):
 
 # training options added after caches existed: at these values they stay out of cache keys, so the simulations and
 # fits cached before them still serve (advisor.memory.simulate, advisor.estimator.coefficients)
-KEY_NEUTRAL_DEFAULTS = {"cross_entropy": "standard", "optimizer_in_backward": False, "activation_offloading": False}
+KEY_NEUTRAL_DEFAULTS = {"cross_entropy": "standard", "optimizer_in_backward": False, "activation_offloading": False,
+                        "torch_compile": False}
 
 
 def without_neutral_defaults(training: dict) -> dict:

@@ -295,6 +295,11 @@ def prepare(
         from advisor import offload
 
         offload.install(prepared.model)
+    if cfg.training.torch_compile:
+        check_torch_compile(cfg.training, spec.id)
+        backend = compile_blocks(prepared.model, "aot_eager_decomp_partition" if on_meta else None)
+        if cfg.training.cross_entropy != "fused_linear":  # the fused loss computes its gradients in forward itself
+            compile_loss(prepared.model, backend)
     prepared.model.train()
     return prepared
 
@@ -333,6 +338,50 @@ def _optimizer(groups: list[dict], training: TrainingConfig) -> torch.optim.Opti
     cls = {"adamw_8bit": bnb.optim.AdamW8bit, "paged_adamw_8bit": bnb.optim.PagedAdamW8bit,
            "paged_adamw_32bit": bnb.optim.PagedAdamW32bit}[name]
     return cls(groups, lr=lr, weight_decay=wd)
+
+
+def check_torch_compile(training: TrainingConfig, method: str) -> None:
+    if training.torch_compile and method == "adalora":
+        from advisor.errors import AdvisorInputError
+
+        raise AdvisorInputError("config.training.torch_compile",
+                                "AdaLoRA reallocates its ranks (data-dependent masks) as it trains: its compiled "
+                                "graphs change with them", allowed=["false"])
+
+
+def compile_blocks(model: nn.Module, backend: str | None = None) -> str:
+    """torch.compile each transformer block (torchtune's per-layer compile); returns the backend. Default: inductor
+    where the blocks are on CUDA, else aot_eager_decomp_partition, which partitions saved activations exactly as
+    inductor does (AOTAutograd's min-cut, inductor's decompositions) without generating code: what the simulation
+    runs, and what a CPU run needs no C++ compiler for. Dynamo's caches are reset first: every run compiles its own
+    shapes (no recompilation limit reached across the many runs of one process)."""
+    from advisor.memory.counter import _blocks
+
+    blocks = _blocks(model)
+    if backend is None:
+        first = next((p for b in blocks for p in b.parameters()), None)
+        backend = "inductor" if first is not None and first.device.type == "cuda" else "aot_eager_decomp_partition"
+    torch._dynamo.reset()
+    # each block compiles its own graph (its parameters are guarded): past dynamo's default of 8, the rest would run
+    # eager, silently
+    config = torch._dynamo.config
+    config.recompile_limit = max(config.recompile_limit, 2 * len(blocks) + 8)
+    config.accumulated_recompile_limit = max(config.accumulated_recompile_limit, 4 * len(blocks) + 64)
+    for block in blocks:
+        block.compile(backend=backend)
+    return backend
+
+
+def compile_loss(model: nn.Module, backend: str) -> None:
+    """torch.compile the model's loss (transformers' loss_function, or the chunked loss advisor.losses installed), as
+    torchtune compiles its loss and the Trainer's whole-model compile does: the partitioner saves the logits the
+    loss gets and their log-sum-exp, not an fp32 log-softmax per logit, and recomputes the softmax in backward."""
+    from advisor.losses import _base
+
+    base = _base(model)
+    if getattr(base, "loss_function", None) is None:
+        return
+    base.loss_function = torch.compile(base.loss_function, backend=backend)
 
 
 def check_optimizer_in_backward(training: TrainingConfig, method: str, devices: int = 1) -> None:

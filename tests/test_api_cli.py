@@ -182,16 +182,17 @@ def test_the_strategy_an_estimate_reports_is_accepted_back(server):
 
 
 def test_cli_estimate_flags_for_the_loss_and_the_optimizer(tmp_path):
-    """--cross-entropy, --optim, --activation-offloading and --optimizer-in-backward reach config.training (the last
-    one with what it needs: accumulation 1, no clipping); a file that asks for accumulation anyway is refused naming
-    that field."""
+    """--cross-entropy, --optim, --activation-offloading, --torch-compile and --optimizer-in-backward reach
+    config.training (the last one with what it needs: accumulation 1, no clipping); a file that asks for accumulation
+    anyway is refused naming that field."""
     base = ("estimate", "--model", "Qwen/Qwen2.5-0.5B", "--method", "full", "--gpu", "4090", "--seq", "256")
     res = _cli(*base, "--cross-entropy", "fused_linear", "--optim", "paged_adamw_8bit", "--optimizer-in-backward",
-               "--activation-offloading", "--json")
+               "--activation-offloading", "--torch-compile", "--json")
     assert res.returncode == 0, res.stderr
     training = json.loads(res.stdout)["config"]["training"]
     assert training["cross_entropy"] == "fused_linear" and training["optim"] == "paged_adamw_8bit"
     assert training["optimizer_in_backward"] is True and training["activation_offloading"] is True
+    assert training["torch_compile"] is True
     assert training["gradient_accumulation_steps"] == 1 and training["max_grad_norm"] == 0
     req = tmp_path / "req.json"
     req.write_text(json.dumps({"config": {"training": {"gradient_accumulation_steps": 8}}}))

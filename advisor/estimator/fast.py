@@ -440,6 +440,11 @@ def estimate_plan(plan: Plan, strategy: str | None = None, mm: MemoryModel | Non
         notes.append(plan.model.note)
     if memory_bytes is None:
         notes.append("no GPU given: memory is reported, fit is not judged")
+    if plan.training.torch_compile:
+        notes.append("torch_compile: memory is that of AOTAutograd's partitioning of each block (what inductor "
+                     "partitions, simulated without code generation; inductor's fused kernels can only hold fewer "
+                     "temporaries); time is the uncompiled rate of the profile (compile's speed-up and its first-step "
+                     "compile time are not measured)")
     if paged > 0:
         notes.append(paged_note(plan.training.optim, paged, spill, timing.get("paging_seconds_per_step", 0.0)))
     result["notes"] = notes

@@ -63,9 +63,10 @@ def build_plan(req: EstimateRequest) -> Plan:
         raise AdvisorInputError("config.training.max_target_length",
                                 f"{model.id} is a decoder-only model: its labels are its inputs, so only "
                                 "max_seq_length applies (max_target_length is for encoder-decoder models such as T5)")
-    from advisor.engine import check_optimizer_in_backward
+    from advisor.engine import check_optimizer_in_backward, check_torch_compile
 
     check_optimizer_in_backward(cfg.training, spec.id, hardware.count)
+    check_torch_compile(cfg.training, spec.id)
     return Plan(model, spec, cfg, hardware, cfg.training.per_device_train_batch_size, seq, req)
 
 

@@ -53,7 +53,7 @@ KNOWN_KEYS = frozenset({
     "learning_rate", "optimizer", "optim_target_modules", "optim_args", "lr_scheduler", "warmup_ratio",
     "weight_decay", "max_grad_norm", "bf16", "fp16", "gradient_checkpointing", "attn_implementation", "seed",
     "logging_steps", "save_steps", "eval_steps", "use_tensorboard", "deepspeed", "rope_scaling",
-    "plugins", "liger_fused_linear_cross_entropy", "chunked_cross_entropy", "activation_offloading",
+    "plugins", "liger_fused_linear_cross_entropy", "chunked_cross_entropy", "activation_offloading", "torch_compile",
 })
 
 
@@ -158,6 +158,8 @@ def render(ctx: ExportContext) -> Rendered:
     doc.put("bf16", bool(t.bf16), ctx.why("bf16", t.bf16))
     doc.put("fp16", bool(t.fp16), ctx.why("fp16", t.fp16) if t.fp16 else None)
     knob("gradient_checkpointing", "gradient_checkpointing", bool(t.gradient_checkpointing))
+    if t.torch_compile:
+        doc.put("torch_compile", True, "torch_compile: fewer saved activations (AOTAutograd's min-cut partitioner)")
     if t.activation_offloading:
         doc.put("activation_offloading", True, "activation_offloading: saved activations wait in host memory until "
                 "backward (torchtune's OffloadActivations)")

@@ -64,7 +64,7 @@ TRAINING_ARG_KEYS = frozenset({
     "do_train", "output_dir", "logging_steps", "save_steps", "report_to", "per_device_train_batch_size",
     "gradient_accumulation_steps", "learning_rate", "num_train_epochs", "lr_scheduler_type", "warmup_steps",
     "warmup_ratio", "weight_decay", "max_grad_norm", "optim", "bf16", "fp16", "seed", "deepspeed", "eval_strategy",
-    "eval_steps", "per_device_eval_batch_size",
+    "eval_steps", "per_device_eval_batch_size", "torch_compile",
 })
 DATASET_NAME = "advisor_train"
 ATTENTION = {"sdpa": "sdpa", "flash_attention_2": "fa2", "eager": "disabled"}
@@ -148,6 +148,8 @@ def render(ctx: ExportContext) -> Rendered:
     if t.optimizer_in_backward and ctx.method != "galore":
         notes.append("LLaMA-Factory steps the optimizer inside backward only for GaLore (galore_layerwise): this run "
                      "keeps every gradient until the optimizer step (more memory than estimated)")
+    if t.torch_compile:
+        doc.put("torch_compile", True, "torch_compile: the Trainer compiles the model (inductor)")
     if t.activation_offloading and t.gradient_checkpointing:
         doc.put("use_unsloth_gc", True, "activation_offloading: the checkpointed blocks' inputs wait in host memory "
                 "(unsloth's offloaded checkpointing, built into LLaMA-Factory)")

@@ -258,6 +258,8 @@ def training_arguments(args, has_eval: bool, gradient_checkpointing: bool) -> Tr
     # transformers >= 5.2 folds warmup_ratio into warmup_steps (a float < 1 is a ratio)
     kw["warmup_ratio" if "warmup_ratio" in fields else "warmup_steps"] = t["warmup_ratio"]
     kw["eval_strategy" if "eval_strategy" in fields else "evaluation_strategy"] = "steps" if has_eval else "no"
+    if t.get("torch_compile"):
+        kw["torch_compile"] = True  # the Trainer compiles the model (inductor on a GPU)
     loss = t.get("cross_entropy", "standard")
     if loss == "fused_linear":
         if torch.cuda.is_available() and importlib.util.find_spec("liger_kernel") and "use_liger_kernel" in fields:

@@ -322,7 +322,23 @@ class LiveBytes(TorchDispatchMode):
             self._past_head = False
             self._windows = set()
 
+    # torch.compile (config.training.torch_compile) runs its compiled graphs under this mode instead of falling back
+    # to eager, as it does for a user mode by default: with the backend the simulation uses
+    # (aot_eager_decomp_partition) every aten op of the forward and backward graphs still comes through here, with
+    # the saved activations the partitioner chose. Higher-order operators of compiled graphs (run_and_save_rng_state
+    # under checkpointing) come as a whole: their outputs are counted
+    supports_higher_order_operators = True
+
+    @classmethod
+    def ignore_compile_internals(cls) -> bool:
+        return True
+
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if not hasattr(func, "_schema"):  # a higher-order operator
+            out = func(*args, **(kwargs or {}))
+            if not self._host:
+                tree_map_only(torch.Tensor, lambda t: self._track(t, _PHASE_DEFAULT_CATEGORY[self._phase]), out)
+            return out
         kernel = self._see_inside.get(func._schema.name) if self._see_inside else None
         if kernel is not None:
             with self:

@@ -117,7 +117,11 @@ def semantics(target: str, model: torch.nn.Module | None = None):
     if target != "cuda":
         raise ValueError(f"unknown simulation target {target!r}; allowed: cpu, cuda")
     patched = []
-    for module in model.modules() if model is not None else ():
+    modules = list(model.modules()) if model is not None else []
+    # compiled blocks (config.training.torch_compile) recompute their compiled graphs, whose decompositions replace
+    # the eager kernels these semantics describe (and checkpoint under torch.compile takes dispatch modes only)
+    compiled = any(getattr(m, "_compiled_call_impl", None) is not None for m in modules)
+    for module in modules if not compiled else ():
         fn = module.__dict__.get("_gradient_checkpointing_func")
         if isinstance(fn, functools.partial):
             module._gradient_checkpointing_func = functools.partial(fn, context_fn=_recompute_contexts)
