@@ -43,11 +43,12 @@ from), adds two columns: `unit` (GiB, GB, or unknown = read as GB) and `stat` (r
 same rules, plus: explicit target lists `(q,v,o,gate,up,down)` → the `*_proj` modules (T5/mT0: q, v; BLOOM:
 query_key_value); torchtune's chunked cross-entropy → `cross_entropy: chunked`; the optimizer step in backward
 (torchtune's `optimizer_in_bwd`, GaLore's per-layer updates) → `optimizer_in_backward` (accumulation 1, no clipping);
-activation offloading → `activation_offloading`; "-offload" multi-GPU rows (FSDP offload_params) →
-`zero3_offload_params`; rows whose source names a technique the estimator does not model (torch.compile, also on the
-rows after it in a table whose techniques add up), a non-AdamW optimizer, unstated checkpointing, or lengths far
-below the stated cap are skipped with the reason; precision fp32 → fp32 weights without autocast; and Qwen's full-parameter rows run its DeepSpeed bf16 script (fp32 master weights and
-states: `SOURCE_TRAINING`). Exact cross-checks default to none for this file.
+activation offloading → `activation_offloading`; torch.compile ("compile", not "no compile") → `torch_compile`;
+in a table whose techniques add up row by row (torchtune's 'Optimization flags'), a "+technique" row keeps the
+compile, chunked loss and offloading of the rows above it (`CUMULATIVE`); "-offload" multi-GPU rows (FSDP
+offload_params) → `zero3_offload_params`; a non-AdamW optimizer, unstated checkpointing, or lengths far below the
+stated cap are skipped with the reason; precision fp32 → fp32 weights without autocast; and Qwen's full-parameter
+rows run its DeepSpeed bf16 script (fp32 master weights and states: `SOURCE_TRAINING`). Exact cross-checks default to none for this file.
 
 Run: `HF_HUB_OFFLINE=1 .venv/bin/python -m bench.anchors [--csv FILE] [--exact-rows N] [--out PATH] [--markdown]`
 (`--csv bench/anchors_extra.csv --out bench/results/anchors_extra.json` for the extra set).
@@ -108,8 +109,7 @@ UNMODELLED = ("unsloth", "gptq", "dora", "loha", "vera", "boft", "oft", "fourier
               "p-tuning", "adaption_prompt", "ln_tuning", "lokr", "lora-fa", "osf", "trainable_tokens", "tinylora",
               "miss", "randlora", "lily", "+ lm_head", "modules_to_save", "all-linear (q,k,v,o + mlp")
 # training techniques a row's source names that the estimator does not model (it would over-estimate them)
-UNMODELLED_TECHNIQUES = {"torch.compile": "torch.compile (fused kernels save fewer activations)",
-                         "real lengths short": "lengths far below the stated cap (the longest batch is unknown)"}
+UNMODELLED_TECHNIQUES = {"real lengths short": "lengths far below the stated cap (the longest batch is unknown)"}
 # short target names in method strings → module names per family (Llama-style *_proj; T5 q/v; BLOOM fused qkv)
 SHORT_TARGETS = {"q": "q_proj", "k": "k_proj", "v": "v_proj", "o": "o_proj", "gate": "gate_proj", "up": "up_proj",
                  "down": "down_proj"}
@@ -241,10 +241,6 @@ def map_row(row: dict) -> tuple[dict | None, str | None]:
     for word, technique in UNMODELLED_TECHNIQUES.items():
         if word in low:
             return None, f"{technique}: a technique the estimator does not model"
-    if "applied cumulatively" in low and not any(f"step={w}" in low for w in ("baseline", "+packed")):
-        # a table whose techniques add up row by row (torchtune's 'Optimization flags'): torch.compile is on from
-        # its own row down, whether a later row names it or not
-        return None, "torch.compile (fused kernels save fewer activations): a technique the estimator does not model"
     if row["grad_ckpt"].strip().lower() not in ("on", "off", "true", "false", "yes", "no", "1", "0"):
         return None, f"gradient checkpointing {row['grad_ckpt']!r}: not stated by the source"
     optim = map_optimizer(row["optimizer"])
@@ -261,8 +257,10 @@ def map_row(row: dict) -> tuple[dict | None, str | None]:
     # techniques the estimator models, by the words their sources use
     if any(w in low for w in ("chunkedoutputloss", "chunked ce", "chunked cross-entropy")):
         training["cross_entropy"] = "chunked"  # torchtune's CEWithChunkedOutputLoss
-    if any(w in low for w in ("activation offload", "offload_activations", "activation_offloading")):
+    if any(w in low for w in ("activation offload", "offload_activations", "activation_offloading", "act-offload")):
         training["activation_offloading"] = True  # saved activations in host memory until backward
+    if re.search(r"(?<!no )\b(torch\.)?compile\b", low):
+        training["torch_compile"] = True  # each block compiled (torchtune's compile: True), not "no compile"
     opt_text = row["optimizer"].lower()
     if "optimizer_in_bwd" in low or "in backward" in low or "layerwise" in opt_text or "per-layer" in row["method"]:
         # the step of each parameter inside backward (torchtune's optimizer_in_bwd, GaLore's per-layer updates):
@@ -299,6 +297,25 @@ def map_row(row: dict) -> tuple[dict | None, str | None]:
     if strategy:
         payload["_strategy"] = strategy  # passed to the estimator beside the request (not a request field)
     return payload, None
+
+
+# techniques a cumulative table's row keeps from the rows above it (torchtune's 'Optimization flags': each row adds
+# one to all the previous ones); the optimizer and checkpointing have their own columns
+CUMULATIVE = {"torch_compile": True, "cross_entropy": "chunked", "activation_offloading": True}
+
+
+def inherit_cumulative(row: dict, payload: dict, carried: dict[str, dict]) -> None:
+    """In a table whose techniques add up ("applied cumulatively"), a "+technique" row also has every technique of
+    the rows above it; rows that state their own set (the LoRA / QLoRA rows) keep theirs."""
+    low = row["source"].lower()
+    if "applied cumulatively" not in low or "step=" not in low:
+        return
+    table, step = low.split("step=", 1)
+    training = payload["config"]["training"]
+    if step.startswith("+"):
+        for key, value in carried.get(table, {}).items():
+            training.setdefault(key, value)
+    carried[table] = {k: training[k] for k, v in CUMULATIVE.items() if training.get(k) == v}
 
 
 def map_optimizer(text: str) -> str | None:
@@ -402,6 +419,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = list(csv.DictReader(open(args.csv, newline="")))
     t0 = time.perf_counter()
     results, skipped = [], []
+    carried: dict[str, dict] = {}  # cumulative tables: the techniques of their rows so far
     for n, row in enumerate(rows, 1):
         try:
             payload, reason = map_row(row)
@@ -417,6 +435,7 @@ def main(argv: list[str] | None = None) -> int:
         if payload is None:
             skipped.append({**base, "reason": reason})
             continue
+        inherit_cumulative(row, payload, carried)
         strategy = payload.pop("_strategy", None)
         req = EstimateRequest.model_validate(payload)
         t = time.perf_counter()
