@@ -17,9 +17,10 @@ live-bytes counter. Per point it records
 * `counter_peak`: the live-bytes counter's peak over the steps (tensor bytes, as the estimator predicts them),
 * `context`: device memory in use beyond the allocator's reserve (CUDA context, cuBLAS workspaces).
 
-Points given as `method:batch:seq:gc|nogc[:expandable][:chunked|fused_linear][:offload]`; `expandable` runs that
-point with `PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True` (the allocator's slack without fragmentation); `chunked` /
-`fused_linear` set `config.training.cross_entropy`; `offload` sets `config.training.activation_offloading`.
+Points given as `method:batch:seq:gc|nogc[:expandable][:chunked|fused_linear][:offload][:compile]`; `expandable`
+runs that point with `PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True` (the allocator's slack without fragmentation); `chunked` /
+`fused_linear` set `config.training.cross_entropy`; `offload` sets `config.training.activation_offloading`; `compile`
+sets `config.training.torch_compile` (inductor on the GPU).
 
 `report` (any machine) adds the fast estimator's prediction for each point (the same catalog model, the profile's
 overhead terms) and prints measured vs predicted.
@@ -42,7 +43,7 @@ DEFAULT_POINTS = ("lora:1:512:gc,lora:4:1024:gc,lora:8:512:gc,lora:2:512:nogc,"
                   "qlora:2:1024:nogc,qlora:4:1024:gc:expandable")
 
 
-POINT_FLAGS = ("expandable", "chunked", "fused_linear", "offload")
+POINT_FLAGS = ("expandable", "chunked", "fused_linear", "offload", "compile")
 
 
 def parse_points(text: str) -> list[dict]:
@@ -51,11 +52,12 @@ def parse_points(text: str) -> list[dict]:
         parts = item.strip().split(":")
         if len(parts) < 4 or parts[3] not in ("gc", "nogc") or any(f not in POINT_FLAGS for f in parts[4:]):
             raise SystemExit(f"--points: {item!r} is not "
-                             "method:batch:seq:gc|nogc[:expandable][:chunked|fused_linear][:offload]")
+                             "method:batch:seq:gc|nogc[:expandable][:chunked|fused_linear][:offload][:compile]")
         loss = [f for f in parts[4:] if f in ("chunked", "fused_linear")]
         out.append({"method": parts[0], "batch": int(parts[1]), "seq": int(parts[2]), "gc": parts[3] == "gc",
                     "expandable": "expandable" in parts[4:], **({"cross_entropy": loss[-1]} if loss else {}),
-                    **({"activation_offloading": True} if "offload" in parts[4:] else {})})
+                    **({"activation_offloading": True} if "offload" in parts[4:] else {}),
+                    **({"torch_compile": True} if "compile" in parts[4:] else {})})
     return out
 
 
@@ -63,7 +65,8 @@ def point_config(point: dict) -> dict:
     training = {"bf16": True, "torch_dtype": "bfloat16", "per_device_train_batch_size": point["batch"],
                 "max_seq_length": point["seq"], "gradient_checkpointing": point["gc"],
                 "cross_entropy": point.get("cross_entropy", "standard"),
-                "activation_offloading": bool(point.get("activation_offloading"))}
+                "activation_offloading": bool(point.get("activation_offloading")),
+                "torch_compile": bool(point.get("torch_compile"))}
     # Llama has no bias terms: BitFit adds them (PEFT's BEFT)
     return {"training": training, **({"peft": {"bias_source": "add"}} if point.get("method") == "bitfit" else {})}
 
@@ -172,7 +175,7 @@ def measure(args) -> None:
         rows.append(row)
         Path(args.out).write_text(json.dumps(rows, indent=1))
         short = {k: (round(v / GIB, 3) if isinstance(v, int) and v > 2**24 else v) for k, v in row.items()
-                 if k in ("method", "batch", "seq", "gc", "expandable", "cross_entropy", "activation_offloading",
+                 if k in ("method", "batch", "seq", "gc", "expandable", "cross_entropy", "activation_offloading", "torch_compile",
                           "after_load_reserved", "load_peak_reserved",
                           "train_max_reserved", "train_max_allocated", "counter_peak", "context", "wall_seconds",
                           "error")}
@@ -191,7 +194,7 @@ def compare(rows: list[dict], gpu: str = "h100-sxm", exact: bool = False) -> lis
         name = f"{r['method']} b{r['batch']} s{r['seq']} {'gc' if r['gc'] else 'nogc'}" + \
                (" exp" if r.get("expandable") else "") + \
                (f" {r['cross_entropy']}" if r.get("cross_entropy", "standard") != "standard" else "") + \
-               (" offload" if r.get("activation_offloading") else "")
+               (" offload" if r.get("activation_offloading") else "") + (" compile" if r.get("torch_compile") else "")
         if r.get("error"):
             out.append({"point": name, "failed": r["error"][-300:], "error": None})
             continue

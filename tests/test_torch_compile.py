@@ -35,12 +35,15 @@ def deeper(tmp_path_factory, tokenizer):
                                        ("lora", True), ("prompt_tuning", False), ("galore", False)])
 def test_simulation_of_compiled_blocks_equals_a_compiled_real_run(deeper, method, gc):
     """The counter sees a compiled run's graphs (it does not ignore them as torch.compile does other user modes):
-    the fake-tensor simulation and a real CPU run agree (to the byte run by run; the min-cut partitioner breaks ties
-    between equal cuts by graph order, which has been seen to move one saved tensor of a block, 1.4% here), and
-    without checkpointing the partitioner saves less than eager autograd does."""
+    the fake-tensor simulation and a real CPU run agree, to the byte in most runs; the min-cut partitioner breaks
+    ties between equal cuts by graph order, which has been seen to move one fp32 batch × sequence × hidden tensor
+    per block between saved and recomputed (1.4-2.6% of this tiny model's peak). Without checkpointing the
+    partitioner saves less than eager autograd does."""
     sim = simulate_in_process(deeper, _config(method, True, gc), 2, 96)
     real = measure_real(deeper, _config(method, True, gc), 2, 96)
-    assert sim["peak_bytes"] == pytest.approx(real["peak_bytes"], rel=0.02)
+    config = deeper.config
+    one_tensor_per_block = config.num_hidden_layers * 2 * 96 * (config.hidden_size * 4 + 8)
+    assert abs(sim["peak_bytes"] - real["peak_bytes"]) <= one_tensor_per_block, (sim["peak_bytes"], real["peak_bytes"])
     assert sim["peak_phase"] == real["peak_phase"]
     eager = simulate_in_process(deeper, _config(method, False, gc), 2, 96)
     if not gc:
