@@ -108,6 +108,8 @@ def _count(resolved, cfg: MethodConfig, layers: int) -> dict[str, int]:
 
     sliced = copy.copy(resolved)
     sliced.config = sliced_config(resolved.config, layers)
+    if cfg.training.torch_compile:  # counting runs nothing: no compile (and no reset of dynamo's caches under a fit)
+        cfg = cfg.model_copy(update={"training": cfg.training.model_copy(update={"torch_compile": False})})
     model = load_base_model(sliced, cfg, on_meta=True)
     prepared = prepare(model, sliced, cfg, on_meta=True, total_steps=100)
     out = {"weights": 0, "trainable": 0, "trainable_params": 0, "total_params": 0}
