@@ -144,3 +144,17 @@ def single_gpu_recommendation(model_dir, method: str, training: dict) -> dict:
             "config_sources": {}, "scenario": {"model": str(model_dir),
                                                "hardware": {"gpu": "NVIDIA A100 80GB", "count": 1},
                                                "dataset": {"num_examples": 2000}}}
+
+
+def two_step_lora_job(model_dir, data_path, training: dict, peft: dict | None = None) -> dict:
+    """A normalized two-step LoRA job on the tiny model and an alpaca file, with `training` over small CPU settings:
+    what the tests of one training option run twice, with and without it."""
+    from advisor.train import normalize_job
+
+    return normalize_job({
+        "model": str(model_dir), "method": "lora", "max_steps": 2,
+        "dataset": {"path": str(data_path), "format": "auto"},
+        "config": {"peft": peft or {},
+                   "training": {"bf16": False, "learning_rate": 1e-3, "per_device_train_batch_size": 4,
+                                "gradient_accumulation_steps": 1, "max_seq_length": 64, "warmup_ratio": 0.0,
+                                **training}}})

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import single_gpu_recommendation
+from conftest import single_gpu_recommendation, two_step_lora_job
 
 from advisor.catalog.models import resolve_model
 from advisor.engine import load_base_model, make_batch, prepare, training_forward
@@ -92,17 +92,13 @@ def test_fast_estimate_follows_the_exact_simulation_and_pays_the_copies():
 
 def test_a_job_trains_with_offloading(tiny_dirs, tmp_path):
     from advisor.demo import write_datasets
-    from advisor.train import normalize_job, run_training
+    from advisor.train import run_training
 
     data = write_datasets(tmp_path / "data", n=12)
 
     def job(offload):
-        return normalize_job({
-            "model": str(tiny_dirs["llama"]), "method": "lora", "max_steps": 2,
-            "dataset": {"path": str(data["alpaca"]), "format": "auto"},
-            "config": {"training": {"bf16": False, "learning_rate": 1e-3, "per_device_train_batch_size": 4,
-                                    "gradient_accumulation_steps": 1, "max_seq_length": 64, "warmup_ratio": 0.0,
-                                    "gradient_checkpointing": True, "activation_offloading": offload}}})
+        return two_step_lora_job(tiny_dirs["llama"], data["alpaca"],
+                                 {"gradient_checkpointing": True, "activation_offloading": offload})
 
     offloaded = run_training(job(True), output_dir=tmp_path / "offloaded", device="cpu")
     plain = run_training(job(False), output_dir=tmp_path / "plain", device="cpu")

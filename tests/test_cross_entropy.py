@@ -8,7 +8,7 @@ import math
 
 import pytest
 import torch
-from conftest import single_gpu_recommendation
+from conftest import single_gpu_recommendation, two_step_lora_job
 
 from advisor.catalog.models import resolve_model
 from advisor.engine import load_base_model, make_batch, prepare
@@ -161,17 +161,12 @@ def test_refused_where_it_cannot_run(tiny_dirs):
 
 def test_a_job_trains_with_the_fused_loss(tiny_dirs, tmp_path):
     from advisor.demo import write_datasets
-    from advisor.train import normalize_job, run_training
+    from advisor.train import run_training
 
     data = write_datasets(tmp_path / "data", n=12)
 
     def job(mode):
-        return normalize_job({
-            "model": str(tiny_dirs["llama"]), "method": "lora", "max_steps": 2,
-            "dataset": {"path": str(data["alpaca"]), "format": "auto"},
-            "config": {"training": {"bf16": False, "learning_rate": 1e-3, "per_device_train_batch_size": 4,
-                                    "gradient_accumulation_steps": 1, "max_seq_length": 64, "warmup_ratio": 0.0,
-                                    "cross_entropy": mode}}})
+        return two_step_lora_job(tiny_dirs["llama"], data["alpaca"], {"cross_entropy": mode})
 
     fused = run_training(job("fused_linear"), output_dir=tmp_path / "fused", device="cpu")
     plain = run_training(job("standard"), output_dir=tmp_path / "plain", device="cpu")

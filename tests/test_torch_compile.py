@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import single_gpu_recommendation
+from conftest import single_gpu_recommendation, two_step_lora_job
 
 from advisor.catalog.models import resolve_model
 from advisor.engine import compile_blocks, load_base_model, make_batch, prepare, training_forward
@@ -100,18 +100,13 @@ def test_fast_estimate_follows_the_exact_simulation_of_all_blocks():
 
 def test_a_job_trains_compiled(tiny_dirs, tmp_path):
     from advisor.demo import write_datasets
-    from advisor.train import normalize_job, run_training
+    from advisor.train import run_training
 
     data = write_datasets(tmp_path / "data", n=12)
 
-    def job(compiled):
-        return normalize_job({
-            "model": str(tiny_dirs["llama"]), "method": "lora", "max_steps": 2,
-            "dataset": {"path": str(data["alpaca"]), "format": "auto"},
-            "config": {"peft": {"lora_dropout": 0.0},  # compiled dropout draws other masks than eager's
-                       "training": {"bf16": False, "learning_rate": 1e-3, "per_device_train_batch_size": 4,
-                                    "gradient_accumulation_steps": 1, "max_seq_length": 64, "warmup_ratio": 0.0,
-                                    "torch_compile": compiled}}})
+    def job(compiled):  # LoRA dropout 0: compiled dropout draws other masks than eager's
+        return two_step_lora_job(tiny_dirs["llama"], data["alpaca"], {"torch_compile": compiled},
+                                 peft={"lora_dropout": 0.0})
 
     compiled = run_training(job(True), output_dir=tmp_path / "compiled", device="cpu")
     eager = run_training(job(False), output_dir=tmp_path / "eager", device="cpu")
