@@ -147,6 +147,22 @@ KEY_NEUTRAL_DEFAULTS = {"cross_entropy": "standard", "optimizer_in_backward": Fa
                         "torch_compile": False}
 
 
+# the same for method knobs added after caches existed (PEFT's modules_to_save, None unless asked for)
+PEFT_KEY_NEUTRAL_DEFAULTS = {"modules_to_save": None}
+
+
+def peft_without_neutral_defaults(peft: dict) -> dict:
+    return {k: v for k, v in peft.items()
+            if not (k in PEFT_KEY_NEUTRAL_DEFAULTS and PEFT_KEY_NEUTRAL_DEFAULTS[k] == v)}
+
+
+def method_key_dump(cfg: MethodConfig) -> dict:
+    """`cfg`'s method, PEFT knobs and quantization as cache keys see them (neutral defaults left out)."""
+    out = cfg.model_dump(mode="json", include={"method", "peft", "quantization"})
+    out["peft"] = peft_without_neutral_defaults(out.get("peft") or {})
+    return out
+
+
 def without_neutral_defaults(training: dict) -> dict:
     return {k: v for k, v in training.items() if not (k in KEY_NEUTRAL_DEFAULTS and KEY_NEUTRAL_DEFAULTS[k] == v)}
 

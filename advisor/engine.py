@@ -77,6 +77,7 @@ class SimLinear4bit(nn.Module):
         dev = linear.weight.device
         self.in_features, self.out_features = in_f, out_f
         self.compute_dtype = compute_dtype
+        self.quant_dtype = linear.weight.dtype  # a QuantState's `dtype`: what dequantize_4bit gives back
         self.weight = nn.Parameter(torch.empty(((n + 1) // 2, 1), dtype=torch.uint8, device=dev), requires_grad=False)
         self.weight.quant_shape = (out_f, in_f)
         blocks = math.ceil(n / blocksize)
@@ -97,6 +98,34 @@ class SimLinear4bit(nn.Module):
         if self.bias is not None:
             out = out + self.bias.to(self.compute_dtype)
         return out.to(inp_dtype)
+
+    def dequantize(self) -> torch.Tensor:
+        """What `bitsandbytes.functional.dequantize_4bit(weight, quant_state)` allocates: the block scales in place,
+        then the whole weight in the QuantState's dtype (PEFT's DoRA calls it in every forward)."""
+        _dequant_scales(self.absmax, in_place=True)
+        return torch.empty((self.out_features, self.in_features), dtype=self.quant_dtype, device=self.weight.device)
+
+
+def _dequantize_module_weight_with_standin(original):
+    """PEFT's `dequantize_module_weight`, which knows bitsandbytes' own layers, also dequantizing the stand-in."""
+
+    def dequantize_module_weight(module):
+        if isinstance(module, SimLinear4bit):
+            return module.dequantize()
+        return original(module)
+
+    dequantize_module_weight.advisor_standin = True
+    return dequantize_module_weight
+
+
+def _teach_peft_the_standin() -> None:
+    import peft.tuners.lora.dora as dora
+
+    if not getattr(dora.dequantize_module_weight, "advisor_standin", False):
+        dora.dequantize_module_weight = _dequantize_module_weight_with_standin(dora.dequantize_module_weight)
+
+
+_teach_peft_the_standin()
 
 
 def quantize_meta_4bit(model: nn.Module, compute_dtype: torch.dtype, double_quant: bool) -> int:

@@ -91,6 +91,9 @@ OPTIONS = (
     ("galore_adamw_8bit", {"optim": "galore_adamw_8bit"}, ("galore",)),
     ("galore_adamw_8bit in backward", {**_IN_BACKWARD, "optim": "galore_adamw_8bit"}, ("galore",)),
     ("activation offloading", {"activation_offloading": True}, ("full", "lora", "qlora")),
+    # LoRA's variants: the fourth element is the PEFT knobs
+    ("DoRA", {}, ("lora", "qlora"), {"use_dora": True}),
+    ("modules_to_save embed+head", {}, ("lora", "qlora"), {"modules_to_save": ["embed_tokens", "lm_head"]}),
 )
 OPTIONS_GRID = ((1, 512, False), (4, 1024, True), (3, 700, True))
 
@@ -203,8 +206,8 @@ def write_json(path: Path, data: dict) -> None:
 def plan(quick: bool, large: bool, medium: bool = False, options: bool = False) -> list[dict]:
     if options:
         return [{"model": m, "label": f"{label} [{tag}]", "method": meth, "b": b, "s": s, "gc": gc,
-                 "training": training}
-                for m, label in QUICK_MODELS for tag, training, methods in OPTIONS for meth in methods
+                 "training": training, **({"peft": peft[0]} if peft else {})}
+                for m, label in QUICK_MODELS for tag, training, methods, *peft in OPTIONS for meth in methods
                 for (b, s, gc) in OPTIONS_GRID]
     if medium:
         cases = [{"model": m, "label": label, "method": meth, "b": b, "s": s, "gc": gc}
@@ -235,6 +238,7 @@ def prepare_case(case: dict) -> tuple[Any, dict | None, str | None]:
     options = [{"bias_source": "existing"}, {"bias_source": "add"}] if case["method"] == "bitfit" else [{}]
     last = None
     for peft in options:
+        peft = {**peft, **case.get("peft", {})}
         req = request(case["model"], case["method"], case["b"], case["s"], case["gc"], peft,
                       training=case.get("training"))
         try:

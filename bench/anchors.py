@@ -21,13 +21,17 @@ Mapping rules
   against the row's `params_b` (reported in the JSON).
 - Methods (first matching rule; the method's defaults for everything the string does not say):
   `lora rN (c_attn)` → lora r=N on q_proj, k_proj, v_proj (Qwen-1's fused qkv, split in the Llama-style build);
-  `lora rN` (no targets; ms-swift's default for Llama-type models such as Yi is q/k/v) → the same;
-  `lora rN all-linear` → lora r=N, target_modules "all-linear"; `lora rN (q,v)` → lora r=N on q_proj, v_proj;
+  `lora rN` (no targets: the source's default, PEFT's q/v for the MetaMathQA rows, else ms-swift's default for
+  Llama-type models such as Yi, q/k/v) → the same; `lora rN all-linear` → lora r=N, target_modules "all-linear";
+  `lora rN (q,v)` → lora r=N on q_proj, v_proj; `dora ...` → the same lora with use_dora; "+ lm_head" → the output
+  head a LoRA target too (torchtune's apply_lora_to_output); "modules_to_save" (Qwen's "LoRA (emb)") → lora with
+  modules_to_save embed_tokens and lm_head;
   `qlora bnb int4` → qlora (defaults); `adalora rN [all-linear]` → adalora target_r=N, init_r=2N (the default
-  ratio), target "all-linear" when said; `ia3` → ia3; `prompt_tuning` → prompt_tuning; `prefix_tuning` →
+  ratio), target "all-linear" when said; `ia3` → ia3 (`ia3 all-linear ... ff=a,b` → every projection, a, b the
+  feed-forward ones); `prompt_tuning` → prompt_tuning; `prefix_tuning` →
   prefix_tuning; `adapter (houlsby-style)` → adapter placement houlsby; `full + galore rN` → galore rank N;
-  `full` → full. Not modelled (skipped): dora, loha, vera, boft, oft, fourierft, llama-pro, lisa, gptq, p-tuning,
-  adaption_prompt, ln_tuning, unsloth.
+  `full` → full. Not modelled (skipped): loha, vera, boft, oft, fourierft, llama-pro, lisa, gptq, p-tuning,
+  adaption_prompt, ln_tuning, unsloth (and the other PEFT methods named in UNMODELLED).
 - Training: batch, seq_len as given; grad_ckpt on/off → gradient_checkpointing; bf16; optimizer "AdamW" →
   `adamw_torch` (torch.optim.AdamW with its defaults, which is what both sources ran: it takes the foreach path on
   CUDA); rows whose source says "FA2 OFF (eager attn)" → attn_implementation "eager", else the default (SDPA,
@@ -105,15 +109,16 @@ CATALOG = {"llama-3.2-3b": "meta-llama/Llama-3.2-3B", "llama3-8b-instruct": "met
 # cards a source does not name ("unknown", "2xGPU-FSDP", "2x40GB-ZeRO3"): the peak does not depend on which GPU,
 # only the fit would; every named card goes through the catalog's own aliases (`_catalog_gpu`)
 UNNAMED_GPUS = {"unknown": "a100-80gb", "gpu": "a100-80gb", "40gb": "a100-40gb", "24gb": "rtx-4090"}
-UNMODELLED = ("unsloth", "gptq", "dora", "loha", "vera", "boft", "oft", "fourierft", "llama-pro", "lisa",
+UNMODELLED = ("unsloth", "gptq", "loha", "vera", "boft", "oft", "fourierft", "llama-pro", "lisa",
               "p-tuning", "adaption_prompt", "ln_tuning", "lokr", "lora-fa", "osf", "trainable_tokens", "tinylora",
-              "miss", "randlora", "lily", "+ lm_head", "modules_to_save", "all-linear (q,k,v,o + mlp")
+              "miss", "randlora", "lily")
 # training techniques a row's source names that the estimator does not model (it would over-estimate them)
 UNMODELLED_TECHNIQUES = {"real lengths short": "lengths far below the stated cap (the longest batch is unknown)"}
 # short target names in method strings → module names per family (Llama-style *_proj; T5 q/v; BLOOM fused qkv)
 SHORT_TARGETS = {"q": "q_proj", "k": "k_proj", "v": "v_proj", "o": "o_proj", "gate": "gate_proj", "up": "up_proj",
                  "down": "down_proj"}
 QKV = ["q_proj", "k_proj", "v_proj"]
+ALL_LINEAR = [SHORT_TARGETS[x] for x in ("q", "k", "v", "o", "gate", "up", "down")]  # a Llama-style block's
 # rows simulated exactly as a cross-check when --exact-rows is not given (1-based CSV data rows): Qwen-7B LoRA,
 # full and QLoRA at 2048 (ms-swift), Llama-3.2-3B LoRA r32 and AdaLoRA r32 (PEFT MetaMathQA)
 DEFAULT_EXACT = (3, 11, 15, 36, 39)
@@ -167,15 +172,24 @@ def map_method(text: str) -> tuple[str | None, dict, str | None]:
         if "all-linear" in t:
             peft["target_modules"] = "all-linear"
         return "adalora", peft, None
-    if t.startswith("lora"):
+    if t.startswith("lora") or t.startswith("dora"):  # DoRA: LoRA with the weight decomposed (use_dora)
         peft = {"r": r} if r else {}
+        if t.startswith("dora"):
+            peft["use_dora"] = True
         targets = _listed_targets(t)
+        if "+ lm_head" in t:  # torchtune's apply_lora_to_output: the output head is a LoRA target too
+            targets = (ALL_LINEAR if targets == "all-linear" else list(targets or QKV)) + ["lm_head"]
         if targets:
             peft["target_modules"] = targets
-        else:  # "(c_attn)" (Qwen-1's fused qkv) or no targets (ms-swift's default for Llama-type: q, k, v)
-            peft["target_modules"] = list(QKV)
+        if "modules_to_save" in t:  # Qwen's "LoRA (emb)": embedding and output head trained whole (wte, lm_head)
+            peft["modules_to_save"] = ["embed_tokens", "lm_head"]
+        # else "(c_attn)" (Qwen-1's fused qkv) or no targets: the source's default (SOURCE_PEFT), else q, k, v
         return "lora", peft, None
     if t.startswith("ia3"):
+        ff = re.search(r"ff=([a-z,]+)", t.replace(" ", ""))
+        if "all-linear" in t and ff:  # every projection; the feed-forward ones named by "ff="
+            return "ia3", {"target_modules": list(ALL_LINEAR),
+                           "feedforward_modules": [SHORT_TARGETS[x] for x in ff.group(1).split(",")]}, None
         return "ia3", {}, None
     if t.startswith("prompt_tuning"):
         return "prompt_tuning", {}, None
@@ -205,7 +219,8 @@ SOURCE_PEFT = {
         "prompt_tuning": {"num_virtual_tokens": 200},
         "prefix_tuning": {"num_virtual_tokens": 200},
         "adalora": {"init_r": 64, "target_r": 32, "target_modules": ["q_proj", "v_proj"], "lora_dropout": 0.0},
-        "lora": {"lora_dropout": 0.0},
+        "lora": {"lora_dropout": 0.0, "target_modules": ["q_proj", "v_proj"]},  # target_modules null: PEFT's
+        # default for Llama (experiments/lora/llama-3.2-3B-rank32-dora/adapter_config.json)
         "qlora": {"upcast_non_quantized": True},
     },
 }
@@ -237,6 +252,8 @@ def map_row(row: dict) -> tuple[dict | None, str | None]:
     peft = {**SOURCE_PEFT.get(source_short(row["source"]).split(" ")[0], {}).get(method, {}), **explicit}
     if method == "adalora" and "r" in explicit:  # the method string's rank wins over the source default
         peft.update(explicit)
+    if method == "lora" and "target_modules" not in peft:  # ms-swift's default for Llama-type models: q, k, v
+        peft["target_modules"] = list(QKV)
     low = row["source"].lower()
     for word, technique in UNMODELLED_TECHNIQUES.items():
         if word in low:

@@ -130,12 +130,12 @@ class AdvisorServer:
 
 
 # ------------------------------------------------------------------------------------------------ exports
-def single_gpu_recommendation(model_dir, method: str, training: dict) -> dict:
-    """A minimal recommendation (one A100) for `method` with `training` on the method's defaults: what the
-    exporters read."""
+def single_gpu_recommendation(model_dir, method: str, training: dict, peft: dict | None = None) -> dict:
+    """A minimal recommendation (one A100) for `method` with `training` (and `peft`) on the method's defaults: what
+    the exporters read."""
     from advisor.methods import get_method
 
-    cfg = get_method(method).resolve_config({"training": training})
+    cfg = get_method(method).resolve_config({"training": training, "peft": peft or {}})
     return {"decision": "fine_tune", "method": method, "config": cfg.model_dump(mode="json"),
             "estimate": {"peak_vram_gib": 9.8, "fits": True, "seq_len": cfg.training.max_seq_length,
                          "strategy": "single",

@@ -26,7 +26,7 @@ import json
 import threading
 from dataclasses import dataclass
 
-from advisor.config import MethodConfig, without_neutral_defaults
+from advisor.config import MethodConfig, method_key_dump, without_neutral_defaults
 from advisor.memory.counter import CATEGORIES
 from advisor.settings import get_settings
 
@@ -85,8 +85,7 @@ def coefficient_key(resolved, cfg: MethodConfig, seq_len: int, target: str = "cp
                    if k not in ("_name_or_path", "transformers_version", "architectures", "num_hidden_layers",
                                 "n_layer", "num_layers", "num_decoder_layers", "layer_types")},
         "kind": resolved.kind,
-        "method": _simulation_config(cfg).model_dump(
-            mode="json", include={"method", "peft", "quantization"}),
+        "method": method_key_dump(_simulation_config(cfg)),
         "training": cfg.training.model_dump(mode="json", include={"torch_dtype", "bf16", "fp16", "gradient_checkpointing",
                                                                   "attn_implementation", "max_grad_norm", "cross_entropy", "optimizer_in_backward",
                                                                   "activation_offloading", "torch_compile",

@@ -237,7 +237,8 @@ def training_flops_per_token(mm: MemoryModel) -> float:
     ≈ 2N forward + 2N input-gradient backward + 2N_trained weight-gradient backward (+ 2N recompute with
     checkpointing) + attention's QKᵀ and AV (4·L·kv·q_dim per token forward, ×2 backward, + forward again with
     checkpointing), where N counts matmul parameters only: embedding tables are lookups (no FLOPs forward, a
-    scatter-add backward) and are left out, the output head is a matmul and stays in (Kaplan et al. 2020).
+    scatter-add backward) and are left out, the output head is a matmul and stays in (Kaplan et al. 2020); so are
+    the frozen originals PEFT keeps beside `modules_to_save` copies, which never run (`idle_matmul_params`).
     Method terms: prompt tuning runs every layer over its virtual tokens too (× (s + p) / s); prefix tuning's
     keys include the p prefix tokens (kv = s + p); LongLoRA's S²-Attn attends within groups of ratio·s tokens
     during training (kv = ratio·s, when the sequence splits into ≥ 2 whole groups). GaLore's per-step projections
@@ -246,7 +247,7 @@ def training_flops_per_token(mm: MemoryModel) -> float:
     N_enc + N_dec·t/s, trained parameters in the same proportion), and attention is the encoder's self-attention
     over s, the decoder's over t and its cross-attention over s (4·L·q·(s + t²/s + t) per source token)."""
     st, plan = mm.static, mm.plan
-    n = max(st.total_params - st.lookup_params, 0)
+    n = max(st.total_params - st.lookup_params - st.idle_matmul_params, 0)
     trained = max(st.trainable_params - st.trainable_lookup_params, 0)
     s = plan.seq_len
     seq2seq = plan.model.kind == "seq2seq"

@@ -18,7 +18,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from advisor.config import MethodConfig
+from advisor.config import MethodConfig, method_key_dump
 
 _LAYER_FIELDS = ("num_hidden_layers", "n_layer", "num_layers", "num_decoder_layers")
 _LOCK = threading.Lock()
@@ -62,6 +62,9 @@ class StaticTerms:
     # model's root, which FSDP keeps gathered from the first forward to the end of backward
     block_param_bytes: int = 0
     block_trainable_bytes: int = 0
+    # PEFT's modules_to_save keep each module's frozen original beside the trained copy, and only the copy runs:
+    # the originals' matmul parameters are in total_params but not in any FLOP
+    idle_matmul_params: int = 0
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -127,6 +130,7 @@ def _count(resolved, cfg: MethodConfig, layers: int) -> dict[str, int]:
     trainable, total = prepared.param_counts()
     out["total_params"] = total
     out["lookup_params"], out["trainable_lookup_params"] = _lookup_params(prepared.model)
+    out["idle_matmul_params"] = _idle_matmul_params(prepared.model)
     out["decoder_matmul_params"] = _decoder_matmul_params(prepared.model) if resolved.kind == "seq2seq" else 0
     for b in prepared.model.buffers():
         if id(b) not in seen:
@@ -166,6 +170,22 @@ def _lookup_params(model) -> tuple[int, int]:
             total += w.numel()
             trainable += w.numel() if w.requires_grad else 0
     return total, trainable
+
+
+def _idle_matmul_params(model) -> int:
+    """Parameters of the frozen originals that PEFT's `ModulesToSaveWrapper` keeps beside each trained copy (they
+    never run while the adapter is active), except embedding tables, which `_lookup_params` already leaves out."""
+    tables = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Embedding)}
+    seen, total = set(), 0
+    for mod in model.modules():
+        original = getattr(mod, "original_module", None) if type(mod).__name__ == "ModulesToSaveWrapper" else None
+        if original is None:
+            continue
+        for p in original.parameters():
+            if id(p) not in seen and id(p) not in tables:
+                seen.add(id(p))
+                total += p.numel()
+    return total
 
 
 def _decoder_matmul_params(model) -> int:
@@ -275,7 +295,7 @@ def optimizer_flops(prepared, cfg: MethodConfig) -> float:
 
 def _key(resolved, cfg: MethodConfig) -> str:
     basis = {"config": resolved.config.to_dict(), "kind": resolved.kind,
-             "method": cfg.model_dump(mode="json", include={"method", "peft", "quantization"}),
+             "method": method_key_dump(cfg),
              "training": cfg.training.model_dump(mode="json", include={"torch_dtype", "optim", "bf16", "fp16"}),
              "v": 8}
     basis["config"].pop("_name_or_path", None)
@@ -339,6 +359,7 @@ def _compute(resolved, cfg: MethodConfig) -> dict:
         "family": resolved.config.model_type,
         "lookup_params": extrapolate("lookup_params"),
         "trainable_lookup_params": extrapolate("trainable_lookup_params"),
+        "idle_matmul_params": extrapolate("idle_matmul_params"),
         "optimizer_flops_per_step": extrapolate("optimizer_flops"),
         "decoder_matmul_params": extrapolate("decoder_matmul_params"),
         "svd_matrix_bytes": max(one["svd_matrix"], two["svd_matrix"]),

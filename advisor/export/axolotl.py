@@ -47,7 +47,7 @@ REFUSALS = {
 # every key this exporter may write (top level), each present in Axolotl's schemas
 KNOWN_KEYS = frozenset({
     "base_model", "load_in_4bit", "adapter", "lora_r", "lora_alpha", "lora_dropout", "lora_target_modules",
-    "lora_target_linear", "peft_use_rslora", "peft_use_dora", "bnb_config_kwargs", "unfrozen_parameters",
+    "lora_target_linear", "peft_use_rslora", "peft_use_dora", "lora_modules_to_save", "bnb_config_kwargs", "unfrozen_parameters",
     "chat_template", "datasets", "dataset_prepared_path", "val_set_size", "output_dir", "sequence_len",
     "sample_packing", "train_on_inputs", "micro_batch_size", "gradient_accumulation_steps", "num_epochs",
     "learning_rate", "optimizer", "optim_target_modules", "optim_args", "lr_scheduler", "warmup_ratio",
@@ -112,6 +112,8 @@ def render(ctx: ExportContext) -> Rendered:
             doc.put("peft_use_rslora", True)
         if p.get("use_dora"):
             doc.put("peft_use_dora", True)
+        if p.get("modules_to_save"):
+            doc.put("lora_modules_to_save", list(p["modules_to_save"]), "trained whole beside the adapters")
         if p.get("bias", "none") != "none":
             notes.append(f"LoRA bias={p['bias']!r} has no Axolotl key; Axolotl trains no biases with LoRA")
         if ctx.method == "qlora":

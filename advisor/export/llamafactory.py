@@ -189,6 +189,8 @@ def render(ctx: ExportContext) -> Rendered:
             doc.put("use_rslora", True)
         if p.get("use_dora"):
             doc.put("use_dora", True)
+        if p.get("modules_to_save"):
+            doc.put("additional_target", ",".join(p["modules_to_save"]), "trained whole beside the adapters")
         if p.get("bias", "none") != "none":
             notes.append(f"LoRA bias={p['bias']!r} has no LLaMA-Factory key; it trains no biases with LoRA")
         if ctx.method == "longlora":

@@ -78,6 +78,7 @@ _LORA_CALL = '''LoraConfig(
         bias=PEFT.get("bias", "none"),
         use_rslora=PEFT.get("use_rslora", False),
         use_dora=PEFT.get("use_dora", False),
+        modules_to_save=PEFT.get("modules_to_save"),
     )'''
 
 SNIPPETS["lora"] = f'''from peft import LoraConfig, get_peft_model

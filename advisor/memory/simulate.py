@@ -262,10 +262,11 @@ def _vocab_size(config) -> int:
 
 # --------------------------------------------------------------------------- subprocess + cache
 def _config_payload(cfg: MethodConfig) -> dict:
-    from advisor.config import without_neutral_defaults
+    from advisor.config import peft_without_neutral_defaults, without_neutral_defaults
 
     out = cfg.model_dump(mode="json")
     out["training"] = without_neutral_defaults(out["training"])
+    out["peft"] = peft_without_neutral_defaults(out["peft"])
     return out
 
 

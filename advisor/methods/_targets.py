@@ -57,6 +57,9 @@ def resolve_targets(
     if isinstance(requested, str):
         requested = [requested]
     requested = list(requested or [])
+    head = output_head_name(model)
+    if head and head in requested:  # the output head only when named (torchtune's apply_lora_to_output)
+        available = [*available, head]
     present = [t for t in requested if t in available]
     if requested and len(present) == len(requested):
         return requested
@@ -97,3 +100,45 @@ def ia3_modules(model: torch.nn.Module, peft: dict, model_type: str) -> tuple[li
     if bad:
         raise AdvisorInputError("config.peft.feedforward_modules", f"{bad} are not among target_modules", allowed=list(targets))
     return list(targets), ff
+
+
+def output_head_name(model: torch.nn.Module) -> str | None:
+    """The leaf name of the model's output projection (`lm_head` for most causal LMs), when it is a Linear."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if not isinstance(head, torch.nn.Linear):
+        return None
+    for name, mod in model.named_modules():
+        if mod is head:
+            return name.rsplit(".", 1)[-1]
+    return None
+
+
+def resolve_modules_to_save(model: torch.nn.Module, requested: Any, field_name: str) -> list[str] | None:
+    """PEFT's `modules_to_save`: whole modules trained beside the adapters (a trainable copy of each, the frozen
+    original kept), typically the embeddings and the output head. Each name must end the path of some module;
+    the error lists the embedding and head names this model has."""
+    if requested in (None, [], ()):
+        return None
+    if isinstance(requested, str):
+        requested = [requested]
+    if not isinstance(requested, (list, tuple)) or not all(isinstance(n, str) and n.strip() for n in requested):
+        raise AdvisorInputError(field_name, "must be a list of module names, e.g. ['embed_tokens', 'lm_head']")
+    names = [n for n, _ in model.named_modules() if n]
+    missing = [r for r in requested if not any(n == r or n.endswith("." + r) for n in names)]
+    if missing:
+        suggest = []
+        inp = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+        for n, mod in model.named_modules():
+            if mod is inp or isinstance(mod, torch.nn.Embedding):
+                suggest.append(n.rsplit(".", 1)[-1])
+        head = output_head_name(model)
+        if head:
+            suggest.append(head)
+        raise AdvisorInputError(field_name, f"no module named {missing} in this model",
+                                allowed=sorted(set(suggest)) or None)
+    quantized = [n for n, mod in model.named_modules() if type(mod).__name__ in ("Linear4bit", "SimLinear4bit")
+                 and any(n == r or n.endswith("." + r) for r in requested)]
+    if quantized:
+        raise AdvisorInputError(field_name, f"{quantized[0]!r} is a 4-bit layer, which cannot train whole; adapt it "
+                                "through target_modules instead")
+    return list(requested)

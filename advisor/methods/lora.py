@@ -2,7 +2,7 @@
 
 from peft import LoraConfig, get_peft_model
 
-from advisor.methods._targets import resolve_targets
+from advisor.methods._targets import resolve_modules_to_save, resolve_targets
 from advisor.methods.base import MethodSpec, Prepared, linear_module_names, peft_task_type, register_method
 
 LORA_KNOBS = {
@@ -13,6 +13,7 @@ LORA_KNOBS = {
     "bias": "none",
     "use_rslora": False,
     "use_dora": False,
+    "modules_to_save": None,
 }
 
 
@@ -30,6 +31,7 @@ def lora_config(model, peft, ctx, **extra) -> LoraConfig:
         bias=peft.get("bias", "none"),
         use_rslora=peft.get("use_rslora", False),
         use_dora=peft.get("use_dora", False),
+        modules_to_save=resolve_modules_to_save(model, peft.get("modules_to_save"), "config.peft.modules_to_save"),
         **extra,
     )
     if standin is not None:  # simulate with PEFT's own 4-bit LoRA layer around the stand-in
@@ -53,6 +55,8 @@ def validate_lora(peft, ctx):
         raise AdvisorInputError("config.peft.r", f"rank must be an integer in 1..4096, got {peft['r']!r}")
     if not 0 <= float(peft["lora_dropout"]) < 1:
         raise AdvisorInputError("config.peft.lora_dropout", "must be in [0, 1)")
+    if not isinstance(peft.get("use_dora", False), bool):
+        raise AdvisorInputError("config.peft.use_dora", f"must be true or false, got {peft['use_dora']!r}")
     if peft.get("bias", "none") not in ("none", "all", "lora_only"):
         raise AdvisorInputError("config.peft.bias", "unknown bias mode", allowed=["none", "all", "lora_only"])
 

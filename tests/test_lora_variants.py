@@ -1,0 +1,159 @@
+"""LoRA's variants that published runs use: DoRA (`use_dora`: the weight split into magnitude and direction),
+whole modules trained beside the adapters (`modules_to_save`, e.g. the embeddings and the output head) and LoRA on
+the output head (`target_modules` naming it). For each: the fake-tensor simulation equals a real run to the byte
+(QLoRA's real bitsandbytes layers included), the fast estimator follows the simulation, time counts what runs, a
+job trains and saves it, the exports carry it, and bad names are refused with the names that exist."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import single_gpu_recommendation, two_step_lora_job
+
+from advisor.catalog.models import resolve_model
+from advisor.errors import AdvisorInputError
+from advisor.memory.simulate import measure_real, simulate_in_process
+from advisor.methods import get_method
+
+
+@pytest.fixture(scope="module")
+def deeper(tmp_path_factory, tokenizer):
+    from advisor.demo import write_tiny_model
+
+    path = write_tiny_model(tmp_path_factory.mktemp("variants") / "llama", "llama", tokenizer, vocab_size=2048,
+                            hidden_size=128, intermediate_size=256, num_hidden_layers=3)
+    return resolve_model(str(path))
+
+
+def _cfg(method: str, peft: dict, gc: bool = False):
+    return get_method(method).resolve_config({"peft": peft, "training": {"gradient_checkpointing": gc}})
+
+
+VARIANTS = {
+    "dora": {"use_dora": True, "target_modules": "all-linear"},
+    "modules_to_save": {"modules_to_save": ["embed_tokens", "lm_head"]},
+    "head_target": {"target_modules": ["q_proj", "v_proj", "lm_head"]},
+}
+
+
+@pytest.mark.parametrize("method", ["lora", "qlora"])
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_simulation_equals_a_real_run(deeper, method, variant):
+    """bf16 weights, checkpointing on for DoRA (its recomputed weight norms), off for the others."""
+    cfg = _cfg(method, VARIANTS[variant], gc=variant == "dora")
+    sim = simulate_in_process(deeper, cfg, 2, 96)
+    real = measure_real(deeper, cfg, 2, 96)
+    assert (sim["peak_bytes"], sim["breakdown_bytes"]) == (real["peak_bytes"], real["breakdown_bytes"])
+    assert sim["trainable_params"] == real["trainable_params"]
+
+
+def test_dora_trains_a_magnitude_per_output_and_keeps_more_for_backward(deeper):
+    """DoRA = LoRA + one magnitude per output feature of each adapted layer; its forward saves the base and LoRA
+    outputs separately (scaled by magnitude / ‖W + BA‖), so it holds more than LoRA at the same rank."""
+    lora, dora = _cfg("lora", {"target_modules": "all-linear"}), _cfg("lora", VARIANTS["dora"])
+    plain, decomposed = simulate_in_process(deeper, lora, 2, 96), simulate_in_process(deeper, dora, 2, 96)
+    c = deeper.config
+    per_block = {"q_proj": c.hidden_size, "k_proj": c.num_key_value_heads * c.hidden_size // c.num_attention_heads,
+                 "v_proj": c.num_key_value_heads * c.hidden_size // c.num_attention_heads, "o_proj": c.hidden_size,
+                 "gate_proj": c.intermediate_size, "up_proj": c.intermediate_size, "down_proj": c.hidden_size}
+    magnitudes = c.num_hidden_layers * sum(per_block.values())
+    assert decomposed["trainable_params"] - plain["trainable_params"] == magnitudes
+    assert decomposed["breakdown_bytes"]["activations"] > plain["breakdown_bytes"]["activations"]
+    assert decomposed["peak_bytes"] > plain["peak_bytes"]
+
+
+def test_modules_to_save_train_a_copy_beside_the_frozen_original(deeper):
+    cfg = _cfg("lora", {"modules_to_save": ["lm_head"]})
+    sim = simulate_in_process(deeper, cfg, 1, 32)
+    base = simulate_in_process(deeper, _cfg("lora", {}), 1, 32)
+    head = deeper.config.vocab_size * deeper.config.hidden_size
+    assert sim["trainable_params"] - base["trainable_params"] == head
+    assert sim["total_params"] - base["total_params"] == head  # the original stays
+
+
+def test_bad_names_are_refused_with_what_exists(deeper):
+    from advisor.engine import load_base_model, prepare
+
+    for method, peft, field in (
+        ("lora", {"modules_to_save": ["embeddings"]}, "config.peft.modules_to_save"),
+        ("lora", {"modules_to_save": "lm_head"}, None),  # a plain string is one name
+        ("qlora", {"modules_to_save": ["q_proj"]}, "config.peft.modules_to_save"),  # a 4-bit layer
+        ("lora", {"modules_to_save": [3]}, "config.peft.modules_to_save"),
+        ("lora", {"target_modules": ["q_proj", "output"]}, "config.peft.target_modules"),
+        ("lora", {"use_dora": "yes"}, "config.peft.use_dora"),
+    ):
+        cfg = None
+        try:
+            cfg = _cfg(method, peft)
+            prepare(load_base_model(deeper, cfg, on_meta=True), deeper, cfg, on_meta=True)
+        except AdvisorInputError as err:
+            assert field is not None and err.field == field, (peft, err.field)
+            if peft.get("modules_to_save") == ["embeddings"]:
+                assert set(err.allowed) == {"embed_tokens", "lm_head"}
+            continue
+        assert field is None, f"{peft} was accepted"
+
+
+def test_fast_estimate_follows_the_simulation_and_time_counts_what_runs():
+    """On a catalog model: the closed form equals the exact simulation's tensor bytes; the frozen original of a
+    saved module never runs, so training FLOPs grow by exactly the copy's weight gradient (2 FLOPs per parameter
+    per token) and not by another forward."""
+    from advisor.estimator.exact import exact_estimate
+    from advisor.estimator.fast import fast_estimate, memory_model, training_flops_per_token
+    from advisor.estimator.plan import build_plan
+    from advisor.schemas import EstimateRequest
+
+    def req(peft):
+        return EstimateRequest.model_validate({
+            "model": "Qwen/Qwen2.5-0.5B", "hardware": {"gpu": "a100-80gb", "count": 1}, "method": "lora",
+            "config": {"peft": peft, "training": {"per_device_train_batch_size": 2, "max_seq_length": 256}}})
+
+    for peft in (VARIANTS["dora"], {"modules_to_save": ["lm_head"]}):
+        fast, exact = fast_estimate(req(peft)), exact_estimate(req(peft), allocator="fitted")
+        assert fast["peak_bytes"] == pytest.approx(exact["peak_bytes"], rel=0.005), peft
+    plain, saved = (memory_model(build_plan(req(p))) for p in ({}, {"modules_to_save": ["lm_head"]}))
+    head = 151936 * 896
+    assert training_flops_per_token(saved) - training_flops_per_token(plain) == pytest.approx(2 * head)
+    assert saved.static.idle_matmul_params == 0  # Qwen2.5-0.5B ties its head to the embedding: the original
+    # head's weight is the embedding table, a lookup already left out of the FLOPs
+
+
+def test_a_job_trains_and_saves_dora_and_the_saved_module(tiny_dirs, tmp_path):
+    from safetensors.torch import load_file
+
+    from advisor.demo import write_datasets
+    from advisor.train import run_training
+
+    data = write_datasets(tmp_path / "data", n=12)
+    job = two_step_lora_job(tiny_dirs["llama"], data["alpaca"], {},
+                            peft={"use_dora": True, "modules_to_save": ["lm_head"]})
+    out = run_training(job, output_dir=tmp_path / "out", device="cpu")
+    assert out["status"] == "succeeded", out
+    saved = load_file(str(tmp_path / "out" / "adapter_model.safetensors"))
+    assert any("lora_magnitude_vector" in k for k in saved)
+    head = [k for k in saved if "lm_head" in k]
+    assert head and all(t.dtype.is_floating_point for t in (saved[k] for k in head))
+    assert not (tmp_path / "out" / "trainable_extras.safetensors").exists()  # PEFT's file has them all
+
+
+def test_exports_carry_the_variants(tiny_dirs, tmp_path):
+    import yaml
+
+    from advisor.demo import write_datasets
+    from advisor.export import axolotl as axolotl_fmt
+    from advisor.export import export
+    from advisor.export import llamafactory as lf_fmt
+
+    data = str(write_datasets(tmp_path / "data", n=8)["alpaca"])
+    rec = single_gpu_recommendation(tiny_dirs["llama"], "lora", {},
+                                    peft={"use_dora": True, "modules_to_save": ["embed_tokens", "lm_head"]})
+    ax = yaml.safe_load(export("axolotl", recommendation=rec, dataset=data)["content"])
+    assert ax["peft_use_dora"] is True and ax["lora_modules_to_save"] == ["embed_tokens", "lm_head"]
+    assert set(ax) <= axolotl_fmt.KNOWN_KEYS
+    lf = yaml.safe_load(export("llamafactory", recommendation=rec, dataset=data)["content"])
+    assert lf["use_dora"] is True and lf["additional_target"] == "embed_tokens,lm_head"
+    assert "additional_target" in lf_fmt.OWN_KEYS
+    script = export("script", recommendation=rec, dataset=data)["content"]
+    assert 'modules_to_save=PEFT.get("modules_to_save")' in script and "'modules_to_save': ['embed_tokens', 'lm_head']" in script
+    compile(script, "train.py", "exec")
+
