@@ -122,14 +122,34 @@ class TrainingConfig(BaseModel):
 
 
 class QuantizationConfig(BaseModel):
-    """bitsandbytes 4-bit settings (QLoRA), named as in `transformers.BitsAndBytesConfig`."""
+    """bitsandbytes settings of the frozen base, named as in `transformers.BitsAndBytesConfig`: 4-bit NF4/FP4
+    (QLoRA, the default) or 8-bit LLM.int8() (`load_in_8bit: true`, what Axolotl's `load_in_8bit` and
+    LLaMA-Factory's `quantization_bit: 8` load)."""
 
     model_config = ConfigDict(extra="forbid")
 
     load_in_4bit: bool = True
+    load_in_8bit: bool = Field(
+        False, description="LLM.int8(): int8 weights with one fp32 scale per output row; activations quantized per "
+                           "row in every matmul, outlier columns (|x| ≥ llm_int8_threshold) kept in 16-bit. Not "
+                           "with FSDP / ZeRO-3 (bitsandbytes' int8 weights cannot be sharded).")
+    llm_int8_threshold: float = Field(6.0, ge=0, description="8-bit only: the outlier threshold (0: no outliers).")
     bnb_4bit_quant_type: Literal["nf4", "fp4"] = "nf4"
     bnb_4bit_use_double_quant: bool = True
     bnb_4bit_compute_dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"
+
+    @model_validator(mode="after")
+    def _one_width(self) -> QuantizationConfig:
+        if self.load_in_8bit:
+            if self.load_in_4bit and "load_in_4bit" in self.model_fields_set:
+                raise ValueError("load_in_4bit and load_in_8bit cannot both be true; choose one (load_in_8bit "
+                                 "alone selects 8-bit)")
+            self.load_in_4bit = False
+        return self
+
+    @property
+    def bits(self) -> int:
+        return 8 if self.load_in_8bit else 4
 
 
 class MethodConfig(BaseModel):

@@ -19,9 +19,9 @@ from advisor.losses import computing_loss
 from advisor.methods import BuildContext, Prepared, get_method
 
 # Library messages that say nothing to a user of the advisor: PEFT asking transformers' deprecated
-# `is_gradient_checkpointing`, PEFT meeting the estimator's 4-bit stand-in (SimLinear4bit, below), and BEFT/BitFit
+# `is_gradient_checkpointing`, PEFT meeting the estimator's 4/8-bit stand-ins (SimLinear4bit/8bit, below), and BEFT/BitFit
 # noting that a bias-less base layer cannot be merged (the estimator builds such layers to count bytes).
-for _message in (r"`is_gradient_checkpointing` is deprecated", r"Unsupported layer type .*SimLinear4bit",
+for _message in (r"`is_gradient_checkpointing` is deprecated", r"Unsupported layer type .*SimLinear[48]bit",
                  r"Detected that the base layer has no bias term"):
     warnings.filterwarnings("ignore", message=_message)
 
@@ -70,9 +70,9 @@ def _dequant_scales(absmax: torch.Tensor, in_place: bool = False) -> torch.Tenso
 class SimLinear4bit(nn.Module):
     """Same storage as a bitsandbytes NF4 `Linear4bit`: packed uint8 weight + block absmax (+ double quant)."""
 
-    def __init__(self, linear: nn.Linear, compute_dtype: torch.dtype, blocksize: int = 64, double_quant: bool = True):
+    def __init__(self, linear: nn.Module, compute_dtype: torch.dtype, blocksize: int = 64, double_quant: bool = True):
         super().__init__()
-        out_f, in_f = linear.weight.shape
+        out_f, in_f = _out_in(linear)
         n = out_f * in_f
         dev = linear.weight.device
         self.in_features, self.out_features = in_f, out_f
@@ -110,7 +110,7 @@ def _dequantize_module_weight_with_standin(original):
     """PEFT's `dequantize_module_weight`, which knows bitsandbytes' own layers, also dequantizing the stand-in."""
 
     def dequantize_module_weight(module):
-        if isinstance(module, SimLinear4bit):
+        if isinstance(module, (SimLinear4bit, SimLinear8bit)):
             return module.dequantize()
         return original(module)
 
@@ -128,21 +128,122 @@ def _teach_peft_the_standin() -> None:
 _teach_peft_the_standin()
 
 
-def quantize_meta_4bit(model: nn.Module, compute_dtype: torch.dtype, double_quant: bool) -> int:
-    """Swap every Linear except the output head for the 4-bit stand-in (what bnb's loader quantizes)."""
+# --------------------------------------------------------------------------- 8-bit stand-in (simulation)
+class _Int8MatmulLt(torch.autograd.Function):
+    """Mirrors bitsandbytes' `MatMul8bitLt` (LLM.int8(), the path CUDA trains with) for a frozen int8 weight:
+
+    forward: the input cast to fp16 (a copy unless it is fp16), quantized per row to int8 with fp32 row scales (the
+    CUDA quantizer also builds |x| in fp16 and the boolean outlier mask, `x.abs() >= threshold`, when the threshold is
+    > 0), the int8 matmul's int32 output, dequantized to fp16 and cast to the input's dtype; the input is kept on
+    `ctx` (MatMul8bitLt's `ctx.tensors`, not `save_for_backward`: see `_Dequant4bitMatmul`) until backward.
+    backward: the whole weight dequantized to the input's dtype (`state.CB.to(dtype).mul_(SCB / 127)`), then one
+    matmul. Outlier columns are data: fake tensors have none (a real model's few keep tokens × columns in 16-bit)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, scb, bias, threshold):
+        rows, cols = x.numel() // x.shape[-1], x.shape[-1]
+        a = x.reshape(rows, cols)
+        a16 = a.to(torch.float16)
+        row_stats = torch.empty(rows, dtype=torch.float32, device=x.device)
+        quantized = torch.empty(a.shape, dtype=torch.int8, device=x.device)
+        if threshold > 0.0:
+            outliers = a16.abs() >= threshold
+            outliers.any()
+            del outliers
+        outlier_cols = torch.empty(0, dtype=torch.int64, device=x.device)
+        del a16
+        sub_a = torch.empty(0, dtype=x.dtype, device=x.device)  # no outlier columns
+        out_i32 = torch.empty((rows, weight.shape[0]), dtype=torch.int32, device=x.device)
+        out16 = torch.empty((rows, weight.shape[0]), dtype=torch.float16, device=x.device)
+        if bias is not None:
+            out16.add_(bias)  # the dequantizer adds the bias in place (fused when it is fp16)
+        out = out16.to(x.dtype)
+        del out16, out_i32, quantized, row_stats, outlier_cols
+        ctx.kept = (sub_a, a)
+        ctx.weight, ctx.scb, ctx.dtype, ctx.shape = weight, scb, x.dtype, x.shape
+        ctx.bias_dtype = None if bias is None else bias.dtype
+        return out.view(*x.shape[:-1], weight.shape[0])
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        grad_bias = grad_out.sum(0, dtype=ctx.bias_dtype) if ctx.needs_input_grad[3] else None
+        g = grad_out.reshape(-1, grad_out.shape[-1]).contiguous()
+        w = torch.empty(ctx.weight.shape, dtype=ctx.dtype, device=g.device)
+        w.mul_(ctx.scb.unsqueeze(1).mul(1.0 / 127.0))
+        grad = torch.matmul(g.to(ctx.dtype), w).view(ctx.shape)
+        del w
+        return grad, None, None, grad_bias, None
+
+
+class SimLinear8bit(nn.Module):
+    """Same storage as a bitsandbytes `Linear8bitLt` after loading: an int8 weight and one fp32 scale per output row
+    (`Int8Params.SCB`), and its training matmul's allocations (`_Int8MatmulLt`)."""
+
+    def __init__(self, linear: nn.Module, threshold: float):
+        super().__init__()
+        out_f, in_f = _out_in(linear)
+        dev = linear.weight.device
+        self.in_features, self.out_features = in_f, out_f
+        self.threshold = float(threshold)
+        self.weight = nn.Parameter(torch.empty((out_f, in_f), dtype=torch.int8, device=dev), requires_grad=False)
+        self.register_buffer("SCB", torch.empty(out_f, dtype=torch.float32, device=dev))
+        self.bias = linear.bias
+
+    def forward(self, x):
+        if self.bias is not None and self.bias.dtype != x.dtype:
+            self.bias.data = self.bias.data.to(x.dtype)
+        return _Int8MatmulLt.apply(x, self.weight, self.SCB, self.bias, self.threshold)
+
+    def dequantize(self) -> torch.Tensor:
+        """`bitsandbytes.functional.int8_vectorwise_dequant(weight, SCB)` (PEFT's DoRA, every forward): int8 × the
+        row scales (an fp32 product), × 1/127 (the fp32 result)."""
+        scaled = self.weight * self.SCB.view(-1, 1)
+        return scaled * 7.874015718698502e-3
+
+
+def quantize_meta_8bit(model: nn.Module, threshold: float) -> int:
+    """Swap every Linear the 4-bit path would quantize for the 8-bit stand-in (what bnb's 8-bit loader converts)."""
+    swaps = _quantizable_linears(model)
+    for parent, child_name, child in swaps:
+        setattr(parent, child_name, SimLinear8bit(child, threshold))
+    model.is_loaded_in_8bit = True
+    return len(swaps)
+
+
+def _quantizable_linears(model: nn.Module) -> list[tuple[nn.Module, str, nn.Module]]:
+    """(parent, name, layer) of every layer transformers' bitsandbytes quantizer converts (`replace_with_bnb_linear`):
+    plain `nn.Linear` and GPT-2's `Conv1D` (transposed), except the output head and the modules a model keeps in fp32
+    (T5's `wo`), which stay unquantized in the load dtype -- upcast to fp32 only when that is fp16, as
+    `from_pretrained`'s dtype plan does."""
+    from transformers.pytorch_utils import Conv1D
+
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    # what transformers' bitsandbytes quantizer leaves unconverted: modules the model keeps in fp32 (T5's `wo`)
     keep = list(getattr(model, "_keep_in_fp32_modules", None) or []) + list(
         getattr(model, "_keep_in_fp32_modules_strict", None) or [])
     swaps = []
     for name, mod in model.named_modules():
         for child_name, child in mod.named_children():
             full = f"{name}.{child_name}" if name else child_name
-            if isinstance(child, nn.Linear) and child is not head and not any(k in full.split(".") for k in keep):
-                swaps.append((mod, child_name, child))
+            if not (type(child) is nn.Linear or isinstance(child, Conv1D)) or child is head:
                 continue
-            if isinstance(child, nn.Linear) and any(k in full.split(".") for k in keep):
-                child.float()
+            if any(k in full.split(".") for k in keep):
+                if child.weight.dtype == torch.float16:
+                    child.float()
+                continue
+            swaps.append((mod, child_name, child))
+    return swaps
+
+
+def _out_in(layer: nn.Module) -> tuple[int, int]:
+    """(out_features, in_features) of a Linear, or of a Conv1D (whose weight is stored transposed)."""
+    if isinstance(layer, nn.Linear):
+        return tuple(layer.weight.shape)
+    return tuple(layer.weight.shape[::-1])
+
+
+def quantize_meta_4bit(model: nn.Module, compute_dtype: torch.dtype, double_quant: bool) -> int:
+    """Swap every Linear except the output head for the 4-bit stand-in (what bnb's loader quantizes)."""
+    swaps = _quantizable_linears(model)
     for parent, child_name, child in swaps:
         setattr(parent, child_name, SimLinear4bit(child, compute_dtype, double_quant=double_quant))
     model.is_loaded_in_4bit = True
@@ -196,19 +297,26 @@ def load_base_model(
             _untie_if_requested(resolved, model)
         if spec.quantized:
             q = cfg.quantization
-            quantize_meta_4bit(model, DTYPES[q.bnb_4bit_compute_dtype], q.bnb_4bit_use_double_quant)
+            if q.load_in_8bit:
+                quantize_meta_8bit(model, q.llm_int8_threshold)
+            else:
+                quantize_meta_4bit(model, DTYPES[q.bnb_4bit_compute_dtype], q.bnb_4bit_use_double_quant)
         return model
     source = resolved.path or resolved.id
     if spec.quantized:
         from transformers import BitsAndBytesConfig
 
         q = cfg.quantization
-        bnb = BitsAndBytesConfig(
-            load_in_4bit=True,
-            bnb_4bit_quant_type=q.bnb_4bit_quant_type,
-            bnb_4bit_use_double_quant=q.bnb_4bit_use_double_quant,
-            bnb_4bit_compute_dtype=DTYPES[q.bnb_4bit_compute_dtype],
-        )
+        if q.load_in_8bit:
+            bnb = BitsAndBytesConfig(load_in_8bit=True, llm_int8_threshold=q.llm_int8_threshold)
+            quiet_int8_cast_warning()
+        else:
+            bnb = BitsAndBytesConfig(
+                load_in_4bit=True,
+                bnb_4bit_quant_type=q.bnb_4bit_quant_type,
+                bnb_4bit_use_double_quant=q.bnb_4bit_use_double_quant,
+                bnb_4bit_compute_dtype=DTYPES[q.bnb_4bit_compute_dtype],
+            )
         dev = str(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         return auto.from_pretrained(
             source, quantization_config=bnb, dtype=dtype, device_map={"": dev}, attn_implementation=attn,
@@ -222,6 +330,14 @@ def load_base_model(
         model = auto.from_pretrained(source, dtype=dtype, attn_implementation=attn,
                                      **({"config": config} if cfg.training.rope_scaling else {}))
     return model.to(device) if device is not None else model
+
+
+def quiet_int8_cast_warning() -> None:
+    """bitsandbytes' MatMul8bitLt logs "inputs will be cast from bfloat16 to float16" on every call of every 8-bit
+    layer (a bf16 model's every step): once is information, thousands of times per step buries the training log."""
+    import logging
+
+    logging.getLogger("bitsandbytes.autograd._functions").setLevel(logging.ERROR)
 
 
 def scaled_config(config, training: TrainingConfig):

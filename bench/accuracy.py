@@ -91,9 +91,10 @@ OPTIONS = (
     ("galore_adamw_8bit", {"optim": "galore_adamw_8bit"}, ("galore",)),
     ("galore_adamw_8bit in backward", {**_IN_BACKWARD, "optim": "galore_adamw_8bit"}, ("galore",)),
     ("activation offloading", {"activation_offloading": True}, ("full", "lora", "qlora")),
-    # LoRA's variants: the fourth element is the PEFT knobs
-    ("DoRA", {}, ("lora", "qlora"), {"use_dora": True}),
-    ("modules_to_save embed+head", {}, ("lora", "qlora"), {"modules_to_save": ["embed_tokens", "lm_head"]}),
+    # LoRA's variants and the 8-bit base: the fourth element is the rest of the config (PEFT knobs, quantization)
+    ("DoRA", {}, ("lora", "qlora"), {"peft": {"use_dora": True}}),
+    ("modules_to_save embed+head", {}, ("lora", "qlora"), {"peft": {"modules_to_save": ["embed_tokens", "lm_head"]}}),
+    ("8-bit base", {}, ("qlora",), {"quantization": {"load_in_8bit": True}}),
 )
 OPTIONS_GRID = ((1, 512, False), (4, 1024, True), (3, 700, True))
 
@@ -167,13 +168,14 @@ def cache_dir(path: Path | str | None):
 
 
 def request(model: Any, method: str, b: int, s: int, gc: bool, peft: dict | None = None, gpu: str = "h100",
-            count: int = 1, training: dict | None = None):
+            count: int = 1, training: dict | None = None, quantization: dict | None = None):
     from advisor.schemas import EstimateRequest
 
     return EstimateRequest.model_validate({
         "model": model, "hardware": {"gpu": gpu, "count": count}, "method": method,
         "config": {"peft": peft or {}, "training": {"per_device_train_batch_size": b, "max_seq_length": s,
-                                                     "gradient_checkpointing": gc, **(training or {})}},
+                                                     "gradient_checkpointing": gc, **(training or {})},
+                   **({"quantization": quantization} if quantization else {})},
     })
 
 
@@ -206,8 +208,8 @@ def write_json(path: Path, data: dict) -> None:
 def plan(quick: bool, large: bool, medium: bool = False, options: bool = False) -> list[dict]:
     if options:
         return [{"model": m, "label": f"{label} [{tag}]", "method": meth, "b": b, "s": s, "gc": gc,
-                 "training": training, **({"peft": peft[0]} if peft else {})}
-                for m, label in QUICK_MODELS for tag, training, methods, *peft in OPTIONS for meth in methods
+                 "training": training, **(extra[0] if extra else {})}
+                for m, label in QUICK_MODELS for tag, training, methods, *extra in OPTIONS for meth in methods
                 for (b, s, gc) in OPTIONS_GRID]
     if medium:
         cases = [{"model": m, "label": label, "method": meth, "b": b, "s": s, "gc": gc}
@@ -240,7 +242,7 @@ def prepare_case(case: dict) -> tuple[Any, dict | None, str | None]:
     for peft in options:
         peft = {**peft, **case.get("peft", {})}
         req = request(case["model"], case["method"], case["b"], case["s"], case["gc"], peft,
-                      training=case.get("training"))
+                      training=case.get("training"), quantization=case.get("quantization"))
         try:
             p = build_plan(req)
             # a method that does not apply to this architecture (no bias terms, no known target modules) fails
@@ -420,7 +422,7 @@ def main(argv: list[str] | None = None) -> int:
                     help="every method: 3 small models × 2 grid points + Llama-2-7B × 1 point (~20-30 min here)")
     ap.add_argument("--options", action="store_true",
                     help="the training options (chunked/fused CE, 8-bit and paged optimizers, the step in backward, "
-                         "activation offloading) on the quick models")
+                         "activation offloading, DoRA, modules_to_save, an 8-bit base) on the quick models")
     ap.add_argument("--large", action="store_true", help="add Llama-2-13B, Llama-3-8B, Qwen2.5-14B, Llama-2-70B")
     ap.add_argument("--large-only", action="store_true", help="only the --large models (to extend an earlier run)")
     ap.add_argument("--merge", default=None, help="merge the rows of this earlier result JSON (same schema)")

@@ -30,7 +30,8 @@ Mapping rules
   ratio), target "all-linear" when said; `ia3` → ia3 (`ia3 all-linear ... ff=a,b` → every projection, a, b the
   feed-forward ones); `prompt_tuning` → prompt_tuning; `prefix_tuning` →
   prefix_tuning; `adapter (houlsby-style)` → adapter placement houlsby; `full + galore rN` → galore rank N;
-  `full` → full. Not modelled (skipped): loha, vera, boft, oft, fourierft, llama-pro, lisa, gptq, p-tuning,
+  `full` → full; a LoRA row whose precision says int8 / 8-bit → qlora with `quantization.load_in_8bit` (LoRA over
+  bitsandbytes' LLM.int8() base). Not modelled (skipped): loha, vera, boft, oft, fourierft, llama-pro, lisa, gptq, p-tuning,
   adaption_prompt, ln_tuning, unsloth (and the other PEFT methods named in UNMODELLED).
 - Training: batch, seq_len as given; grad_ckpt on/off → gradient_checkpointing; bf16; optimizer "AdamW" →
   `adamw_torch` (torch.optim.AdamW with its defaults, which is what both sources ran: it takes the foreach path on
@@ -284,8 +285,12 @@ def map_row(row: dict) -> tuple[dict | None, str | None]:
         # no accumulation and no clipping, which both need every gradient at once
         training.update(optimizer_in_backward=True, gradient_accumulation_steps=1, max_grad_norm=0)
     precision = row.get("precision", "").strip().lower()
+    quantization = None
     if "int8" in precision or "8bit" in precision.replace("-", ""):
-        return None, f"precision {row.get('precision')!r}: 8-bit base weights (LLM.int8) are not modelled"
+        if method not in ("lora", "qlora"):
+            return None, f"precision {row.get('precision')!r}: an 8-bit base is modelled for LoRA only"
+        # LoRA over a bitsandbytes 8-bit base (LLM.int8(), its default outlier threshold 6.0)
+        method, quantization = "qlora", {"load_in_8bit": True}
     if "mixed" in precision or "amp" in precision.split():  # fp32 master weights under bf16/fp16 autocast
         training["torch_dtype"] = "float32"
         if "fp16" in precision:
@@ -310,7 +315,7 @@ def map_row(row: dict) -> tuple[dict | None, str | None]:
         peft["target_modules"] = [{"q_proj": "q", "k_proj": "k", "v_proj": "v", "o_proj": "o"}.get(m, m)
                                   for m in peft["target_modules"]]
     payload = {"model": model, "hardware": {"gpu": gpu, "count": count}, "method": method,
-               "config": {"peft": peft, "training": training}}
+               "config": {"peft": peft, "training": training, **({"quantization": quantization} if quantization else {})}}
     if strategy:
         payload["_strategy"] = strategy  # passed to the estimator beside the request (not a request field)
     return payload, None

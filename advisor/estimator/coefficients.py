@@ -30,7 +30,7 @@ from advisor.config import MethodConfig, method_key_dump, without_neutral_defaul
 from advisor.memory.counter import CATEGORIES
 from advisor.settings import get_settings
 
-FIT_VERSION = 10
+FIT_VERSION = 11  # 11: SIM_VERSION 10's quantized stand-ins
 # backward_* are windows of backward whose composition is linear in depth and batch (advisor.memory.counter);
 # "backward" (their maximum in the slice) is kept for models whose blocks the counter cannot find
 PHASES = ("forward", "backward", "backward_head", "backward_first", "backward_last", "backward_tail", "optimizer",

@@ -45,10 +45,11 @@ def exact_from_plan(plan: Plan, use_cache: bool = True, allocator: str = "auto",
 
     if allocator not in ("auto", "fitted"):
         raise ValueError(f"allocator must be 'auto' or 'fitted', got {allocator!r}")
-    from advisor.estimator.fast import first_fitting_strategy, resolve_strategy
+    from advisor.estimator.fast import check_strategy, first_fitting_strategy, resolve_strategy, strategies_for
 
     devices = plan.hardware.count
     strategy = resolve_strategy(strategy, devices)
+    check_strategy(plan, strategy)
     profile = profile_for(plan.hardware)
     # one replica's allocation trace: a sharded run allocates differently, so several GPUs use the fitted overhead
     from advisor.estimator.coefficients import _simulation_config
@@ -95,7 +96,7 @@ def exact_from_plan(plan: Plan, use_cache: bool = True, allocator: str = "auto",
         sharded = {name: (tensors + exact_overhead(plan, int(tensors))[0], cats, ph)
                    for name, (tensors, cats, ph) in _sharded_peaks(plan, sim, devices).items()}
         if strategy is None:  # the first that fits, as the fast estimator picks
-            strategy = first_fitting_strategy(lambda s: sharded[s][0], memory)
+            strategy = first_fitting_strategy(lambda s: sharded[s][0], memory, strategies_for(plan))
         device_peak, cats, phase = sharded[strategy]
         at_peak = cats
         overhead_bytes = int(device_peak - sum(cats.values()))

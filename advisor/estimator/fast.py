@@ -366,18 +366,41 @@ def time_and_cost(mm: MemoryModel, batch: int, strategy: str, devices: int, page
 
 
 # --------------------------------------------------------------------------- the answer
-def first_fitting_strategy(peak_of: Callable[[str], float], memory_bytes: float | None) -> str:
-    """The first strategy of STRATEGY_ORDER (least communication first) whose per-device peak fits."""
-    for strategy in STRATEGY_ORDER:
+# bitsandbytes' 8-bit weights (Int8Params, with their row scales on the layer's state) cannot be sharded or offloaded
+# by FSDP or ZeRO-3: an 8-bit base replicates its weights on every GPU
+REPLICATED_WEIGHTS = ("ddp", "zero2", "zero2_offload")
+
+
+def strategies_for(plan: Plan) -> tuple[str, ...]:
+    """The multi-GPU strategies this plan can run under, least communication first."""
+    q = plan.config.quantization
+    if q is not None and q.load_in_8bit:
+        return tuple(s for s in STRATEGY_ORDER if s in REPLICATED_WEIGHTS)
+    return STRATEGY_ORDER
+
+
+def check_strategy(plan: Plan, strategy: str | None) -> None:
+    from advisor.errors import AdvisorInputError
+
+    allowed = strategies_for(plan)
+    if strategy is not None and plan.hardware.count > 1 and strategy not in allowed:
+        raise AdvisorInputError("strategy", f"{strategy} shards or offloads the weights, which bitsandbytes' 8-bit "
+                                "weights (config.quantization.load_in_8bit) do not support", allowed=list(allowed))
+
+
+def first_fitting_strategy(peak_of: Callable[[str], float], memory_bytes: float | None,
+                           order: tuple[str, ...] = STRATEGY_ORDER) -> str:
+    """The first strategy of `order` (least communication first) whose per-device peak fits."""
+    for strategy in order:
         if memory_bytes is None or peak_of(strategy) <= memory_bytes:
             return strategy
-    return STRATEGY_ORDER[-1]
+    return order[-1]
 
 
 def choose_strategy(mm: MemoryModel, memory_bytes: float | None, batch: int, devices: int) -> str:
     if devices <= 1:
         return "ddp"
-    return first_fitting_strategy(lambda s: mm.fit_bytes(batch, s, devices)[1], memory_bytes)
+    return first_fitting_strategy(lambda s: mm.fit_bytes(batch, s, devices)[1], memory_bytes, strategies_for(mm.plan))
 
 
 def fast_estimate(req: EstimateRequest, strategy: str | None = None) -> dict:
@@ -390,7 +413,9 @@ def estimate_plan(plan: Plan, strategy: str | None = None, mm: MemoryModel | Non
     devices = hw.count
     memory_bytes = hw.memory_gib * GIB if hw.memory_gib is not None else None
     batch = plan.batch_size
-    strategy = resolve_strategy(strategy, devices) or choose_strategy(mm, memory_bytes, batch, devices)
+    strategy = resolve_strategy(strategy, devices)
+    check_strategy(plan, strategy)
+    strategy = strategy or choose_strategy(mm, memory_bytes, batch, devices)
     whole, cats, phase = mm.peak(batch, strategy, devices)
     paged = int(paged_part(paged_state_bytes(mm.static, plan.target, strategy, devices), cats))
     resident = whole - paged
@@ -424,7 +449,7 @@ def estimate_plan(plan: Plan, strategy: str | None = None, mm: MemoryModel | Non
     if paged > 0:
         result["paged_optimizer_gib"] = round(paged / GIB, 3)
     if devices > 1:
-        result["per_strategy_gib"] = {s: round(mm.peak(batch, s, devices)[0] / GIB, 3) for s in STRATEGIES}
+        result["per_strategy_gib"] = {s: round(mm.peak(batch, s, devices)[0] / GIB, 3) for s in strategies_for(plan)}
     spill = 0.0 if memory_bytes is None else max(0.0, min(float(paged), whole - memory_bytes))
     timing = time_and_cost(mm, batch, strategy, devices, paged_spill_bytes=spill)
     result.update({k: timing[k] for k in ("tokens_per_s", "train_hours", "cost_usd")})
@@ -446,6 +471,13 @@ def estimate_plan(plan: Plan, strategy: str | None = None, mm: MemoryModel | Non
                      "partitions, simulated without code generation; inductor's fused kernels can only hold fewer "
                      "temporaries); time is the uncompiled rate of the profile (compile's speed-up and its first-step "
                      "compile time are not measured)")
+    q = plan.config.quantization
+    if q is not None and q.load_in_8bit:
+        notes.append("8-bit base (LLM.int8()): memory follows bitsandbytes' MatMul8bitLt, what CUDA trains with (no "
+                     "outlier columns: a real model's few keep tokens × columns in 16-bit); time uses the 4-bit QLoRA "
+                     "rate of the profile (8-bit matmuls were not measured)")
+        if devices > 1:
+            notes.append("8-bit weights cannot be sharded (FSDP / ZeRO-3): every GPU holds the whole base")
     if paged > 0:
         notes.append(paged_note(plan.training.optim, paged, spill, timing.get("paging_seconds_per_step", 0.0)))
     result["notes"] = notes

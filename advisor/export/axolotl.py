@@ -10,7 +10,8 @@ What Axolotl can express (and what not), per method:
     method          Axolotl                                   how
     full            yes                                       no `adapter`
     lora            yes                                       adapter: lora
-    qlora           yes                                       adapter: qlora + load_in_4bit (+ bnb_config_kwargs)
+    qlora           yes                                       adapter: qlora + load_in_4bit (+ bnb_config_kwargs);
+                                                              8-bit base: adapter: lora + load_in_8bit
     galore          yes                                       optimizer: galore_adamw*, optim_target_modules, optim_args
     bitfit          models with biases (bias_source existing) unfrozen_parameters: [".+bias$"] (full FT, rest frozen)
     longlora        no: `s2_attention` was removed ("shifted-sparse attention is no longer supported",
@@ -46,7 +47,7 @@ REFUSALS = {
 }
 # every key this exporter may write (top level), each present in Axolotl's schemas
 KNOWN_KEYS = frozenset({
-    "base_model", "load_in_4bit", "adapter", "lora_r", "lora_alpha", "lora_dropout", "lora_target_modules",
+    "base_model", "load_in_4bit", "load_in_8bit", "adapter", "lora_r", "lora_alpha", "lora_dropout", "lora_target_modules",
     "lora_target_linear", "peft_use_rslora", "peft_use_dora", "lora_modules_to_save", "bnb_config_kwargs", "unfrozen_parameters",
     "chat_template", "datasets", "dataset_prepared_path", "val_set_size", "output_dir", "sequence_len",
     "sample_packing", "train_on_inputs", "micro_batch_size", "gradient_accumulation_steps", "num_epochs",
@@ -96,10 +97,13 @@ def render(ctx: ExportContext) -> Rendered:
     doc.section("model")
     doc.put("base_model", ctx.model_ref, "Hub id or local directory")
     if ctx.method in ("lora", "qlora"):
-        if ctx.method == "qlora":
-            q = ctx.quantization
+        q = ctx.quantization if ctx.method == "qlora" else None
+        eight = q is not None and q.load_in_8bit
+        if eight:  # Axolotl's qlora adapter is 4-bit; LoRA over an 8-bit base is adapter: lora + load_in_8bit
+            doc.put("load_in_8bit", True, "frozen base in 8-bit (LLM.int8())")
+        elif q is not None:
             doc.put("load_in_4bit", True, "QLoRA: frozen base in 4-bit")
-        doc.put("adapter", ctx.method, "the recommended method" if ctx.chosen else "an alternative")
+        doc.put("adapter", "lora" if eight else ctx.method, "the recommended method" if ctx.chosen else "an alternative")
         doc.put("lora_r", int(p["r"]), ctx.why("r", p["r"]))
         knob("lora_alpha", "lora_alpha", p["lora_alpha"])
         knob("lora_dropout", "lora_dropout", p["lora_dropout"])
@@ -116,7 +120,9 @@ def render(ctx: ExportContext) -> Rendered:
             doc.put("lora_modules_to_save", list(p["modules_to_save"]), "trained whole beside the adapters")
         if p.get("bias", "none") != "none":
             notes.append(f"LoRA bias={p['bias']!r} has no Axolotl key; Axolotl trains no biases with LoRA")
-        if ctx.method == "qlora":
+        if ctx.method == "qlora" and eight and q.llm_int8_threshold != 6.0:
+            notes.append(f"llm_int8_threshold {q.llm_int8_threshold} has no Axolotl key (it loads with 6.0)")
+        if ctx.method == "qlora" and not eight:
             doc.put("bnb_config_kwargs", {"bnb_4bit_quant_type": q.bnb_4bit_quant_type,
                                           "bnb_4bit_use_double_quant": q.bnb_4bit_use_double_quant},
                     "compute dtype follows bf16/fp16 below")

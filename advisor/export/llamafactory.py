@@ -138,10 +138,16 @@ def render(ctx: ExportContext) -> Rendered:
     doc.put("model_name_or_path", ctx.model_ref, "Hub id or local directory")
     if ctx.method == "qlora":
         q = ctx.quantization
-        doc.put("quantization_bit", 4, "QLoRA: frozen base in 4-bit")
-        doc.put("quantization_method", "bnb")
-        doc.put("quantization_type", q.bnb_4bit_quant_type)
-        doc.put("double_quantization", bool(q.bnb_4bit_use_double_quant))
+        if q.load_in_8bit:
+            doc.put("quantization_bit", 8, "frozen base in 8-bit (LLM.int8())")
+            doc.put("quantization_method", "bnb")
+            if q.llm_int8_threshold != 6.0:
+                notes.append(f"llm_int8_threshold {q.llm_int8_threshold} has no LLaMA-Factory key (it loads with 6.0)")
+        else:
+            doc.put("quantization_bit", 4, "QLoRA: frozen base in 4-bit")
+            doc.put("quantization_method", "bnb")
+            doc.put("quantization_type", q.bnb_4bit_quant_type)
+            doc.put("double_quantization", bool(q.bnb_4bit_use_double_quant))
         if p.get("upcast_non_quantized"):
             doc.put("upcast_layernorm", True, "upcast_non_quantized: norms in fp32")
     doc.put("flash_attn", ATTENTION[t.attn_implementation], f"attn_implementation {t.attn_implementation}")

@@ -18,6 +18,7 @@ calibration profile adds them).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -33,7 +34,9 @@ from advisor.engine import train_step
 from advisor.memory.counter import LiveBytes, cuda_memory_stats
 from advisor.memory.simattn import semantics, use_sim_masks
 
-SIM_VERSION = 9
+# 10: the quantized stand-ins replace what transformers' bitsandbytes quantizer replaces (GPT-2's Conv1D too; T5's
+# `wo` kept in the load dtype, not fp32) -- QLoRA on those families was not byte-exact before
+SIM_VERSION = 10
 
 
 def _versions() -> dict[str, str]:
@@ -134,9 +137,15 @@ def refresh_projections_every_step(optimizer, after_project=None) -> int:
 
 
 def _quant_state_tensors(model) -> list[torch.Tensor]:
-    """bitsandbytes keeps absmax/code tensors on a QuantState, outside parameters and buffers."""
+    """bitsandbytes keeps absmax/code tensors on a QuantState, and an 8-bit layer its row scales (`SCB`, on the
+    weight until the first forward, then on the layer's state), outside parameters and buffers."""
     out = []
     for mod in model.modules():
+        scb = getattr(getattr(mod, "weight", None), "SCB", None)
+        if scb is None:
+            scb = getattr(getattr(mod, "state", None), "SCB", None)
+        if isinstance(scb, torch.Tensor):
+            out.append(scb)
         qs = getattr(getattr(mod, "weight", None), "quant_state", None)
         if qs is None:
             continue
@@ -235,10 +244,11 @@ def measure_real(resolved, cfg: MethodConfig, batch_size: int, seq_len: int, ste
                                                       generator=gen, target_len=cfg.training.max_target_length).items()}
     if device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
-    with semantics(semantics_of or "cpu", prepared.model):
+    int8 = cfg.quantization is not None and cfg.quantization.load_in_8bit
+    with semantics(semantics_of or "cpu", prepared.model), _int8_training_path(device, int8):
         result = _measure(prepared, optimizer, batch, cfg.training, steps,
                           register_extra=lambda c: c.register(_quant_state_tensors(prepared.model), "weights"),
-                          see_inside=_bnb_kernels(device) if cfg.quantization is not None else None,
+                          see_inside=_bnb_kernels(device, int8) if cfg.quantization is not None else None,
                           refresh_projections=refresh_projections, allocator_workspaces=allocator_workspaces)
     result.update(trainable_params=trainable, total_params=total, seconds=time.perf_counter() - t0,
                   mode="measured", device=device, cuda=cuda_memory_stats() if device.startswith("cuda") else None,
@@ -246,14 +256,123 @@ def measure_real(resolved, cfg: MethodConfig, batch_size: int, seq_len: int, ste
     return result
 
 
-def _bnb_kernels(device: str) -> dict | None:
+def _bnb_kernels(device: str, int8: bool = False) -> dict | None:
     """On CPU, bitsandbytes' 4-bit matmul is a custom op whose default kernel dequantizes internally; run that
-    kernel (bitsandbytes' own code) under the counter so its temporaries are measured, as a GPU's allocator would."""
+    kernel (bitsandbytes' own code) under the counter so its temporaries are measured, as a GPU's allocator would.
+    8-bit: `_INT8_AS_ON_CUDA`."""
     if not device.startswith("cpu"):
         return None
+    if int8:
+        return dict(_INT8_AS_ON_CUDA)
     from bitsandbytes.backends.default.ops import _gemm_4bit_default_impl
 
     return {"bitsandbytes::gemm_4bit": _gemm_4bit_default_impl}
+
+
+# ---- LLM.int8() on CPU, counted as CUDA allocates it
+# A CPU run of a bitsandbytes 8-bit layer differs from a GPU's in two ways, both undone here for measurement:
+# bitsandbytes trains on CPU with MatMul8bitFp (dequantize, then one matmul), on CUDA with MatMul8bitLt (int8
+# matmul), so `_int8_training_path` routes CPU training through MatMul8bitLt; and its int8 ops are custom ops, opaque
+# to the counter, whose CPU kernels allocate differently from the CUDA ones. The ops that run bitsandbytes' default
+# (PyTorch) implementation on CUDA too are run as that implementation under the counter; the two with CUDA kernels
+# (the row quantizer and the int32 → fp16 dequantizer) allocate what the CUDA registration allocates, their values
+# written by bitsandbytes' own CPU kernel outside the count (as a CUDA kernel writes into its outputs).
+@contextlib.contextmanager
+def _int8_training_path(device: str, int8: bool):
+    if not (int8 and device.startswith("cpu")):
+        yield
+        return
+    import bitsandbytes as bnb
+    from bitsandbytes.autograd._functions import MatMul8bitLt, MatmulLtState
+
+    original = bnb.matmul
+
+    def matmul(A, B, out=None, state=None, threshold=0.0, bias=None):
+        state = state or MatmulLtState()
+        if threshold > 0.0:
+            state.threshold = threshold
+        return MatMul8bitLt.apply(A, B, out, bias, state)
+
+    bnb.matmul = matmul
+    try:
+        yield
+    finally:
+        bnb.matmul = original
+
+
+def _uncounted():
+    from torch.utils._python_dispatch import _disable_current_modes
+
+    return _disable_current_modes()
+
+
+def _int8_vectorwise_quant_cuda(A, threshold=0.0):
+    """bitsandbytes' CUDA registration: the int8 rows and fp32 row scales, and for a threshold |A| ≥ t as a
+    boolean mask (|A| in fp16 first) to find the outlier columns."""
+    rows = A.numel() // A.shape[-1]
+    row_stats = torch.empty(rows, device=A.device, dtype=torch.float32)
+    out_row = torch.empty(A.shape, device=A.device, dtype=torch.int8)
+    outlier_cols = None
+    if threshold > 0.0:
+        outliers = A.abs() >= threshold
+        if outliers.any():
+            outlier_cols = torch.argwhere(outliers.any(dim=0)).view(-1)
+        else:
+            outlier_cols = torch.empty(0, device=A.device, dtype=torch.int64)
+    with _uncounted():
+        q, stats, _ = torch.ops.bitsandbytes.int8_vectorwise_quant.default(A.clone(), threshold)
+        out_row.copy_(q)
+        row_stats.copy_(stats)
+    if rows > 1 and outlier_cols is not None:
+        out_row[:, outlier_cols] = 0
+    return out_row, row_stats, outlier_cols
+
+
+def _int8_mm_dequant_cuda(A, row_stats, col_stats, dtype=None, bias=None):
+    """The CUDA registration: an fp16 result (bias added in place), then cast to `dtype`."""
+    out = torch.empty_like(A, dtype=torch.float16)
+    with _uncounted():
+        out.copy_(torch.ops.bitsandbytes.int8_mm_dequant.default(A, row_stats, col_stats, dtype=torch.float16))
+    if bias is not None:
+        out.add_(bias)
+    return out.to(dtype or torch.float16)
+
+
+def _int8_scaled_mm_default(A, B, row_stats, col_stats, bias=None, dtype=None):
+    """bitsandbytes' default implementation (what CUDA runs): the int8 matmul's int32 result, then dequantized."""
+    out_i32 = torch.ops.bitsandbytes.int8_linear_matmul.default(A, B)
+    return torch.ops.bitsandbytes.int8_mm_dequant.default(out_i32, row_stats, col_stats, dtype=dtype or torch.float16,
+                                                          bias=bias)
+
+
+def _int8_mixed_scaled_mm_default(A, CA, CB, SCA, SCB, outlier_cols=None, bias=None):
+    """bitsandbytes' default implementation (what CUDA runs): the outlier columns of A kept in 16-bit and their
+    weight columns dequantized, added to the int8 product."""
+    sub_b = None
+    if outlier_cols is not None and outlier_cols.numel():
+        sub_a = A[:, outlier_cols].contiguous()
+        sub_b = torch.ops.bitsandbytes.int8_vectorwise_dequant.default(CB[:, outlier_cols].contiguous(), SCB)
+        sub_b = sub_b.to(A.dtype).t()
+    else:
+        sub_a = torch.empty(0, device=A.device, dtype=A.dtype)
+    output = torch.ops.bitsandbytes.int8_scaled_mm.default(CA, CB, SCA, SCB, bias=bias, dtype=A.dtype)
+    if sub_b is not None:
+        output = output.addmm(sub_a, sub_b)
+    return output, sub_a
+
+
+def _int8_vectorwise_dequant_default(A, stats):
+    """bitsandbytes' default implementation (what CUDA runs): int8 × row scales, × 1/127, in fp32."""
+    return A * stats.view(-1, 1) * 7.874015718698502e-3
+
+
+_INT8_AS_ON_CUDA = {
+    "bitsandbytes::int8_vectorwise_quant": _int8_vectorwise_quant_cuda,
+    "bitsandbytes::int8_mm_dequant": _int8_mm_dequant_cuda,
+    "bitsandbytes::int8_scaled_mm": _int8_scaled_mm_default,
+    "bitsandbytes::int8_mixed_scaled_mm": _int8_mixed_scaled_mm_default,
+    "bitsandbytes::int8_vectorwise_dequant": _int8_vectorwise_dequant_default,
+}
 
 
 def _vocab_size(config) -> int:

@@ -16,8 +16,9 @@ from typing import Any
 
 import torch
 import yaml
+from pydantic import ValidationError
 
-from advisor.config import MethodConfig, QuantizationConfig, TrainingConfig, parse_training
+from advisor.config import MethodConfig, QuantizationConfig, TrainingConfig, parse_training, pydantic_to_input_error
 from advisor.errors import AdvisorInputError
 
 METHOD_IDS = (
@@ -156,10 +157,11 @@ class MethodSpec:
         if self.quantized:
             try:
                 quant_cfg = QuantizationConfig.model_validate(quant or {})
-            except Exception as err:  # pydantic ValidationError
-                raise AdvisorInputError("config.quantization", str(err).splitlines()[-1]) from None
-            if not quant_cfg.load_in_4bit:
-                raise AdvisorInputError("config.quantization.load_in_4bit", f"{self.id} needs load_in_4bit: true")
+            except ValidationError as err:
+                raise pydantic_to_input_error(err, "config.quantization") from None
+            if not (quant_cfg.load_in_4bit or quant_cfg.load_in_8bit):
+                raise AdvisorInputError("config.quantization.load_in_4bit",
+                                        f"{self.id} needs a quantized base: load_in_4bit or load_in_8bit true")
         elif quant:
             raise AdvisorInputError("config.quantization", f"{self.id} trains unquantized weights; use qlora for 4-bit")
         else:
@@ -232,7 +234,7 @@ def linear_module_names(model: torch.nn.Module) -> list[str]:
     for name, mod in model.named_modules():
         if mod is head:
             continue
-        if isinstance(mod, torch.nn.Linear) or type(mod).__name__ in ("Conv1D", "Linear4bit", "SimLinear4bit"):
+        if isinstance(mod, torch.nn.Linear) or type(mod).__name__ in ("Conv1D", "Linear4bit", "SimLinear4bit", "SimLinear8bit"):
             names.add(name.rsplit(".", 1)[-1])
     return sorted(names)
 

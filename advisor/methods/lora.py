@@ -19,7 +19,7 @@ LORA_KNOBS = {
 
 def lora_config(model, peft, ctx, **extra) -> LoraConfig:
     targets = resolve_targets(model, peft["target_modules"], ctx.model_type, "config.peft.target_modules")
-    standin = _sim_4bit_class(model)
+    standin = _sim_quant_class(model)
     if standin is not None and targets == "all-linear":
         targets = linear_module_names(model)  # PEFT's expansion knows only real bnb layers
     cfg = LoraConfig(
@@ -34,16 +34,18 @@ def lora_config(model, peft, ctx, **extra) -> LoraConfig:
         modules_to_save=resolve_modules_to_save(model, peft.get("modules_to_save"), "config.peft.modules_to_save"),
         **extra,
     )
-    if standin is not None:  # simulate with PEFT's own 4-bit LoRA layer around the stand-in
+    if standin is not None:  # simulate with PEFT's own 4-bit / 8-bit LoRA layer around the stand-in
         from peft.tuners.lora.bnb import Linear4bit as LoraLinear4bit
+        from peft.tuners.lora.bnb import Linear8bitLt as LoraLinear8bitLt
 
-        cfg._register_custom_module({standin: LoraLinear4bit})
+        cfg._register_custom_module({standin: LoraLinear4bit if standin.__name__ == "SimLinear4bit"
+                                     else LoraLinear8bitLt})
     return cfg
 
 
-def _sim_4bit_class(model):
+def _sim_quant_class(model):
     for mod in model.modules():
-        if type(mod).__name__ == "SimLinear4bit":
+        if type(mod).__name__ in ("SimLinear4bit", "SimLinear8bit"):
             return type(mod)
     return None
 

@@ -1,7 +1,9 @@
 """QLoRA: the base in 4-bit NF4 (bitsandbytes), LoRA adapters trained in higher precision.
 
-The base model arrives already quantized: for a real run `load_base_model` passes a BitsAndBytesConfig to
-`from_pretrained`; for a simulation it swaps in `SimLinear4bit`, a stand-in with the same bytes.
+`config.quantization.load_in_8bit` loads the base in 8-bit LLM.int8() instead (LLaMA-Factory's "QLoRA 8-bit",
+Axolotl's `adapter: lora` + `load_in_8bit`). The base model arrives already quantized: for a real run
+`load_base_model` passes a BitsAndBytesConfig to `from_pretrained`; for a simulation it swaps in `SimLinear4bit` /
+`SimLinear8bit`, stand-ins with the same bytes and the same matmul allocations.
 """
 
 from peft import get_peft_model, prepare_model_for_kbit_training
