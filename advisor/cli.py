@@ -39,6 +39,20 @@ def _read_json_file(path: Path, field: str) -> dict:
     return data
 
 
+def _knobs(items: list[str], option: str) -> dict[str, Any]:
+    """KEY=VALUE pairs; VALUE is read as JSON (numbers, true/false, lists) when it parses, else kept as a string."""
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise AdvisorInputError(option, f"expected KEY=VALUE, got {item!r}")
+        try:
+            out[key.strip()] = json.loads(raw)
+        except json.JSONDecodeError:
+            out[key.strip()] = raw
+    return out
+
+
 # ----------------------------------------------------------------------------- service
 @app.command()
 def serve(
@@ -139,6 +153,12 @@ def estimate(
     offload_activations: Annotated[bool, typer.Option(
         "--activation-offloading", help="Saved activations wait in host memory until backward "
                                         "(config.training.activation_offloading).")] = False,
+    peft: Annotated[list[str] | None, typer.Option(
+        "--peft", help="A method knob as KEY=VALUE (config.peft; repeatable; VALUE is JSON when it parses, else a "
+                       "string), e.g. --peft r=32 --peft use_dora=true --peft 'modules_to_save=[\"lm_head\"]'.")] = None,
+    load_in_8bit: Annotated[bool, typer.Option(
+        "--load-in-8bit", help="qlora: the base in 8-bit LLM.int8() instead of 4-bit NF4 "
+                               "(config.quantization.load_in_8bit).")] = False,
     exact: Annotated[bool, typer.Option("--exact", help="Simulate the real step on fake tensors (seconds).")] = False,
     strategy: Annotated[str | None, typer.Option(help="Multi-GPU strategy: ddp, zero2, zero3, zero2_offload, "
                                                        "zero3_offload, zero3_offload_params (fsdp_grad_op, "
@@ -176,6 +196,12 @@ def estimate(
         training["torch_compile"] = True
     if training:
         body["config"] = {**(body.get("config") or {}), "training": training}
+    if peft:
+        body["config"] = {**(body.get("config") or {}),
+                          "peft": {**((body.get("config") or {}).get("peft") or {}), **_knobs(peft, "--peft")}}
+    if load_in_8bit:
+        config = body.get("config") or {}
+        body["config"] = {**config, "quantization": {**(config.get("quantization") or {}), "load_in_8bit": True}}
     if exact:
         body["exact"] = True
     if "hardware" not in body and compare_gpus:

@@ -198,3 +198,19 @@ def test_cli_estimate_flags_for_the_loss_and_the_optimizer(tmp_path):
     req.write_text(json.dumps({"config": {"training": {"gradient_accumulation_steps": 8}}}))
     refused = _cli(*base, "--file", str(req), "--optimizer-in-backward")
     assert refused.returncode == 2 and "config.training.gradient_accumulation_steps" in refused.stderr
+
+
+def test_cli_estimate_takes_method_knobs_and_an_8bit_base():
+    """--peft KEY=VALUE reaches config.peft (JSON values: numbers, booleans, lists), --load-in-8bit the 8-bit base; an
+    unknown knob or a malformed pair exits 2 naming it."""
+    base = ("estimate", "--model", "Qwen/Qwen2.5-0.5B", "--gpu", "4090", "--seq", "128", "--batch", "1")
+    res = _cli(*base, "--method", "qlora", "--peft", "r=32", "--peft", "use_dora=true",
+               "--peft", 'modules_to_save=["lm_head"]', "--load-in-8bit", "--json")
+    assert res.returncode == 0, res.stderr
+    config = json.loads(res.stdout)["config"]
+    assert config["peft"]["r"] == 32 and config["peft"]["use_dora"] is True
+    assert config["peft"]["modules_to_save"] == ["lm_head"] and config["quantization"]["load_in_8bit"] is True
+    unknown = _cli(*base, "--method", "lora", "--peft", "rank=8")
+    assert unknown.returncode == 2 and "config.peft.rank" in unknown.stderr
+    malformed = _cli(*base, "--method", "lora", "--peft", "r")
+    assert malformed.returncode == 2 and "--peft" in malformed.stderr
