@@ -97,9 +97,10 @@ def test_bad_names_are_refused_with_what_exists(deeper):
 def test_fast_estimate_follows_the_simulation_and_time_counts_what_runs():
     """On a catalog model: the closed form equals the exact simulation's tensor bytes; the frozen original of a
     saved module never runs, so training FLOPs grow by exactly the copy's weight gradient (2 FLOPs per parameter
-    per token) and not by another forward."""
+    per token) and not by another forward; DoRA's time pays its measured overhead."""
     from advisor.estimator.exact import exact_estimate
-    from advisor.estimator.fast import fast_estimate, memory_model, training_flops_per_token
+    from advisor.estimator.fast import (DORA_SPEED_FACTOR, fast_estimate, memory_model, time_and_cost,
+                                        training_flops_per_token)
     from advisor.estimator.plan import build_plan
     from advisor.schemas import EstimateRequest
 
@@ -111,9 +112,15 @@ def test_fast_estimate_follows_the_simulation_and_time_counts_what_runs():
     for peft in (VARIANTS["dora"], {"modules_to_save": ["lm_head"]}):
         fast, exact = fast_estimate(req(peft)), exact_estimate(req(peft), allocator="fitted")
         assert fast["peak_bytes"] == pytest.approx(exact["peak_bytes"], rel=0.005), peft
-    plain, saved = (memory_model(build_plan(req(p))) for p in ({}, {"modules_to_save": ["lm_head"]}))
+    plain, saved, dora = (memory_model(build_plan(req(p))) for p in ({}, {"modules_to_save": ["lm_head"]},
+                                                                       {"use_dora": True}))
     head = 151936 * 896
     assert training_flops_per_token(saved) - training_flops_per_token(plain) == pytest.approx(2 * head)
+    # DoRA's step is slower than its FLOPs say, by the published LoRA/DoRA pair the estimate names
+    slower = time_and_cost(dora, 2, "ddp", 1)
+    assert slower["tokens_per_s"] == pytest.approx(DORA_SPEED_FACTOR * time_and_cost(plain, 2, "ddp", 1)["tokens_per_s"],
+                                                   rel=1e-3)
+    assert "DoRA" in slower["time_source"]
     assert saved.static.idle_matmul_params == 0  # Qwen2.5-0.5B ties its head to the embedding: the original
     # head's weight is the embedding table, a lookup already left out of the FLOPs
 
