@@ -23,7 +23,7 @@ serve: setup
 	$(VENV)/bin/advisor serve --host 127.0.0.1 --port 8000
 
 test: setup
-	$(PY) -m pytest -q -n 2 --dist loadfile tests
+	$(PY) -m pytest -q -n 2 --dist loadfile --durations=15 tests
 
 bench: setup
 	$(PY) -m bench.simulation
