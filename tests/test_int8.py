@@ -98,15 +98,22 @@ def test_a_job_trains_on_an_8bit_base(tiny_dirs, tmp_path):
     from advisor.train import normalize_job, run_training
 
     data = write_datasets(tmp_path / "data", n=12)
-    job = normalize_job({"model": str(tiny_dirs["llama"]), "method": "qlora", "max_steps": 2,
-                         "dataset": {"path": str(data["alpaca"]), "format": "auto"},
-                         "config": {"quantization": {"load_in_8bit": True},
-                                    "training": {"per_device_train_batch_size": 4, "max_seq_length": 64,
-                                                 "gradient_accumulation_steps": 1, "learning_rate": 1e-3}}})
-    out = run_training(job, output_dir=tmp_path / "out", device="cpu")
+
+    def job(peft):
+        return normalize_job({"model": str(tiny_dirs["llama"]), "method": "qlora", "max_steps": 2,
+                              "dataset": {"path": str(data["alpaca"]), "format": "auto"},
+                              "config": {"quantization": {"load_in_8bit": True}, "peft": peft,
+                                         "training": {"per_device_train_batch_size": 4, "max_seq_length": 64,
+                                                      "gradient_accumulation_steps": 1, "learning_rate": 1e-3}}})
+
+    out = run_training(job({}), output_dir=tmp_path / "out", device="cpu")
     assert out["status"] == "succeeded", out
     assert math.isfinite(out["metrics"]["loss"]) and (tmp_path / "out" / "adapter_model.safetensors").exists()
     assert out["predicted"]["config"]["quantization"]["load_in_8bit"] is True
+    # PEFT's DoRA drops an int8 layer's row scales on CPU (bitsandbytes then fails in the first forward): refused
+    with pytest.raises(AdvisorInputError) as err:
+        run_training(job({"use_dora": True}), output_dir=tmp_path / "dora", device="cpu")
+    assert err.value.field == "config.peft.use_dora"
 
 
 def test_exports_load_the_base_in_8bit(tiny_dirs, tmp_path):

@@ -191,6 +191,13 @@ def _precision(cfg, device_type: str, notes: list[str]):
         notes.append("flash_attention_2 needs CUDA: using sdpa")
         t = t.model_copy(update={"attn_implementation": "sdpa"})
     quant = cfg.quantization
+    if quant is not None and quant.load_in_8bit and device_type == "cpu" and (cfg.peft or {}).get("use_dora"):
+        from advisor.errors import AdvisorInputError
+
+        # PEFT dequantizes an 8-bit layer for DoRA with `module.weight.to(device)` on CPU, which drops the layer's row
+        # scales: the first forward then fails inside bitsandbytes (state.SCB is None)
+        raise AdvisorInputError("config.peft.use_dora", "DoRA over an 8-bit base does not train on CPU (PEFT drops "
+                                "the int8 layer's row scales there); use a GPU, a 4-bit base or plain LoRA")
     if quant is not None and device_type == "cpu" and quant.bnb_4bit_compute_dtype == "float16":
         notes.append("4-bit compute in float16 is GPU-only: computing in bfloat16 on CPU")
         quant = quant.model_copy(update={"bnb_4bit_compute_dtype": "bfloat16"})
