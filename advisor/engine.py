@@ -148,7 +148,7 @@ class _Int8MatmulLt(torch.autograd.Function):
         quantized = torch.empty(a.shape, dtype=torch.int8, device=x.device)
         if threshold > 0.0:
             outliers = a16.abs() >= threshold
-            outliers.any()
+            outliers.any()  # the one-element flag the kernel branches on
             del outliers
         outlier_cols = torch.empty(0, dtype=torch.int64, device=x.device)
         del a16
@@ -195,10 +195,14 @@ class SimLinear8bit(nn.Module):
         return _Int8MatmulLt.apply(x, self.weight, self.SCB, self.bias, self.threshold)
 
     def dequantize(self) -> torch.Tensor:
-        """`bitsandbytes.functional.int8_vectorwise_dequant(weight, SCB)` (PEFT's DoRA, every forward): int8 × the
-        row scales (an fp32 product), × 1/127 (the fp32 result)."""
-        scaled = self.weight * self.SCB.view(-1, 1)
-        return scaled * 7.874015718698502e-3
+        """`bitsandbytes.functional.int8_vectorwise_dequant(weight, SCB)` (PEFT's DoRA, every forward)."""
+        return int8_vectorwise_dequant(self.weight, self.SCB)
+
+
+def int8_vectorwise_dequant(A: torch.Tensor, stats: torch.Tensor) -> torch.Tensor:
+    """bitsandbytes' default implementation, which CUDA runs too: int8 × the row scales (an fp32 product), × 1/127
+    (the fp32 result). The stand-in's `dequantize`, and the real CPU run's count of the op (memory.simulate)."""
+    return A * stats.view(-1, 1) * 7.874015718698502e-3
 
 
 def quantize_meta_8bit(model: nn.Module, threshold: float) -> int:

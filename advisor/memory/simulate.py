@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 
 from advisor.config import MethodConfig
-from advisor.engine import train_step
+from advisor.engine import int8_vectorwise_dequant, train_step
 from advisor.memory.counter import LiveBytes, cuda_memory_stats
 from advisor.memory.simattn import semantics, use_sim_masks
 
@@ -361,17 +361,12 @@ def _int8_mixed_scaled_mm_default(A, CA, CB, SCA, SCB, outlier_cols=None, bias=N
     return output, sub_a
 
 
-def _int8_vectorwise_dequant_default(A, stats):
-    """bitsandbytes' default implementation (what CUDA runs): int8 × row scales, × 1/127, in fp32."""
-    return A * stats.view(-1, 1) * 7.874015718698502e-3
-
-
 _INT8_AS_ON_CUDA = {
     "bitsandbytes::int8_vectorwise_quant": _int8_vectorwise_quant_cuda,
     "bitsandbytes::int8_mm_dequant": _int8_mm_dequant_cuda,
     "bitsandbytes::int8_scaled_mm": _int8_scaled_mm_default,
     "bitsandbytes::int8_mixed_scaled_mm": _int8_mixed_scaled_mm_default,
-    "bitsandbytes::int8_vectorwise_dequant": _int8_vectorwise_dequant_default,
+    "bitsandbytes::int8_vectorwise_dequant": int8_vectorwise_dequant,
 }
 
 
