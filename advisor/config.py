@@ -121,6 +121,10 @@ class TrainingConfig(BaseModel):
         return self.per_device_train_batch_size * self.gradient_accumulation_steps
 
 
+# transformers' BitsAndBytesConfig default, which Axolotl and LLaMA-Factory load with (neither exposes it)
+LLM_INT8_THRESHOLD = 6.0
+
+
 class QuantizationConfig(BaseModel):
     """bitsandbytes settings of the frozen base, named as in `transformers.BitsAndBytesConfig`: 4-bit NF4/FP4
     (QLoRA, the default) or 8-bit LLM.int8() (`load_in_8bit: true`, what Axolotl's `load_in_8bit` and
@@ -133,7 +137,7 @@ class QuantizationConfig(BaseModel):
         False, description="LLM.int8(): int8 weights with one fp32 scale per output row; activations quantized per "
                            "row in every matmul, outlier columns (|x| ≥ llm_int8_threshold) kept in 16-bit. Not "
                            "with FSDP / ZeRO-3 (bitsandbytes' int8 weights cannot be sharded).")
-    llm_int8_threshold: float = Field(6.0, ge=0, description="8-bit only: the outlier threshold (0: no outliers).")
+    llm_int8_threshold: float = Field(LLM_INT8_THRESHOLD, ge=0, description="8-bit only: the outlier threshold (0: no outliers).")
     bnb_4bit_quant_type: Literal["nf4", "fp4"] = "nf4"
     bnb_4bit_use_double_quant: bool = True
     bnb_4bit_compute_dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"
@@ -146,10 +150,6 @@ class QuantizationConfig(BaseModel):
                                  "alone selects 8-bit)")
             self.load_in_4bit = False
         return self
-
-    @property
-    def bits(self) -> int:
-        return 8 if self.load_in_8bit else 4
 
 
 class MethodConfig(BaseModel):

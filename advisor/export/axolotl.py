@@ -30,6 +30,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from advisor.config import LLM_INT8_THRESHOLD
 from advisor.export.base import ExportContext, ExportFormat, Rendered, register_format
 from advisor.export.multigpu import put_multi_gpu, uses_deepspeed
 from advisor.export.yamldoc import YamlDoc
@@ -120,8 +121,9 @@ def render(ctx: ExportContext) -> Rendered:
             doc.put("lora_modules_to_save", list(p["modules_to_save"]), "trained whole beside the adapters")
         if p.get("bias", "none") != "none":
             notes.append(f"LoRA bias={p['bias']!r} has no Axolotl key; Axolotl trains no biases with LoRA")
-        if ctx.method == "qlora" and eight and q.llm_int8_threshold != 6.0:
-            notes.append(f"llm_int8_threshold {q.llm_int8_threshold} has no Axolotl key (it loads with 6.0)")
+        if ctx.method == "qlora" and eight and q.llm_int8_threshold != LLM_INT8_THRESHOLD:
+            notes.append(f"llm_int8_threshold {q.llm_int8_threshold} has no Axolotl key (it loads with "
+                         f"{LLM_INT8_THRESHOLD})")
         if ctx.method == "qlora" and not eight:
             doc.put("bnb_config_kwargs", {"bnb_4bit_quant_type": q.bnb_4bit_quant_type,
                                           "bnb_4bit_use_double_quant": q.bnb_4bit_use_double_quant},

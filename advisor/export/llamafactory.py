@@ -36,6 +36,7 @@ import json
 import re
 from pathlib import Path
 
+from advisor.config import LLM_INT8_THRESHOLD
 from advisor.errors import AdvisorInputError
 from advisor.export.base import ExportContext, ExportFormat, Rendered, register_format
 from advisor.export.multigpu import put_multi_gpu, uses_deepspeed
@@ -141,8 +142,9 @@ def render(ctx: ExportContext) -> Rendered:
         if q.load_in_8bit:
             doc.put("quantization_bit", 8, "frozen base in 8-bit (LLM.int8())")
             doc.put("quantization_method", "bnb")
-            if q.llm_int8_threshold != 6.0:
-                notes.append(f"llm_int8_threshold {q.llm_int8_threshold} has no LLaMA-Factory key (it loads with 6.0)")
+            if q.llm_int8_threshold != LLM_INT8_THRESHOLD:
+                notes.append(f"llm_int8_threshold {q.llm_int8_threshold} has no LLaMA-Factory key (it loads with "
+                             f"{LLM_INT8_THRESHOLD})")
         else:
             doc.put("quantization_bit", 4, "QLoRA: frozen base in 4-bit")
             doc.put("quantization_method", "bnb")
