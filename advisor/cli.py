@@ -104,10 +104,10 @@ def models(as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] 
 
 @app.command()
 def methods(as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False) -> None:
-    """Describe the twelve fine-tuning methods with their seed-derived defaults."""
+    """Describe the twelve fine-tuning methods with their seed-derived defaults (and `peft`: any other PEFT type)."""
     from advisor.methods import all_methods
 
-    rows = [m.describe() for m in all_methods()]
+    rows = [m.describe() for m in all_methods(extra=True)]
     if as_json:
         return _print_json(rows)
     table = Table(title="Fine-tuning methods")

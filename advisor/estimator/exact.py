@@ -60,7 +60,7 @@ def exact_from_plan(plan: Plan, use_cache: bool = True, allocator: str = "auto",
     substituted = sim_config is not plan.config
     # a paged optimizer's state is outside the allocator (unified memory): not in a replay, no overhead on it
     paged_optim = plan.config.training.optim.startswith("paged_")
-    replay = (profile.allocator_replay(plan.spec.id)
+    replay = (profile.allocator_replay(plan.profile_method)
               if plan.target == "cuda" and allocator == "auto" and devices == 1 and not substituted
               and not paged_optim else None)
     sim = simulate(plan.model, sim_config, plan.batch_size, plan.seq_len, use_cache=use_cache, target=plan.target,
@@ -84,8 +84,8 @@ def exact_from_plan(plan: Plan, use_cache: bool = True, allocator: str = "auto",
         outside = _paged_at(plan, sim["breakdown_bytes"], "ddp", 1)
         overhead_bytes, overhead_source = exact_overhead(plan, sim["peak_bytes"] - outside, sim)
         peak = sim["peak_bytes"] + overhead_bytes
-        band_low, band_high = profile.band(plan.spec.id)
-        band_source = profile.band_source(plan.spec.id)
+        band_low, band_high = profile.band(plan.profile_method)
+        band_source = profile.band_source(plan.profile_method)
     notes = list(sim.get("notes", [])) + ([plan.model.note] if plan.model.note else []) + list(profile.notes)
     breakdown = breakdown_from_counter(sim["breakdown_bytes"], overhead_bytes, sim["peak_phase"])
     at_peak = sim["breakdown_bytes"]  # bytes by category at the peak (per device below, when sharded)

@@ -262,7 +262,7 @@ def training_flops_per_token(mm: MemoryModel) -> float:
         flops += forward
     kv = s
     peft = plan.config.peft or {}
-    method = plan.spec.id
+    method = _flop_method(plan)
     if method == "prefix_tuning":
         kv = s + int(peft.get("num_virtual_tokens") or 0)
     elif method == "longlora":
@@ -277,6 +277,23 @@ def training_flops_per_token(mm: MemoryModel) -> float:
     if method == "prompt_tuning" and s > 0:
         flops *= (s + int(peft.get("num_virtual_tokens") or 0)) / s
     return float(flops)
+
+
+def _flop_method(plan: Plan) -> str:
+    """The method whose FLOP terms apply: PEFT's prompt-learning types lengthen the sequence as prompt tuning does,
+    its prefix tuning as ours does; every other PEFT type counts as a frozen base with trained parameters."""
+    if plan.spec.id != "peft":
+        return plan.spec.id
+    name = peft_type_name(plan)
+    from advisor.methods.peft_any import PROMPT_TYPES
+
+    return "prompt_tuning" if name in PROMPT_TYPES else "prefix_tuning" if name == "PREFIX_TUNING" else "peft"
+
+
+def peft_type_name(plan: Plan) -> str:
+    from advisor.methods.peft_any import peft_type_of
+
+    return peft_type_of(plan.config.peft or {}) if plan.spec.id == "peft" else plan.spec.id
 
 
 def step_flops(mm: MemoryModel, batch: int) -> float:
@@ -319,10 +336,13 @@ def offloaded_activation_bytes(mm: MemoryModel, batch: int) -> float:
 def time_and_cost(mm: MemoryModel, batch: int, strategy: str, devices: int, paged_spill_bytes: float = 0.0) -> dict:
     plan = mm.plan
     per_token = training_flops_per_token(mm)
-    rate, rate_source = mm.profile.achieved_flops(plan.spec.id, plan.hardware)
+    rate, rate_source = mm.profile.achieved_flops(plan.profile_method, plan.hardware)
     if rate is None:
         return {"tokens_per_s": None, "train_hours": None, "cost_usd": None, "time_source": rate_source}
-    rate *= mm.profile.method_speed_factor(plan.spec.id)
+    rate *= mm.profile.method_speed_factor(plan.profile_method)
+    if plan.profile_method != plan.spec.id:
+        rate_source += (f"; {peft_type_name(plan)} has no probe of its own: timed at {plan.profile_method}'s rate, "
+                        "the calibrated method nearest in how it runs")
     if (plan.config.peft or {}).get("use_dora"):
         rate *= DORA_SPEED_FACTOR
         rate_source += f"; × {DORA_SPEED_FACTOR} for DoRA ({DORA_SPEED_SOURCE})"
@@ -432,7 +452,7 @@ def estimate_plan(plan: Plan, strategy: str | None = None, mm: MemoryModel | Non
     resident = whole - paged
     # paged state beyond the device's memory stays in CPU RAM: the device holds at most its memory
     peak = device_peak(whole, resident, memory_bytes)
-    band_low, band_high = mm.profile.band(plan.spec.id)
+    band_low, band_high = mm.profile.band(plan.profile_method)
     result = {
         "peak_vram_gib": round(peak / GIB, 3),
         "peak_bytes": peak,
@@ -468,11 +488,15 @@ def estimate_plan(plan: Plan, strategy: str | None = None, mm: MemoryModel | Non
         "memory": f"fitted:{mm.coefficients.key} (exact slice simulations of this architecture and method) "
                   f"+ exact parameter/optimizer bytes",
         "overhead": mm.profile.overhead_source(),
-        "band": mm.profile.band_source(plan.spec.id),
+        "band": mm.profile.band_source(plan.profile_method),
         "time": timing["time_source"],
         "profile": mm.profile.id,
     }
     notes = list(mm.profile.notes)
+    if plan.spec.id == "peft":
+        from advisor.methods.peft_any import notes as peft_notes
+
+        notes += peft_notes(plan.config.peft, plan.model.config)
     if plan.model.note:
         notes.append(plan.model.note)
     if memory_bytes is None:

@@ -27,6 +27,16 @@ class Plan:
         return self.config.training
 
     @property
+    def profile_method(self) -> str:
+        """The method whose calibrated terms (achieved FLOP/s, error band, allocator replay) apply: the method
+        itself, or for method "peft" the calibrated method nearest its PEFT type (weight adapters: LoRA)."""
+        if self.spec.id == "peft":
+            from advisor.methods.peft_any import rate_proxy
+
+            return rate_proxy(self.config.peft or {})
+        return self.spec.id
+
+    @property
     def target(self) -> str:
         """The device kind whose kernels the memory model counts: "cuda" for a GPU, "cpu" without one."""
         return "cuda" if self.hardware.has_gpu else "cpu"
@@ -65,6 +75,10 @@ def build_plan(req: EstimateRequest) -> Plan:
                                 "max_seq_length applies (max_target_length is for encoder-decoder models such as T5)")
     from advisor.engine import check_optimizer_in_backward, check_torch_compile
 
+    if spec.id == "peft":
+        from advisor.methods.peft_any import check_model
+
+        check_model(cfg.peft, model.config)
     check_optimizer_in_backward(cfg.training, spec.id, hardware.count)
     check_torch_compile(cfg.training, spec.id)
     return Plan(model, spec, cfg, hardware, cfg.training.per_device_train_batch_size, seq, req)

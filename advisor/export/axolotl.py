@@ -44,6 +44,7 @@ REFUSALS = {
     "prefix_tuning": "Axolotl's built-in adapters are lora, qlora and llama-adapter "
                      "(LLaMA-Adapter is not PEFT prefix tuning)",
     "adapter": "Axolotl has no bottleneck (Houlsby/Pfeiffer) adapters",
+    "peft": "Axolotl's built-in adapters are lora, qlora and llama-adapter; other PEFT types are not among them",
     "molora": "Axolotl has no mixture-of-LoRA-experts adapter",
 }
 # every key this exporter may write (top level), each present in Axolotl's schemas

@@ -50,6 +50,7 @@ REFUSALS = {
     "prefix_tuning": "LLaMA-Factory's finetuning_type is one of lora, oft, freeze, full; it has no prefix tuning",
     "bitfit": "LLaMA-Factory's `freeze` tuning trains whole layers or modules, not bias terms alone",
     "adapter": "LLaMA-Factory has no bottleneck (Houlsby/Pfeiffer) adapters",
+    "peft": "LLaMA-Factory's finetuning_type is one of lora, oft, freeze, full; other PEFT types are not among them",
     "molora": "LLaMA-Factory has no mixture-of-LoRA-experts adapter",
 }
 # LLaMA-Factory's own keys this exporter may write (every other key is a transformers training argument)

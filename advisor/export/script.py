@@ -22,6 +22,7 @@ override model, data, output, steps, epochs, sequence length and validation spli
                     copied in), LoRA on attention, embeddings and norms trainable and saved beside the adapter
     adapter         refused: bottleneck adapters are not in PEFT; the advisor trains them with its own module
     molora          refused: mixture-of-LoRA-experts is not in PEFT; the advisor trains it with its own module
+    peft            any other PEFT type: peft.get_peft_config(PEFT) (PEFT is the adapter_config.json), get_peft_model
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ from advisor.errors import AdvisorInputError
 from advisor.export.base import ExportContext, ExportFormat, Rendered, register_format
 
 METHODS = ("full", "lora", "qlora", "adalora", "ia3", "prompt_tuning", "prefix_tuning", "bitfit", "galore",
-           "longlora")
+           "longlora", "peft")
 REFUSALS = {
     "adapter": "bottleneck adapters (Houlsby/Pfeiffer) are not part of PEFT; only the advisor's own trainer "
                "(advisor train) builds them",
@@ -187,6 +188,20 @@ def apply_method(model, seq2seq: bool, total_steps: int):
                                 prefix_projection=bool(PEFT["prefix_projection"]))
     return get_peft_model(model, config)
 ''' + _NO_EXTRAS + _SAVE_TRAINER.format(what="the prefixes")
+
+SNIPPETS["peft"] = '''from peft import get_peft_config, get_peft_model
+
+CALLBACKS: list = []
+
+
+def apply_method(model, seq2seq: bool, total_steps: int):
+    """Any PEFT adapter type: PEFT builds it from its own adapter_config.json keys (PEFT above)."""
+    keys = {k: v for k, v in PEFT.items() if k != "autocast_adapter_dtype"}
+    keys["task_type"] = peft_task_type(seq2seq)
+    if keys.get("peft_type") == "ADALORA":
+        keys.setdefault("total_step", total_steps)
+    return get_peft_model(model, get_peft_config(keys), autocast_adapter_dtype=PEFT.get("autocast_adapter_dtype", True))
+''' + _NO_EXTRAS + _SAVE_TRAINER.format(what="the adapter (adapter_config.json + adapter_model.safetensors)")
 
 SNIPPETS["bitfit_existing"] = '''CALLBACKS: list = []
 

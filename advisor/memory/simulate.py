@@ -30,6 +30,7 @@ from pathlib import Path
 import torch
 
 from advisor.config import MethodConfig
+from advisor.errors import AdvisorInputError
 from advisor.engine import int8_vectorwise_dequant, train_step
 from advisor.memory.counter import LiveBytes, cuda_memory_stats
 from advisor.memory.simattn import semantics, use_sim_masks
@@ -187,6 +188,22 @@ def _to_fake(prepared) -> None:
         ]
 
 
+def lycoris_adapters_always_on(model) -> int:
+    """PEFT's LyCORIS layers (LoHa, LoKr) decide per forward whether to skip the adapter (`torch.rand(1) >
+    module_dropout`), a branch on a random value that fake tensors cannot take. In a simulation the branch is taken
+    (always so at the default module_dropout 0, the peak case otherwise) by clearing the layer's own training flag,
+    which gates only that draw and rank dropout (its mask: one value per output feature, not counted); the base
+    layer and the adapter's parameters keep theirs. Returns how many layers were set."""
+    from peft.tuners.lycoris_utils import LycorisLayer
+
+    n = 0
+    for mod in model.modules():
+        if isinstance(mod, LycorisLayer):
+            mod.training = False
+            n += 1
+    return n
+
+
 def simulate_in_process(resolved, cfg: MethodConfig, batch_size: int, seq_len: int, steps: int = 2,
                         total_steps: int = 100, target: str = "cpu", refresh_projections: bool = True,
                         allocator_workspaces: list[int] | None = None) -> dict:
@@ -197,6 +214,24 @@ def simulate_in_process(resolved, cfg: MethodConfig, batch_size: int, seq_len: i
     SDPA applies attention dropout inside the flash kernel), what a GPU estimate needs. From the second step on,
     GaLore recomputes its projections every step (`refresh_projections_every_step`), as a real run does every
     `update_proj_gap` steps with the whole optimizer state in place."""
+    if cfg.method == "peft":  # any PEFT type: one whose layers do not run on fake tensors is a clear error, not a crash
+        try:
+            return _simulate(resolved, cfg, batch_size, seq_len, steps, total_steps, target, refresh_projections,
+                             allocator_workspaces)
+        except AdvisorInputError:
+            raise
+        except Exception as err:  # noqa: BLE001 -- PEFT's layers raise anything on shapes without values
+            from advisor.methods.peft_any import peft_type_of
+
+            raise AdvisorInputError("config.peft.peft_type",
+                                    f"{peft_type_of(cfg.peft)}: PEFT's layers could not be simulated "
+                                    f"({type(err).__name__}: {str(err)[:200]})") from None
+    return _simulate(resolved, cfg, batch_size, seq_len, steps, total_steps, target, refresh_projections,
+                     allocator_workspaces)
+
+
+def _simulate(resolved, cfg: MethodConfig, batch_size: int, seq_len: int, steps: int, total_steps: int, target: str,
+              refresh_projections: bool, allocator_workspaces: list[int] | None) -> dict:
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     from advisor.engine import load_base_model, make_batch, make_optimizer, prepare
@@ -206,6 +241,7 @@ def simulate_in_process(resolved, cfg: MethodConfig, batch_size: int, seq_len: i
     prepared = prepare(model, resolved, cfg, on_meta=True, total_steps=total_steps)
     trainable, total = prepared.param_counts()
     use_sim_masks(prepared.model)
+    lycoris_adapters_always_on(prepared.model)
     # constants kept outside parameters/buffers (PEFT's virtual-token indices) are few bytes: let them in
     fake_mode = FakeTensorMode(allow_non_fake_inputs=True)
     with fake_mode:

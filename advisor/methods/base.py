@@ -104,6 +104,8 @@ class MethodSpec:
     mergeable: bool = True
     paper: str = ""
     validate: Callable[[dict[str, Any], BuildContext], None] | None = None
+    # knobs beyond `knobs` that depend on the request (method "peft": the fields of the PEFT type's config class)
+    open_knobs: Callable[[dict[str, Any]], list[str]] | None = None
 
     # -- seed-derived defaults --------------------------------------------------------------
     @property
@@ -147,9 +149,14 @@ class MethodSpec:
                 f"config.{sorted(unknown)[0]}", "unknown field", allowed=["method", "peft", "quantization", "training"]
             )
         peft = self.default_peft()
-        for key, value in (raw.get("peft") or {}).items():
-            if key not in self.knobs:
-                raise AdvisorInputError(f"config.peft.{key}", f"not a knob of {self.id}", allowed=sorted(self.knobs))
+        given = raw.get("peft") or {}
+        if not isinstance(given, dict):
+            raise AdvisorInputError("config.peft", f"must be an object of {self.id}'s knobs, got {type(given).__name__}")
+        open_knobs = set(self.open_knobs(given)) if self.open_knobs else set()
+        for key, value in given.items():
+            if key not in self.knobs and key not in open_knobs:
+                raise AdvisorInputError(f"config.peft.{key}", f"not a knob of {self.id}",
+                                        allowed=sorted(set(self.knobs) | open_knobs))
             peft[key] = value
         training = {**self.default_training(), **(raw.get("training") or {})}
         parsed_training = parse_training(training)
@@ -188,6 +195,8 @@ class MethodSpec:
             "use_when": seeds.get("use_when", []),
             "dont_use_when": seeds.get("dont_use_when", []),
             "paper": self.paper,
+            # the twelve are what the rules decide between; the others are estimated and trained on request
+            "recommended_by_rules": self.id in METHOD_IDS,
         }
 
 

@@ -56,6 +56,10 @@ def normalize_job(body: dict) -> dict:
 
         spec.validate(dict(cfg.peft), BuildContext(kind=resolved.kind, model_type=resolved.model_type, on_meta=True,
                                                    training=cfg.training, quantization=cfg.quantization))
+    if spec.id == "peft":
+        from advisor.methods.peft_any import check_model
+
+        check_model(cfg.peft, resolved.config)
     if spec.id == "prefix_tuning" and cfg.training.gradient_checkpointing:
         raise AdvisorInputError("config.training.gradient_checkpointing",
                                 "prefix_tuning does not work with gradient checkpointing (PEFT refuses it); set it to false")

@@ -32,6 +32,15 @@ def merge(output_dir: str | Path, out: str | Path | None = None, *, dequantize: 
             "output_dir", f"{spec.id} cannot be merged into the base weights (its trained parameters are not a weight "
             "update: virtual tokens, inserted modules or routed experts); load it with advisor.train.load_trained",
             allowed=[m for m in _mergeable()])
+    if spec.id == "peft":
+        from advisor.methods.peft_any import is_prompt_learning, peft_type_of
+
+        peft = (plan["job"].get("config") or {}).get("peft") or {}
+        if is_prompt_learning(peft):
+            raise AdvisorInputError(
+                "output_dir", f"{peft_type_of(peft)} trains virtual tokens or prompts, not a weight update: it cannot "
+                "be merged into the base weights; load it with advisor.train.load_trained",
+                allowed=[m for m in _mergeable()])
     if spec.quantized and not dequantize:
         raise AdvisorInputError(
             "dequantize", f"{spec.id}'s base is 4-bit: merging into quantized weights loses the update; pass "
@@ -40,7 +49,11 @@ def merge(output_dir: str | Path, out: str | Path | None = None, *, dequantize: 
 
     model, tokenizer = load_trained(output_dir, device=device, base_quantized=False if spec.quantized else None)
     if is_peft_model(model):
-        model = model.merge_and_unload()
+        try:
+            model = model.merge_and_unload()
+        except (AttributeError, NotImplementedError, ValueError) as err:  # a PEFT type without a merge
+            raise AdvisorInputError("output_dir", f"PEFT cannot merge this {spec.id} adapter into the base weights: "
+                                    f"{err}; load it with advisor.train.load_trained") from None
     target = Path(out) if out else output_dir / "merged"
     target.mkdir(parents=True, exist_ok=True)
     _clean_config(model)

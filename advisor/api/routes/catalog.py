@@ -26,7 +26,7 @@ def show_model(model_id: str) -> dict:
 
 @router.get("/methods")
 def list_methods() -> list[dict]:
-    return [m.describe() for m in all_methods()]
+    return [m.describe() for m in all_methods(extra=True)]
 
 
 @router.get("/methods/{method_id}")
