@@ -241,7 +241,9 @@ def _render_estimate(result: dict) -> None:
     fits = result.get("fits")
     verdict = "[green]fits[/]" if fits else ("[red]does not fit[/]" if hw.get("usable_memory_gib") else "[yellow]no GPU[/]")
     console.print(
-        f"[bold]{result['model']}[/] · [bold]{result['method']}[/] · micro-batch {result['micro_batch']} × "
+        f"[bold]{result['model']}[/] · [bold]{result['method']}[/]"
+        f"{' (' + str((result.get('config') or {}).get('peft', {}).get('peft_type')) + ')' if result['method'] == 'peft' else ''}"
+        f" · micro-batch {result['micro_batch']} × "
         f"{result['seq_len']} tokens on {hw.get('name')} ×{hw.get('count', 1)}"
     )
     band = ""

@@ -31,8 +31,11 @@ Mapping rules
   feed-forward ones); `prompt_tuning` → prompt_tuning; `prefix_tuning` →
   prefix_tuning; `adapter (houlsby-style)` → adapter placement houlsby; `full + galore rN` → galore rank N;
   `full` → full; a LoRA row whose precision says int8 / 8-bit → qlora with `quantization.load_in_8bit` (LoRA over
-  bitsandbytes' LLM.int8() base). Not modelled (skipped): loha, vera, boft, oft, fourierft, llama-pro, lisa, gptq, p-tuning,
-  adaption_prompt, ln_tuning, unsloth (and the other PEFT methods named in UNMODELLED).
+  bitsandbytes' LLM.int8() base); a string whose first word names another PEFT type (`loha`, `lokr`, `vera`, `boft`,
+  `oft`, `fourierft`, `ln_tuning`, `p-tuning`, `adaption_prompt`, ... : PEFT_TYPE_WORDS) → method "peft" with that
+  type, its rank, listed targets and "field value" pairs, over the source's experiment config (PEFT_EXPERIMENTS,
+  the experiment's adapter_config.json). Not modelled (skipped): llama-pro, lisa, gptq, unsloth, LoRA-FA's optimizer
+  (UNMODELLED).
 - Training: batch, seq_len as given; grad_ckpt on/off → gradient_checkpointing; bf16; optimizer "AdamW" →
   `adamw_torch` (torch.optim.AdamW with its defaults, which is what both sources ran: it takes the foreach path on
   CUDA); rows whose source says "FA2 OFF (eager attn)" → attn_implementation "eager", else the default (SDPA,
@@ -110,9 +113,16 @@ CATALOG = {"llama-3.2-3b": "meta-llama/Llama-3.2-3B", "llama3-8b-instruct": "met
 # cards a source does not name ("unknown", "2xGPU-FSDP", "2x40GB-ZeRO3"): the peak does not depend on which GPU,
 # only the fit would; every named card goes through the catalog's own aliases (`_catalog_gpu`)
 UNNAMED_GPUS = {"unknown": "a100-80gb", "gpu": "a100-80gb", "40gb": "a100-40gb", "24gb": "rtx-4090"}
-UNMODELLED = ("unsloth", "gptq", "loha", "vera", "boft", "oft", "fourierft", "llama-pro", "lisa",
-              "p-tuning", "adaption_prompt", "ln_tuning", "lokr", "lora-fa", "osf", "trainable_tokens", "tinylora",
-              "miss", "randlora", "lily")
+UNMODELLED = ("unsloth", "gptq", "llama-pro", "lisa", "lora-fa")
+# PEFT's other adapter types (method "peft", config.peft = the type's adapter_config.json), by the first word of a
+# method string
+PEFT_TYPE_WORDS = {"loha": "LOHA", "lokr": "LOKR", "vera": "VERA", "boft": "BOFT", "oft": "OFT",
+                   "fourierft": "FOURIERFT", "ln_tuning": "LN_TUNING", "p-tuning": "P_TUNING", "ptuning": "P_TUNING",
+                   "adaption_prompt": "ADAPTION_PROMPT", "osf": "OSF", "trainable_tokens": "TRAINABLE_TOKENS",
+                   "tinylora": "TINYLORA", "miss": "MISS", "randlora": "RANDLORA", "lily": "LILY", "bone": "BONE",
+                   "hra": "HRA", "c3a": "C3A", "road": "ROAD", "delora": "DELORA", "gralora": "GRALORA",
+                   "vblora": "VBLORA", "shira": "SHIRA", "waveft": "WAVEFT", "hira": "HIRA", "psoft": "PSOFT",
+                   "glora": "GLORA", "peanut": "PEANUT", "deft": "DEFT", "unilora": "UNILORA"}
 # training techniques a row's source names that the estimator does not model (it would over-estimate them)
 UNMODELLED_TECHNIQUES = {"real lengths short": "lengths far below the stated cap (the longest batch is unknown)"}
 # short target names in method strings → module names per family (Llama-style *_proj; T5 q/v; BLOOM fused qkv)
@@ -162,6 +172,9 @@ def map_method(text: str) -> tuple[str | None, dict, str | None]:
             return None, {}, f"{word}: not a method the advisor models"
     rank = re.search(r"\br(\d+)\b", t)
     r = int(rank.group(1)) if rank else None
+    first = re.split(r"[\s(]", t, maxsplit=1)[0]
+    if first in PEFT_TYPE_WORDS:  # any other PEFT type: its rank, targets and "field value" pairs the string names
+        return "peft", peft_type_config(PEFT_TYPE_WORDS[first], t, r), None
     if t.startswith("qlora"):  # rank and targets when the string gives them; else the source's (SOURCE_PEFT)
         peft = {"r": r} if r else {}
         targets = _listed_targets(t)
@@ -203,6 +216,73 @@ def map_method(text: str) -> tuple[str | None, dict, str | None]:
     if t == "full" or (t.startswith("full") and "+" not in t):  # "full", "full fine-tuning", "full (bf16)"
         return "full", {}, None
     return None, {}, f"no mapping rule for {text!r}"
+
+
+def peft_type_config(peft_type: str, t: str, r: int | None) -> dict:
+    """config.peft for a PEFT type named by a method string: `rN` → r (for types with a rank), listed targets, and
+    any "field value" pair naming a field of the type's config class ("decompose_factor 4")."""
+    from advisor.methods.peft_any import config_fields
+
+    peft: dict = {"peft_type": peft_type}
+    fields = set(config_fields(peft))
+    if r and "r" in fields:
+        peft["r"] = r
+    targets = _listed_targets(t)
+    if targets and "target_modules" in fields:
+        peft["target_modules"] = targets
+    for name, value in re.findall(r"\b([a-z_]+) (\d+(?:\.\d+)?)\b", t):
+        if name in fields and name != "r":
+            peft[name] = float(value) if "." in value else int(value)
+    return peft
+
+
+# The adapter_config.json of PEFT MetaMathQA experiments (huggingface/peft method_comparison/MetaMathQA/experiments/
+# <type>/<experiment>/adapter_config.json, read at the commits the rows name; provenance and nulls left out): a
+# row whose source names its result file (`results/<type>--<experiment>.json`) runs that experiment; a main-file
+# row, which names none, runs its type's first experiment listed here (PEFT_DEFAULT_EXPERIMENT)
+PEFT_EXPERIMENTS = {
+    "loha/llama-3.2-3B-rank32": {"peft_type": "LOHA", "r": 32, "alpha": 64, "target_modules": ["q_proj", "v_proj"]},
+    "lokr/llama-3.2-3B-rank32-factor4-lr0.003": {"peft_type": "LOKR", "r": 32, "alpha": 64, "decompose_factor": 4,
+                                                 "target_modules": ["q_proj", "v_proj"]},
+    "vera/llama-3.2-3B-default": {"peft_type": "VERA", "r": 256, "d_initial": 0.1, "save_projection": True},
+    "boft/llama-3.2-3B-default": {"peft_type": "BOFT", "boft_block_num": 0, "boft_block_size": 4,
+                                  "boft_n_butterfly_factor": 1},
+    "oft/llama-3.2-3B-rank32": {"peft_type": "OFT", "r": 32, "oft_block_size": 0, "eps": 6e-05,
+                                "target_modules": ["q_proj", "v_proj"]},
+    "fourierft/llama-3.2-3B-default": {"peft_type": "FOURIERFT", "n_frequency": 1000, "scaling": 300,
+                                       "random_loc_seed": 777, "init_weights": False,
+                                       "target_modules": ["v_proj", "q_proj"]},
+    "ln_tuning/llama-3.2-3B-default": {"peft_type": "LN_TUNING"},
+    "ptuning/llama-3.2-3B-default": {"peft_type": "P_TUNING", "num_virtual_tokens": 20, "encoder_hidden_size": 3072,
+                                     "encoder_num_layers": 2, "encoder_reparameterization_type": "MLP"},
+    "adaptionprompt/llama-3.2-3B-lr_0.0005": {"peft_type": "ADAPTION_PROMPT", "adapter_layers": 28,
+                                              "adapter_len": 100},
+    "osf/llama-3.2-3B-rank128": {"peft_type": "OSF", "target_modules": list(ALL_LINEAR),
+                                 "rank_pattern": {"q_proj": 2944, "o_proj": 2944, "k_proj": 896, "v_proj": 896,
+                                                  "gate_proj": 2944, "down_proj": 2944, "up_proj": 2944}},
+    "trainable_tokens/llama-3.2-3B-sos+eos": {"peft_type": "TRAINABLE_TOKENS", "token_indices": [128000, 128001]},
+    "tinylora/llama-3.2-3B-default": {"peft_type": "TINYLORA", "r": 2, "u": 64, "weight_tying": 0.0},
+    "miss/llama-3.2-3B-default": {"peft_type": "MISS", "r": 64, "mini_r": 1},
+    "randlora/llama-3.2-3B-default": {"peft_type": "RANDLORA", "r": 32, "randlora_alpha": 640},
+    "lily/llama-3.2-3B-rank140-mlp-a2-b2-s8.0": {"peft_type": "LILY", "r": 140, "num_B": 2, "stride_A": 14,
+                                                 "scaling": 8.0,
+                                                 "target_modules": ["gate_proj", "up_proj", "down_proj"]},
+}
+PEFT_DEFAULT_EXPERIMENT = {}
+for _key, _cfg in PEFT_EXPERIMENTS.items():
+    PEFT_DEFAULT_EXPERIMENT.setdefault(_cfg["peft_type"], _key)
+
+
+def peft_experiment(row: dict, peft_type: str) -> dict:
+    """The source's adapter_config for a PEFT MetaMathQA row of another PEFT type (empty for other sources)."""
+    if source_short(row["source"]) != "peft-MetaMathQA":
+        return {}
+    named = re.search(r"results/([a-z_]+)--(llama-3\.2-3b-[^\s;()]+?)\.json", row["source"], re.IGNORECASE)
+    if named:
+        for key, cfg in PEFT_EXPERIMENTS.items():
+            if key.lower() == f"{named.group(1)}/{named.group(2)}".lower():
+                return dict(cfg)
+    return dict(PEFT_EXPERIMENTS.get(PEFT_DEFAULT_EXPERIMENT.get(peft_type, ""), {}))
 
 
 # What each source's own run configuration says, for what the method string leaves open (read from the sources,
@@ -251,6 +331,10 @@ def map_row(row: dict) -> tuple[dict | None, str | None]:
         return None, reason
     explicit = dict(peft)
     peft = {**SOURCE_PEFT.get(source_short(row["source"]).split(" ")[0], {}).get(method, {}), **explicit}
+    if method == "peft":  # the source's experiment config, then what the string says
+        peft = {**peft_experiment(row, explicit["peft_type"]), **explicit}
+        if "autocast_adapter_dtype=false" in row["source"].lower():  # adapters left in the base's dtype
+            peft["autocast_adapter_dtype"] = False
     if method == "adalora" and "r" in explicit:  # the method string's rank wins over the source default
         peft.update(explicit)
     if method == "lora" and "target_modules" not in peft:  # ms-swift's default for Llama-type models: q, k, v
