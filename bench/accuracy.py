@@ -98,6 +98,21 @@ OPTIONS = (
 )
 OPTIONS_GRID = ((1, 512, False), (4, 1024, True), (3, 700, True))
 
+# --peft-types: method "peft" (any other PEFT type, from its adapter_config.json) with the configs of PEFT's MetaMathQA
+# experiments, on the two Llama-style quick models (GPT-2's Conv1D layers are refused by most of these types)
+_QV = ["q_proj", "v_proj"]
+PEFT_TYPE_CASES = (
+    ("LoHa r32", {"peft_type": "LOHA", "r": 32, "alpha": 64, "target_modules": _QV}),
+    ("LoKr r32 factor 4", {"peft_type": "LOKR", "r": 32, "alpha": 64, "decompose_factor": 4, "target_modules": _QV}),
+    ("VeRA r256", {"peft_type": "VERA", "r": 256}),
+    ("OFT r32", {"peft_type": "OFT", "r": 32, "oft_block_size": 0, "target_modules": _QV}),
+    ("FourierFT n1000", {"peft_type": "FOURIERFT", "n_frequency": 1000, "scaling": 300, "target_modules": _QV}),
+    ("LN tuning", {"peft_type": "LN_TUNING"}),
+    ("P-tuning 20", {"peft_type": "P_TUNING", "num_virtual_tokens": 20, "encoder_reparameterization_type": "MLP"}),
+    ("MiSS r64", {"peft_type": "MISS", "r": 64}),
+)
+PEFT_TYPE_MODELS = [("Qwen/Qwen2.5-0.5B", "Qwen2.5-0.5B"), ("meta-llama/Llama-3.2-1B", "Llama-3.2-1B")]
+
 
 # --------------------------------------------------------------------------- shared helpers (anchors, latency)
 def loadavg() -> list[float] | None:
@@ -205,7 +220,10 @@ def write_json(path: Path, data: dict) -> None:
 
 
 # --------------------------------------------------------------------------- plan
-def plan(quick: bool, large: bool, medium: bool = False, options: bool = False) -> list[dict]:
+def plan(quick: bool, large: bool, medium: bool = False, options: bool = False, peft_types: bool = False) -> list[dict]:
+    if peft_types:
+        return [{"model": m, "label": f"{label} [{tag}]", "method": "peft", "b": b, "s": s, "gc": gc, "peft": peft}
+                for m, label in PEFT_TYPE_MODELS for tag, peft in PEFT_TYPE_CASES for (b, s, gc) in OPTIONS_GRID]
     if options:
         return [{"model": m, "label": f"{label} [{tag}]", "method": meth, "b": b, "s": s, "gc": gc,
                  "training": training, **(extra[0] if extra else {})}
@@ -423,6 +441,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--options", action="store_true",
                     help="the training options (chunked/fused CE, 8-bit and paged optimizers, the step in backward, "
                          "activation offloading, DoRA, modules_to_save, an 8-bit base) on the quick models")
+    ap.add_argument("--peft-types", action="store_true",
+                    help="method 'peft' (LoHa, LoKr, VeRA, OFT, FourierFT, LN tuning, P-tuning, MiSS) on two models; "
+                         "writes bench/results/accuracy_peft.json unless --out")
     ap.add_argument("--large", action="store_true", help="add Llama-2-13B, Llama-3-8B, Qwen2.5-14B, Llama-2-70B")
     ap.add_argument("--large-only", action="store_true", help="only the --large models (to extend an earlier run)")
     ap.add_argument("--merge", default=None, help="merge the rows of this earlier result JSON (same schema)")
@@ -442,17 +463,20 @@ def main(argv: list[str] | None = None) -> int:
     hf_logging.set_verbosity_error()
     from advisor.settings import get_settings
 
+    if args.peft_types and args.out == DEFAULT_OUT:
+        args.out = "bench/results/accuracy_peft.json"
     out_path = (REPO / args.out) if not Path(args.out).is_absolute() else Path(args.out)
-    cases = plan(args.quick, args.large or args.large_only, medium=args.medium, options=args.options)
+    cases = plan(args.quick, args.large or args.large_only, medium=args.medium, options=args.options,
+                 peft_types=args.peft_types)
     if args.large_only:
         cases = only_large(cases)
     env = environment()
     exact_cache = get_settings().cache_dir
     meta = {"benchmark": "accuracy", **env, "exact_cache": str(exact_cache), "jobs": args.jobs,
             "fast_cache": "data root (warm)" if args.warm_fast else "private empty dir (cold first call)",
-            "grid": [list(g) for g in (OPTIONS_GRID if args.options else QUICK_GRID if args.quick
+            "grid": [list(g) for g in (OPTIONS_GRID if args.options or args.peft_types else QUICK_GRID if args.quick
                                        else MEDIUM_GRID if args.medium else GRID)],
-            "selection": "options" if args.options else "quick" if args.quick else "medium" if args.medium else "full",
+            "selection": "peft_types" if args.peft_types else "options" if args.options else "quick" if args.quick else "medium" if args.medium else "full",
             "hardware": "h100 (CUDA profile overhead on both sides)", "naive_rule": "total_params × 2 bytes × 4"}
     t_start = time.perf_counter()
 
