@@ -126,11 +126,19 @@ LLM_INT8_THRESHOLD = 6.0
 
 
 class QuantizationConfig(BaseModel):
-    """bitsandbytes settings of the frozen base, named as in `transformers.BitsAndBytesConfig`: 4-bit NF4/FP4
-    (QLoRA, the default) or 8-bit LLM.int8() (`load_in_8bit: true`, what Axolotl's `load_in_8bit` and
-    LLaMA-Factory's `quantization_bit: 8` load)."""
+    """The frozen base's quantization. bitsandbytes (the default), named as in `transformers.BitsAndBytesConfig`:
+    4-bit NF4/FP4 (QLoRA) or 8-bit LLM.int8() (`load_in_8bit: true`, what Axolotl's `load_in_8bit` and
+    LLaMA-Factory's `quantization_bit: 8` load). Or a GPTQ checkpoint (`quant_method: "gptq"`, `bits`,
+    `group_size`, as in its config.json's quantization_config): LoRA on an already-quantized model."""
 
     model_config = ConfigDict(extra="forbid")
+
+    quant_method: Literal["bitsandbytes", "gptq"] = Field(
+        "bitsandbytes", description="bitsandbytes quantizes at load; gptq: the checkpoint is already GPTQ-quantized "
+                                    "(needs gptqmodel to train)")
+    bits: Literal[2, 3, 4, 8] = Field(4, description="GPTQ only: bits per weight")
+    group_size: int = Field(128, ge=-1, description="GPTQ only: weights per scale/zero group along the input (-1: one "
+                                                    "group per column)")
 
     load_in_4bit: bool = True
     load_in_8bit: bool = Field(
@@ -144,6 +152,16 @@ class QuantizationConfig(BaseModel):
 
     @model_validator(mode="after")
     def _one_width(self) -> QuantizationConfig:
+        if self.quant_method == "gptq":
+            if self.load_in_8bit:
+                raise ValueError("load_in_8bit is bitsandbytes' LLM.int8(); a GPTQ checkpoint sets its width with bits")
+            if self.group_size == 0:
+                raise ValueError("group_size must be a positive number of weights or -1 (one group per column)")
+            self.load_in_4bit = False
+            return self
+        if (self.bits, self.group_size) != (4, 128):  # a dumped bitsandbytes config carries the defaults back
+            raise ValueError("bits and group_size describe a GPTQ checkpoint: set quant_method 'gptq', or use "
+                             "load_in_4bit / load_in_8bit for bitsandbytes")
         if self.load_in_8bit:
             if self.load_in_4bit and "load_in_4bit" in self.model_fields_set:
                 raise ValueError("load_in_4bit and load_in_8bit cannot both be true; choose one (load_in_8bit "
@@ -176,10 +194,32 @@ def peft_without_neutral_defaults(peft: dict) -> dict:
             if not (k in PEFT_KEY_NEUTRAL_DEFAULTS and PEFT_KEY_NEUTRAL_DEFAULTS[k] == v)}
 
 
+GPTQ_FIELDS = ("quant_method", "bits", "group_size")
+
+
+def quantization_settings(q: QuantizationConfig | None) -> dict | None:
+    """The settings that apply to `q`'s kind: a GPTQ checkpoint's (quant_method, bits, group_size), or bitsandbytes'
+    (the BitsAndBytesConfig keyword arguments), for exports that write one or the other."""
+    if q is None:
+        return None
+    d = q.model_dump(mode="json")
+    if q.quant_method == "gptq":
+        return {k: d[k] for k in GPTQ_FIELDS}
+    return {k: v for k, v in d.items() if k not in GPTQ_FIELDS}
+
+
+# and for quantization settings added after caches existed (GPTQ's; bitsandbytes' defaults leave keys as they were)
+QUANT_KEY_NEUTRAL_DEFAULTS = {"quant_method": "bitsandbytes", "bits": 4, "group_size": 128}
+
+
 def method_key_dump(cfg: MethodConfig) -> dict:
     """`cfg`'s method, PEFT knobs and quantization as cache keys see them (neutral defaults left out)."""
     out = cfg.model_dump(mode="json", include={"method", "peft", "quantization"})
     out["peft"] = peft_without_neutral_defaults(out.get("peft") or {})
+    if out.get("quantization"):
+        q = out["quantization"]
+        if q.get("quant_method", "bitsandbytes") == "bitsandbytes":
+            out["quantization"] = {k: v for k, v in q.items() if k not in QUANT_KEY_NEUTRAL_DEFAULTS}
     return out
 
 

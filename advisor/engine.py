@@ -199,6 +199,55 @@ class SimLinear8bit(nn.Module):
         return int8_vectorwise_dequant(self.weight, self.SCB)
 
 
+class SimLinearGPTQ(nn.Module):
+    """Same storage as a GPTQ `QuantLinear` (gptqmodel's packing, int32 words): `qweight` [in·bits/32, out], `qzeros`
+    [groups, out·bits/32], fp16 `scales` [groups, out], int32 `g_idx` [in]; and its training matmul as gptqmodel
+    7.7's `TorchQuantLinear` runs it (read, not run here: it needs gptqmodel): the whole weight dequantized to the
+    scales' dtype (one output: its dequantizer is compiled, or Triton's), cast to the input's dtype if that differs,
+    then `torch.matmul(x, weight)`, which autograd keeps for the input's gradient (the layer's dequantized weight
+    saved per adapted forward until backward). `qweight` is a frozen Parameter carrying `quant_shape`, so parameter
+    counts and FLOPs see the layer's logical size, as the 4-bit stand-in's does."""
+
+    def __init__(self, linear: nn.Module, bits: int, group_size: int):
+        super().__init__()
+        out_f, in_f = _out_in(linear)
+        dev = linear.weight.device
+        groups = 1 if group_size == -1 else math.ceil(in_f / group_size)
+        self.in_features, self.out_features, self.bits, self.group_size = in_f, out_f, bits, group_size
+        self.qweight = nn.Parameter(torch.empty((math.ceil(in_f * bits / 32), out_f), dtype=torch.int32, device=dev),
+                                    requires_grad=False)
+        self.qweight.quant_shape = (out_f, in_f)
+        self.register_buffer("qzeros", torch.empty((groups, math.ceil(out_f * bits / 32)), dtype=torch.int32, device=dev))
+        self.register_buffer("scales", torch.empty((groups, out_f), dtype=torch.float16, device=dev))
+        self.register_buffer("g_idx", torch.empty(in_f, dtype=torch.int32, device=dev))
+        self.bias = linear.bias
+
+    def forward(self, x):
+        out_shape = x.shape[:-1] + (self.out_features,)
+        x = x.reshape(-1, x.shape[-1])
+        weight = torch.empty((self.in_features, self.out_features), dtype=self.scales.dtype, device=x.device)
+        if weight.dtype != x.dtype:
+            weight = weight.to(x.dtype)
+        out = torch.matmul(x, weight).reshape(out_shape)
+        del weight
+        if self.bias is not None:
+            out.add_(self.bias.to(out.dtype))
+        return out
+
+    def dequantize(self) -> torch.Tensor:
+        return torch.empty((self.out_features, self.in_features), dtype=self.scales.dtype, device=self.qweight.device)
+
+
+def quantize_meta_gptq(model: nn.Module, bits: int, group_size: int) -> int:
+    """Swap every Linear a GPTQ checkpoint quantizes (transformers' GPTQ loader, like the bitsandbytes one, leaves the
+    output head and embeddings unquantized) for the GPTQ stand-in."""
+    swaps = _quantizable_linears(model)
+    for parent, child_name, child in swaps:
+        setattr(parent, child_name, SimLinearGPTQ(child, bits, group_size))
+    model.quantization_method = "gptq"  # what PEFT's prepare_model_for_kbit_training reads (no fp32 upcast for GPTQ)
+    return len(swaps)
+
+
 def int8_vectorwise_dequant(A: torch.Tensor, stats: torch.Tensor) -> torch.Tensor:
     """bitsandbytes' default implementation, which CUDA runs too: int8 × the row scales (an fp32 product), × 1/127
     (the fp32 result). The stand-in's `dequantize`, and the real CPU run's count of the op (memory.simulate)."""
@@ -301,12 +350,20 @@ def load_base_model(
             _untie_if_requested(resolved, model)
         if spec.quantized:
             q = cfg.quantization
-            if q.load_in_8bit:
+            if q.quant_method == "gptq":
+                quantize_meta_gptq(model, q.bits, q.group_size)
+            elif q.load_in_8bit:
                 quantize_meta_8bit(model, q.llm_int8_threshold)
             else:
                 quantize_meta_4bit(model, DTYPES[q.bnb_4bit_compute_dtype], q.bnb_4bit_use_double_quant)
         return model
     source = resolved.path or resolved.id
+    if spec.quantized and cfg.quantization.quant_method == "gptq":
+        check_gptq_checkpoint(resolved, cfg.quantization)
+        dev = str(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        # the checkpoint's own quantization_config loads its QuantLinear layers (transformers + gptqmodel)
+        return auto.from_pretrained(source, dtype=dtype, device_map={"": dev}, attn_implementation=attn,
+                                    **({"config": config} if cfg.training.rope_scaling else {}))
     if spec.quantized:
         from transformers import BitsAndBytesConfig
 
@@ -334,6 +391,29 @@ def load_base_model(
         model = auto.from_pretrained(source, dtype=dtype, attn_implementation=attn,
                                      **({"config": config} if cfg.training.rope_scaling else {}))
     return model.to(device) if device is not None else model
+
+
+def check_gptq_checkpoint(resolved, q) -> None:
+    """A GPTQ run trains an already-quantized checkpoint: its config.json must say GPTQ (with the bits asked for), and
+    gptqmodel must be installed to load its layers. Anything else is a clear error naming the field."""
+    from advisor.errors import AdvisorInputError
+
+    qc = getattr(resolved.config, "quantization_config", None)
+    qc = qc.to_dict() if hasattr(qc, "to_dict") else (qc or {})
+    if str(qc.get("quant_method", "")).lower() != "gptq":
+        raise AdvisorInputError("config.quantization.quant_method",
+                                f"{resolved.id} is not a GPTQ checkpoint (its config.json has no quantization_config "
+                                "with quant_method 'gptq'): train a GPTQ-quantized model, or quantize with bitsandbytes",
+                                allowed=["bitsandbytes"])
+    if int(qc.get("bits", q.bits)) != q.bits:
+        raise AdvisorInputError("config.quantization.bits", f"the checkpoint is {qc.get('bits')}-bit, not {q.bits}-bit",
+                                allowed=[int(qc.get("bits"))])
+    import importlib.util
+
+    if importlib.util.find_spec("gptqmodel") is None:
+        raise AdvisorInputError("config.quantization.quant_method",
+                                "training a GPTQ checkpoint needs gptqmodel (pip install gptqmodel optimum), which is "
+                                "not installed here; estimates do not need it")
 
 
 def quiet_int8_cast_warning() -> None:

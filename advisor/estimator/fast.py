@@ -405,7 +405,7 @@ REPLICATED_WEIGHTS = ("ddp", "zero2", "zero2_offload")
 def strategies_for(plan: Plan) -> tuple[str, ...]:
     """The multi-GPU strategies this plan can run under, least communication first."""
     q = plan.config.quantization
-    if q is not None and q.load_in_8bit:
+    if q is not None and (q.load_in_8bit or q.quant_method == "gptq"):
         return tuple(s for s in STRATEGY_ORDER if s in REPLICATED_WEIGHTS)
     return STRATEGY_ORDER
 
@@ -415,8 +415,11 @@ def check_strategy(plan: Plan, strategy: str | None) -> None:
 
     allowed = strategies_for(plan)
     if strategy is not None and plan.hardware.count > 1 and strategy not in allowed:
-        raise AdvisorInputError("strategy", f"{strategy} shards or offloads the weights, which bitsandbytes' 8-bit "
-                                "weights (config.quantization.load_in_8bit) do not support", allowed=list(allowed))
+        what = ("a GPTQ checkpoint's packed integer weights (config.quantization.quant_method 'gptq')"
+                if plan.config.quantization.quant_method == "gptq"
+                else "bitsandbytes' 8-bit weights (config.quantization.load_in_8bit)")
+        raise AdvisorInputError("strategy", f"{strategy} shards or offloads the weights, which {what} do not support",
+                                allowed=list(allowed))
 
 
 def first_fitting_strategy(peak_of: Callable[[str], float], memory_bytes: float | None,
@@ -513,6 +516,14 @@ def estimate_plan(plan: Plan, strategy: str | None = None, mm: MemoryModel | Non
                      "rate of the profile (8-bit matmuls were not measured)")
         if devices > 1:
             notes.append("8-bit weights cannot be sharded (FSDP / ZeRO-3): every GPU holds the whole base")
+    if q is not None and q.quant_method == "gptq":
+        notes.append(f"GPTQ base ({q.bits}-bit, group size {q.group_size}): memory follows gptqmodel's training path "
+                     "(each adapted layer's weight dequantized and kept by the matmul for backward: with gradient "
+                     "checkpointing one block's at a time); time uses the profile's 4-bit QLoRA rate (GPTQ's "
+                     "dequantization was not measured); training it needs gptqmodel")
+        if devices > 1:
+            notes.append("GPTQ's packed integer weights are buffers, which FSDP / ZeRO-3 do not shard: every GPU holds "
+                         "the whole base")
     if paged > 0:
         notes.append(paged_note(plan.training.optim, paged, spill, timing.get("paging_seconds_per_step", 0.0)))
     result["notes"] = notes

@@ -49,7 +49,7 @@ REFUSALS = {
 }
 # every key this exporter may write (top level), each present in Axolotl's schemas
 KNOWN_KEYS = frozenset({
-    "base_model", "load_in_4bit", "load_in_8bit", "adapter", "lora_r", "lora_alpha", "lora_dropout", "lora_target_modules",
+    "base_model", "load_in_4bit", "load_in_8bit", "gptq", "adapter", "lora_r", "lora_alpha", "lora_dropout", "lora_target_modules",
     "lora_target_linear", "peft_use_rslora", "peft_use_dora", "lora_modules_to_save", "bnb_config_kwargs", "unfrozen_parameters",
     "chat_template", "datasets", "dataset_prepared_path", "val_set_size", "output_dir", "sequence_len",
     "sample_packing", "train_on_inputs", "micro_batch_size", "gradient_accumulation_steps", "num_epochs",
@@ -101,11 +101,15 @@ def render(ctx: ExportContext) -> Rendered:
     if ctx.method in ("lora", "qlora"):
         q = ctx.quantization if ctx.method == "qlora" else None
         eight = q is not None and q.load_in_8bit
-        if eight:  # Axolotl's qlora adapter is 4-bit; LoRA over an 8-bit base is adapter: lora + load_in_8bit
+        gptq = q is not None and q.quant_method == "gptq"
+        if gptq:  # LoRA over a GPTQ checkpoint: Axolotl's `gptq: true`, the base model already quantized
+            doc.put("gptq", True, f"the base is a GPTQ checkpoint ({q.bits}-bit, group size {q.group_size})")
+        elif eight:  # Axolotl's qlora adapter is 4-bit; LoRA over an 8-bit base is adapter: lora + load_in_8bit
             doc.put("load_in_8bit", True, "frozen base in 8-bit (LLM.int8())")
         elif q is not None:
             doc.put("load_in_4bit", True, "QLoRA: frozen base in 4-bit")
-        doc.put("adapter", "lora" if eight else ctx.method, "the recommended method" if ctx.chosen else "an alternative")
+        doc.put("adapter", "lora" if eight or gptq else ctx.method,
+                "the recommended method" if ctx.chosen else "an alternative")
         doc.put("lora_r", int(p["r"]), ctx.why("r", p["r"]))
         knob("lora_alpha", "lora_alpha", p["lora_alpha"])
         knob("lora_dropout", "lora_dropout", p["lora_dropout"])
@@ -125,7 +129,7 @@ def render(ctx: ExportContext) -> Rendered:
         if ctx.method == "qlora" and eight and q.llm_int8_threshold != LLM_INT8_THRESHOLD:
             notes.append(f"llm_int8_threshold {q.llm_int8_threshold} has no Axolotl key (it loads with "
                          f"{LLM_INT8_THRESHOLD})")
-        if ctx.method == "qlora" and not eight:
+        if ctx.method == "qlora" and not eight and not gptq:
             doc.put("bnb_config_kwargs", {"bnb_4bit_quant_type": q.bnb_4bit_quant_type,
                                           "bnb_4bit_use_double_quant": q.bnb_4bit_use_double_quant},
                     "compute dtype follows bf16/fp16 below")

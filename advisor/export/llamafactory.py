@@ -140,7 +140,10 @@ def render(ctx: ExportContext) -> Rendered:
     doc.put("model_name_or_path", ctx.model_ref, "Hub id or local directory")
     if ctx.method == "qlora":
         q = ctx.quantization
-        if q.load_in_8bit:
+        if q.quant_method == "gptq":  # a GPTQ checkpoint loads quantized from its own config: no quantization keys
+            notes.append(f"the base is a GPTQ checkpoint ({q.bits}-bit, group size {q.group_size}): LLaMA-Factory "
+                         "loads it quantized from its config.json (no quantization_bit; needs gptqmodel / optimum)")
+        elif q.load_in_8bit:
             doc.put("quantization_bit", 8, "frozen base in 8-bit (LLM.int8())")
             doc.put("quantization_method", "bnb")
             if q.llm_int8_threshold != LLM_INT8_THRESHOLD:

@@ -32,6 +32,7 @@ import pprint
 import re
 from pathlib import Path
 
+from advisor.config import quantization_settings
 from advisor.errors import AdvisorInputError
 from advisor.export.base import ExportContext, ExportFormat, Rendered, register_format
 
@@ -372,7 +373,7 @@ def render(ctx: ExportContext) -> Rendered:
         f"VAL_SPLIT = {ctx.val_split!r}",
         f"METHOD = {ctx.method!r}",
         f"PEFT = {_dict_literal(dict(cfg.peft), ctx.why)}",
-        f"QUANTIZATION = {_literal(cfg.quantization.model_dump(mode='json') if cfg.quantization else None)}",
+        f"QUANTIZATION = {_literal(quantization_settings(cfg.quantization))}",
         f"TRAINING = {_dict_literal(training, _training_why(ctx))}",
     ]
     if ctx.method in ("lora", "qlora", "adalora", "longlora", "ia3"):

@@ -160,7 +160,10 @@ def load_model(name: str, seq2seq: bool):
     if attn == "flash_attention_2" and not (torch.cuda.is_available() and importlib.util.find_spec("flash_attn")):
         attn = "sdpa"
     kwargs = {"dtype" if TF5 else "torch_dtype": dtype, "attn_implementation": attn}
-    if QUANTIZATION:
+    if QUANTIZATION and QUANTIZATION.get("quant_method") == "gptq":
+        # a GPTQ checkpoint: its config.json's quantization_config loads it (needs gptqmodel and optimum)
+        kwargs["device_map"] = {"": device()}
+    elif QUANTIZATION:
         from transformers import BitsAndBytesConfig
 
         q = dict(QUANTIZATION)

@@ -136,7 +136,8 @@ def resolve_modules_to_save(model: torch.nn.Module, requested: Any, field_name: 
             suggest.append(head)
         raise AdvisorInputError(field_name, f"no module named {missing} in this model",
                                 allowed=sorted(set(suggest)) or None)
-    quantized = [n for n, mod in model.named_modules() if type(mod).__name__ in ("Linear4bit", "SimLinear4bit", "Linear8bitLt", "SimLinear8bit")
+    quantized = [n for n, mod in model.named_modules() if type(mod).__name__ in ("Linear4bit", "SimLinear4bit", "Linear8bitLt", "SimLinear8bit",
+                                                                                      "SimLinearGPTQ", "QuantLinear")
                  and any(n == r or n.endswith("." + r) for r in requested)]
     if quantized:
         raise AdvisorInputError(field_name, f"{quantized[0]!r} is a quantized layer, which cannot train whole; adapt it "

@@ -166,7 +166,7 @@ class MethodSpec:
                 quant_cfg = QuantizationConfig.model_validate(quant or {})
             except ValidationError as err:
                 raise pydantic_to_input_error(err, "config.quantization") from None
-            if not (quant_cfg.load_in_4bit or quant_cfg.load_in_8bit):
+            if not (quant_cfg.load_in_4bit or quant_cfg.load_in_8bit or quant_cfg.quant_method == "gptq"):
                 raise AdvisorInputError("config.quantization.load_in_4bit",
                                         f"{self.id} needs a quantized base: load_in_4bit or load_in_8bit true")
         elif quant:
@@ -243,7 +243,8 @@ def linear_module_names(model: torch.nn.Module) -> list[str]:
     for name, mod in model.named_modules():
         if mod is head:
             continue
-        if isinstance(mod, torch.nn.Linear) or type(mod).__name__ in ("Conv1D", "Linear4bit", "SimLinear4bit", "SimLinear8bit"):
+        if isinstance(mod, torch.nn.Linear) or type(mod).__name__ in ("Conv1D", "Linear4bit", "SimLinear4bit", "SimLinear8bit",
+                                                                     "SimLinearGPTQ", "QuantLinear"):
             names.add(name.rsplit(".", 1)[-1])
     return sorted(names)
 

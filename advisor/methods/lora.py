@@ -34,18 +34,19 @@ def lora_config(model, peft, ctx, **extra) -> LoraConfig:
         modules_to_save=resolve_modules_to_save(model, peft.get("modules_to_save"), "config.peft.modules_to_save"),
         **extra,
     )
-    if standin is not None:  # simulate with PEFT's own 4-bit / 8-bit LoRA layer around the stand-in
+    if standin is not None:  # simulate with PEFT's own 4-bit / 8-bit / GPTQ LoRA layer around the stand-in
         from peft.tuners.lora.bnb import Linear4bit as LoraLinear4bit
         from peft.tuners.lora.bnb import Linear8bitLt as LoraLinear8bitLt
+        from peft.tuners.lora.gptq import GPTQLoraLinear
 
-        cfg._register_custom_module({standin: LoraLinear4bit if standin.__name__ == "SimLinear4bit"
-                                     else LoraLinear8bitLt})
+        cfg._register_custom_module({standin: {"SimLinear4bit": LoraLinear4bit, "SimLinear8bit": LoraLinear8bitLt,
+                                               "SimLinearGPTQ": GPTQLoraLinear}[standin.__name__]})
     return cfg
 
 
 def _sim_quant_class(model):
     for mod in model.modules():
-        if type(mod).__name__ in ("SimLinear4bit", "SimLinear8bit"):
+        if type(mod).__name__ in ("SimLinear4bit", "SimLinear8bit", "SimLinearGPTQ"):
             return type(mod)
     return None
 

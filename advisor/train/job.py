@@ -56,6 +56,10 @@ def normalize_job(body: dict) -> dict:
 
         spec.validate(dict(cfg.peft), BuildContext(kind=resolved.kind, model_type=resolved.model_type, on_meta=True,
                                                    training=cfg.training, quantization=cfg.quantization))
+    if cfg.quantization is not None and cfg.quantization.quant_method == "gptq":
+        from advisor.engine import check_gptq_checkpoint
+
+        check_gptq_checkpoint(resolved, cfg.quantization)
     if spec.id == "peft":
         from advisor.methods.peft_any import check_model
 
