@@ -159,6 +159,9 @@ def estimate(
     load_in_8bit: Annotated[bool, typer.Option(
         "--load-in-8bit", help="qlora: the base in 8-bit LLM.int8() instead of 4-bit NF4 "
                                "(config.quantization.load_in_8bit).")] = False,
+    gptq: Annotated[int | None, typer.Option(
+        "--gptq", help="qlora: the base is a GPTQ checkpoint of this many bits (config.quantization.quant_method "
+                       "'gptq', group size 128 unless --file says otherwise).")] = None,
     exact: Annotated[bool, typer.Option("--exact", help="Simulate the real step on fake tensors (seconds).")] = False,
     strategy: Annotated[str | None, typer.Option(help="Multi-GPU strategy: ddp, zero2, zero3, zero2_offload, "
                                                        "zero3_offload, zero3_offload_params (fsdp_grad_op, "
@@ -202,6 +205,10 @@ def estimate(
     if load_in_8bit:
         config = body.get("config") or {}
         body["config"] = {**config, "quantization": {**(config.get("quantization") or {}), "load_in_8bit": True}}
+    if gptq is not None:
+        config = body.get("config") or {}
+        body["config"] = {**config, "quantization": {**(config.get("quantization") or {}), "quant_method": "gptq",
+                                                     "bits": gptq}}
     if exact:
         body["exact"] = True
     if "hardware" not in body and compare_gpus:

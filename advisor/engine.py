@@ -214,6 +214,7 @@ class SimLinearGPTQ(nn.Module):
         dev = linear.weight.device
         groups = 1 if group_size == -1 else math.ceil(in_f / group_size)
         self.in_features, self.out_features, self.bits, self.group_size = in_f, out_f, bits, group_size
+        self.infeatures, self.outfeatures = in_f, out_f  # a GPTQ QuantLinear's names, which PEFT reads
         self.qweight = nn.Parameter(torch.empty((math.ceil(in_f * bits / 32), out_f), dtype=torch.int32, device=dev),
                                     requires_grad=False)
         self.qweight.quant_shape = (out_f, in_f)
@@ -513,7 +514,10 @@ def prepare(
 
         raise AdvisorInputError("method", f"{spec.id} does not apply to {resolved.kind} models", allowed=list(spec.kinds))
     if cfg.training.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if hasattr(model, "activation_checkpointing_enable"):  # transformers ≥ 5.2x's name; the old one warns
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         if not spec.full_weights:  # frozen embeddings: checkpointed blocks need an input that requires grad
             model.enable_input_require_grads()
     prepared = spec.build(model, dict(cfg.peft), ctx)

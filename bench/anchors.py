@@ -34,8 +34,9 @@ Mapping rules
   bitsandbytes' LLM.int8() base); a string whose first word names another PEFT type (`loha`, `lokr`, `vera`, `boft`,
   `oft`, `fourierft`, `ln_tuning`, `p-tuning`, `adaption_prompt`, ... : PEFT_TYPE_WORDS) → method "peft" with that
   type, its rank, listed targets and "field value" pairs, over the source's experiment config (PEFT_EXPERIMENTS,
-  the experiment's adapter_config.json). Not modelled (skipped): llama-pro, lisa, gptq, unsloth, LoRA-FA's optimizer
-  (UNMODELLED).
+  the experiment's adapter_config.json); "lora on gptq int4/int8" (or a GPTQ precision) → qlora with
+  `quantization` {quant_method gptq, bits 4/8, group_size 128} (Qwen's Int4 checkpoints: bits 4, group size 128).
+  Not modelled (skipped): llama-pro, lisa, unsloth, LoRA-FA's optimizer (UNMODELLED).
 - Training: batch, seq_len as given; grad_ckpt on/off → gradient_checkpointing; bf16; optimizer "AdamW" →
   `adamw_torch` (torch.optim.AdamW with its defaults, which is what both sources ran: it takes the foreach path on
   CUDA); rows whose source says "FA2 OFF (eager attn)" → attn_implementation "eager", else the default (SDPA,
@@ -102,7 +103,8 @@ QWEN1_YI: dict[str, dict[str, Any]] = {
 }
 # Qwen-1 base models have their chat models' architecture (bench/anchors_extra.csv names the base models)
 QWEN1_YI.update({"qwen-1_8b": QWEN1_YI["qwen-1_8b-chat"], "qwen-7b": QWEN1_YI["qwen-7b-chat"],
-                 "qwen-14b": QWEN1_YI["qwen-14b-chat"], "yi-34b": QWEN1_YI["yi-34b-chat"]})
+                 "qwen-14b": QWEN1_YI["qwen-14b-chat"], "yi-34b": QWEN1_YI["yi-34b-chat"],
+                 "qwen-72b": QWEN1_YI["qwen-72b-chat"]})
 CATALOG = {"llama-3.2-3b": "meta-llama/Llama-3.2-3B", "llama3-8b-instruct": "meta-llama/Meta-Llama-3-8B",
            "meta-llama-3-8b-instruct": "meta-llama/Meta-Llama-3-8B", "llama-3.1-8b-instruct": "meta-llama/Llama-3.1-8B",
            "llama-2-7b-hf": "meta-llama/Llama-2-7b-hf", "llama-2-70b-hf": "meta-llama/Llama-2-70b-hf", "bigscience/t0_3b": "bigscience/T0_3B",
@@ -113,7 +115,7 @@ CATALOG = {"llama-3.2-3b": "meta-llama/Llama-3.2-3B", "llama3-8b-instruct": "met
 # cards a source does not name ("unknown", "2xGPU-FSDP", "2x40GB-ZeRO3"): the peak does not depend on which GPU,
 # only the fit would; every named card goes through the catalog's own aliases (`_catalog_gpu`)
 UNNAMED_GPUS = {"unknown": "a100-80gb", "gpu": "a100-80gb", "40gb": "a100-40gb", "24gb": "rtx-4090"}
-UNMODELLED = ("unsloth", "gptq", "llama-pro", "lisa", "lora-fa")
+UNMODELLED = ("unsloth", "llama-pro", "lisa", "lora-fa")
 # PEFT's other adapter types (method "peft", config.peft = the type's adapter_config.json), by the first word of a
 # method string
 PEFT_TYPE_WORDS = {"loha": "LOHA", "lokr": "LOKR", "vera": "VERA", "boft": "BOFT", "oft": "OFT",
@@ -295,7 +297,8 @@ def peft_experiment(row: dict, peft_type: str) -> dict:
 # - QLoRA, both sources: PEFT's `prepare_model_for_kbit_training` (non-quantized parameters upcast to fp32), which
 #   the QLoRA reference script (artidoro/qlora qlora.py) and most published QLoRA recipes call before get_peft_model.
 SOURCE_PEFT = {
-    "ms-swift": {"qlora": {"r": 8, "target_modules": list(QKV), "upcast_non_quantized": True}},
+    "ms-swift": {"qlora": {"r": 8, "target_modules": list(QKV), "upcast_non_quantized": True},
+                 "lora": {"r": 8}},
     "peft-MetaMathQA": {
         "prompt_tuning": {"num_virtual_tokens": 200},
         "prefix_tuning": {"num_virtual_tokens": 200},
@@ -370,7 +373,13 @@ def map_row(row: dict) -> tuple[dict | None, str | None]:
         training.update(optimizer_in_backward=True, gradient_accumulation_steps=1, max_grad_norm=0)
     precision = row.get("precision", "").strip().lower()
     quantization = None
-    if "int8" in precision or "8bit" in precision.replace("-", ""):
+    if "gptq" in row["method"].lower() or "gptq" in precision:
+        if method not in ("lora", "qlora"):
+            return None, f"precision {row.get('precision')!r}: a GPTQ base is modelled for LoRA only"
+        # LoRA on a GPTQ checkpoint: Qwen's Int4 models (quantize_config: bits 4, group_size 128, desc_act false)
+        bits = 8 if "int8" in (row["method"] + precision).lower() else 4
+        method, quantization = "qlora", {"quant_method": "gptq", "bits": bits, "group_size": 128}
+    elif "int8" in precision or "8bit" in precision.replace("-", ""):
         if method not in ("lora", "qlora"):
             return None, f"precision {row.get('precision')!r}: an 8-bit base is modelled for LoRA only"
         # LoRA over a bitsandbytes 8-bit base (LLM.int8(), its default outlier threshold 6.0)
