@@ -95,6 +95,7 @@ OPTIONS = (
     ("DoRA", {}, ("lora", "qlora"), {"peft": {"use_dora": True}}),
     ("modules_to_save embed+head", {}, ("lora", "qlora"), {"peft": {"modules_to_save": ["embed_tokens", "lm_head"]}}),
     ("8-bit base", {}, ("qlora",), {"quantization": {"load_in_8bit": True}}),
+    ("GPTQ 4-bit base", {}, ("qlora",), {"quantization": {"quant_method": "gptq", "bits": 4, "group_size": 128}}),
 )
 OPTIONS_GRID = ((1, 512, False), (4, 1024, True), (3, 700, True))
 
@@ -447,6 +448,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--large", action="store_true", help="add Llama-2-13B, Llama-3-8B, Qwen2.5-14B, Llama-2-70B")
     ap.add_argument("--large-only", action="store_true", help="only the --large models (to extend an earlier run)")
     ap.add_argument("--merge", default=None, help="merge the rows of this earlier result JSON (same schema)")
+    ap.add_argument("--only", default=None, help="only the cases whose label contains this text (e.g. an --options "
+                                                 "tag; with --merge, to add cases to an earlier result)")
     ap.add_argument("--jobs", type=int, default=2, help="exact simulations run at once (default 2)")
     ap.add_argument("--warm-fast", action="store_true", help="fast estimator reuses the data root's cache")
     ap.add_argument("--out", default=DEFAULT_OUT)
@@ -470,6 +473,8 @@ def main(argv: list[str] | None = None) -> int:
                  peft_types=args.peft_types)
     if args.large_only:
         cases = only_large(cases)
+    if args.only:
+        cases = [c for c in cases if args.only in c["label"]]
     env = environment()
     exact_cache = get_settings().cache_dir
     meta = {"benchmark": "accuracy", **env, "exact_cache": str(exact_cache), "jobs": args.jobs,
@@ -512,7 +517,11 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     previous = []
     if args.merge:
-        previous = json.loads(Path(args.merge).read_text()).get("rows", [])
+        earlier = json.loads(Path(args.merge).read_text())
+        previous = earlier.get("rows", [])
+        labels = {(x["label"], x["method"], x["b"], x["s"], x["gc"]) for x in skipped}
+        skipped += [x for x in earlier.get("skipped", []) if (x["label"], x["method"], x["b"], x["s"], x["gc"])
+                    not in labels]
     t_fast = time.perf_counter()
     fast_dir = None if args.warm_fast else tempfile.mkdtemp(prefix="advisor-bench-fast-")
     with cache_dir(fast_dir):

@@ -216,3 +216,22 @@ def test_cli_estimate_takes_method_knobs_and_an_8bit_base():
     assert unknown.returncode == 2 and "config.peft.rank" in unknown.stderr
     malformed = _cli(*base, "--method", "lora", "--peft", "r")
     assert malformed.returncode == 2 and "--peft" in malformed.stderr
+
+
+def test_any_peft_type_and_a_gptq_base_over_http(server, tiny_dirs):
+    """Method "peft" takes an adapter_config.json as config.peft; qlora takes a GPTQ checkpoint's settings; bad ones
+    are 422 naming the field."""
+    base = {"model": str(tiny_dirs["llama"]), "hardware": {"gpu": "RTX 4090"},
+            "config": {"training": {"per_device_train_batch_size": 2, "max_seq_length": 64}}}
+    loha = {**base, "method": "peft", "config": {**base["config"], "peft": {
+        "peft_type": "LOHA", "r": 4, "alpha": 8, "target_modules": ["q_proj", "v_proj"], "base_model_name_or_path": None}}}
+    r = httpx.post(f"{server}/v1/estimate", json=loha, timeout=120)
+    assert r.status_code == 200, r.text
+    assert r.json()["method"] == "peft" and "LOHA has no probe of its own" in r.json()["provenance"]["time"]
+    bad = {**loha, "config": {**loha["config"], "peft": {"peft_type": "LOHA", "rank": 4}}}
+    r = httpx.post(f"{server}/v1/estimate", json=bad, timeout=60)
+    assert r.status_code == 422 and r.json()["field"] == "config.peft.rank" and "r" in r.json()["allowed"]
+    gptq = {**base, "method": "qlora", "config": {**base["config"], "quantization": {"quant_method": "gptq"}}}
+    r = httpx.post(f"{server}/v1/estimate", json=gptq, timeout=120)
+    assert r.status_code == 200, r.text
+    assert r.json()["config"]["quantization"]["quant_method"] == "gptq"
