@@ -186,7 +186,7 @@ KEY_NEUTRAL_DEFAULTS = {"cross_entropy": "standard", "optimizer_in_backward": Fa
 
 
 # the same for method knobs added after caches existed (PEFT's modules_to_save, None unless asked for)
-PEFT_KEY_NEUTRAL_DEFAULTS = {"modules_to_save": None}
+PEFT_KEY_NEUTRAL_DEFAULTS = {"modules_to_save": None, "autocast_adapter_dtype": True}
 
 
 def peft_without_neutral_defaults(peft: dict) -> dict:
@@ -216,11 +216,15 @@ def method_key_dump(cfg: MethodConfig) -> dict:
     """`cfg`'s method, PEFT knobs and quantization as cache keys see them (neutral defaults left out)."""
     out = cfg.model_dump(mode="json", include={"method", "peft", "quantization"})
     out["peft"] = peft_without_neutral_defaults(out.get("peft") or {})
-    if out.get("quantization"):
-        q = out["quantization"]
-        if q.get("quant_method", "bitsandbytes") == "bitsandbytes":
-            out["quantization"] = {k: v for k, v in q.items() if k not in QUANT_KEY_NEUTRAL_DEFAULTS}
+    out["quantization"] = quantization_without_neutral_defaults(out.get("quantization"))
     return out
+
+
+def quantization_without_neutral_defaults(q: dict | None) -> dict | None:
+    """A dumped quantization config as cache keys see it: bitsandbytes' without the GPTQ fields' defaults."""
+    if q and q.get("quant_method", "bitsandbytes") == "bitsandbytes":
+        return {k: v for k, v in q.items() if k not in QUANT_KEY_NEUTRAL_DEFAULTS}
+    return q
 
 
 def without_neutral_defaults(training: dict) -> dict:

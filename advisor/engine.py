@@ -609,8 +609,12 @@ def compile_loss(model: nn.Module, backend: str) -> None:
     """torch.compile the model's loss (transformers' loss_function, or the chunked loss advisor.losses installed), as
     torchtune compiles its loss and the Trainer's whole-model compile does: the partitioner saves the logits the
     loss gets and their log-sum-exp, not an fp32 log-softmax per logit, and recomputes the softmax in backward."""
-    from advisor.losses import _base
+    from advisor.losses import _base, chunk_cross_entropy, set_chunk_loss
 
+    # torchtune compiles its chunked loss's per-slice cross-entropy (`compute_cross_entropy`), not the output
+    # projection: each slice's graph saves that slice's logits and log-sum-exp, and its backward is its own
+    if set_chunk_loss(model, torch.compile(chunk_cross_entropy, backend=backend)):
+        return
     base = _base(model)
     if getattr(base, "loss_function", None) is None:
         return

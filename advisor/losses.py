@@ -33,6 +33,16 @@ import torch
 import torch.nn.functional as F
 
 MODES = ("standard", "chunked", "fused_linear")
+# how a compiled run compiles the chunked loss; in cache keys of compiled chunked configs (changed 2026-11-23: the
+# whole loss function with the head's matmuls was one graph before, which held every slice's backward at once)
+COMPILED_CHUNKED_LOSS = "per-slice cross-entropy"
+
+
+def loss_graph_key(training) -> dict:
+    """What cache keys add for the compiled chunked loss (nothing for any other configuration)."""
+    if getattr(training, "cross_entropy", None) == "chunked" and getattr(training, "torch_compile", False):
+        return {"compiled_loss": COMPILED_CHUNKED_LOSS}
+    return {}
 TORCHTUNE_CHUNKS = 8  # torchtune's CEWithChunkedOutputLoss(num_output_chunks=8)
 IGNORE_INDEX = -100
 FIELD = "config.training.cross_entropy"
@@ -103,7 +113,7 @@ def install(model: torch.nn.Module, kind: str, mode: str) -> None:
             return plain_loss(logits, labels, vocab_size, num_items_in_batch=num_items_in_batch,
                               ignore_index=ignore_index, shift_labels=shift_labels, **kwargs)
         return causal_loss(logits, head.weight, head.bias, labels, mode, num_items_in_batch=num_items_in_batch,
-                           ignore_index=ignore_index, shift_labels=shift_labels)
+                           ignore_index=ignore_index, shift_labels=shift_labels, chunk_loss=state.get("chunk_loss"))
 
     base.loss_function = loss_function
     setattr(base, _STATE, state)
@@ -126,7 +136,7 @@ def computing_loss(model: torch.nn.Module):
 # --------------------------------------------------------------------------- the loss
 def causal_loss(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, labels: torch.Tensor,
                 mode: str, num_items_in_batch=None, ignore_index: int = IGNORE_INDEX,
-                shift_labels: torch.Tensor | None = None) -> torch.Tensor:
+                shift_labels: torch.Tensor | None = None, chunk_loss=None) -> torch.Tensor:
     """Next-token cross-entropy of `hidden` (batch × positions × hidden) through the head (`weight`, `bias`), as
     transformers' ForCausalLMLoss: targets are the labels shifted left by one, `ignore_index` is skipped, the sum
     is divided by `num_items_in_batch` when given, else by the number of counted targets."""
@@ -134,7 +144,7 @@ def causal_loss(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
         shift_labels = F.pad(labels, (0, 1), value=ignore_index)[..., 1:]
     targets = shift_labels.to(hidden.device)
     if mode == "chunked":
-        total = _chunked_sum(hidden, weight, bias, targets, ignore_index)
+        total = _chunked_sum(hidden, weight, bias, targets, ignore_index, chunk_loss or chunk_cross_entropy)
     elif mode == "fused_linear":
         flat = hidden.reshape(-1, hidden.shape[-1])
         chunk = fused_chunk_tokens(flat.shape[0], weight.shape[0], weight.shape[1])
@@ -154,14 +164,30 @@ def fused_chunk_tokens(tokens: int, vocab: int, hidden: int) -> int:
     return 1 << (per - 1).bit_length()
 
 
-def _chunked_sum(hidden, weight, bias, targets, ignore_index) -> torch.Tensor:
+def chunk_cross_entropy(piece: torch.Tensor, target: torch.Tensor, ignore_index: int) -> torch.Tensor:
+    """One slice's summed cross-entropy, upcast to fp32 first: torchtune's `compute_cross_entropy`, the part of its
+    loss a compiled run compiles (`set_chunk_loss`)."""
+    return F.cross_entropy(piece.float().reshape(-1, piece.shape[-1]), target.reshape(-1), ignore_index=ignore_index,
+                           reduction="sum")
+
+
+def set_chunk_loss(model: torch.nn.Module, fn) -> bool:
+    """Use `fn` (e.g. a torch.compile'd `chunk_cross_entropy`) for each slice of the chunked loss; False when the model
+    has no chunked loss installed."""
+    state = getattr(_base(model), _STATE, None)
+    if state is None or state["mode"] != "chunked":
+        return False
+    state["chunk_loss"] = fn
+    return True
+
+
+def _chunked_sum(hidden, weight, bias, targets, ignore_index, chunk_loss=chunk_cross_entropy) -> torch.Tensor:
     """torchtune: the head on 8 slices of the sequence (all kept), then each slice upcast and reduced."""
     chunks = hidden.chunk(TORCHTUNE_CHUNKS, dim=1)
     logits = [F.linear(h, weight, bias) for h in chunks]
     total = None
     for piece, target in zip(logits, targets.chunk(TORCHTUNE_CHUNKS, dim=1)):
-        part = F.cross_entropy(piece.float().reshape(-1, piece.shape[-1]), target.reshape(-1),
-                               ignore_index=ignore_index, reduction="sum")
+        part = chunk_loss(piece, target, ignore_index)
         total = part if total is None else total + part
     return total
 

@@ -299,6 +299,9 @@ def peft_experiment(row: dict, peft_type: str) -> dict:
 SOURCE_PEFT = {
     "ms-swift": {"qlora": {"r": 8, "target_modules": list(QKV), "upcast_non_quantized": True},
                  "lora": {"r": 8}},
+    # torchtune builds its model under `training.set_default_dtype(self._dtype)` (bf16), so its LoRALinear's lora_a /
+    # lora_b are bf16: PEFT's autocast_adapter_dtype false is the same
+    "torchtune": {"lora": {"autocast_adapter_dtype": False}, "qlora": {"autocast_adapter_dtype": False}},
     "peft-MetaMathQA": {
         "prompt_tuning": {"num_virtual_tokens": 200},
         "prefix_tuning": {"num_virtual_tokens": 200},

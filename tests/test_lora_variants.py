@@ -164,3 +164,17 @@ def test_exports_carry_the_variants(tiny_dirs, tmp_path):
     assert 'modules_to_save=PEFT.get("modules_to_save")' in script and "'modules_to_save': ['embed_tokens', 'lm_head']" in script
     compile(script, "train.py", "exec")
 
+
+
+def test_adapters_in_the_base_dtype_halve_their_bytes(deeper):
+    """`autocast_adapter_dtype: false` (torchtune's LoRA, built in the model's dtype): the adapter weights, their
+    gradients and AdamW's moments are bf16 instead of PEFT's default fp32; a non-bool is refused."""
+    fp32 = simulate_in_process(deeper, _cfg("lora", {}), 1, 32)
+    bf16 = simulate_in_process(deeper, _cfg("lora", {"autocast_adapter_dtype": False}), 1, 32)
+    assert fp32["trainable_params"] == bf16["trainable_params"]
+    assert bf16["breakdown_bytes"]["trainable"] * 2 == fp32["breakdown_bytes"]["trainable"]
+    # AdamW's moments halve; its per-tensor fp32 step counters do not
+    assert 0.5 < bf16["breakdown_bytes"]["optimizer"] / fp32["breakdown_bytes"]["optimizer"] < 0.501
+    with pytest.raises(AdvisorInputError) as err:
+        get_method("qlora").build(None, {**get_method("qlora").default_peft(), "autocast_adapter_dtype": "no"}, None)
+    assert err.value.field == "config.peft.autocast_adapter_dtype"

@@ -137,3 +137,21 @@ def test_adalora_is_refused_and_exports_carry_compile(tiny_dirs, tmp_path):
     assert yaml.safe_load(export("llamafactory", recommendation=rec, dataset=data)["content"])["torch_compile"] is True
     script = export("script", recommendation=rec, dataset=data)["content"]
     assert "'torch_compile': True" in script and 'kw["torch_compile"] = True' in script
+
+
+def test_the_compiled_chunked_loss_keeps_each_slices_logits_in_16_bit(tmp_path, tokenizer):
+    """torchtune compiles its chunked loss's per-slice cross-entropy, not the output projection: at the backward peak
+    the slices not yet differentiated (7 of 8) hold their bf16 logits (2 bytes each) and a log-sum-exp per token, and
+    one slice's backward its fp32 temporaries. One graph over the whole loss held 3 bytes per logit there."""
+    from advisor.demo import write_tiny_model
+
+    vocab = 8192
+    resolved = resolve_model(str(write_tiny_model(tmp_path / "llama", "llama", tokenizer, vocab_size=vocab,
+                                                  hidden_size=128, intermediate_size=256, num_hidden_layers=2)))
+    cfg = get_method("lora").resolve_config({"training": {"gradient_checkpointing": True, "torch_compile": True,
+                                                          "cross_entropy": "chunked"}})
+    sim = simulate_in_process(resolved, cfg, 2, 512)
+    per_logit = {k: v / (2 * 512 * vocab) for k, v in sim["breakdown_bytes"].items()}
+    assert sim["peak_phase"] == "backward"
+    assert 1.75 <= per_logit["logits"] < 1.76  # 7/8 × 2 bytes, + the log-sum-exps
+    assert per_logit["temporaries"] < 1.51  # one slice's fp32 softmax and gradient (12 bytes × 1/8)

@@ -96,6 +96,9 @@ def coefficient_key(resolved, cfg: MethodConfig, seq_len: int, target: str = "cp
         "v": FIT_VERSION,
     }
     basis["training"] = without_neutral_defaults(basis["training"])
+    from advisor.losses import loss_graph_key
+
+    basis.update(loss_graph_key(cfg.training))
     return hashlib.sha256(json.dumps(basis, sort_keys=True, default=str).encode()).hexdigest()[:32]
 
 

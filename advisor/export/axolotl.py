@@ -126,6 +126,9 @@ def render(ctx: ExportContext) -> Rendered:
             doc.put("lora_modules_to_save", list(p["modules_to_save"]), "trained whole beside the adapters")
         if p.get("bias", "none") != "none":
             notes.append(f"LoRA bias={p['bias']!r} has no Axolotl key; Axolotl trains no biases with LoRA")
+        if not p.get("autocast_adapter_dtype", True):
+            notes.append("autocast_adapter_dtype false (adapters in the base's 16-bit dtype) has no Axolotl key; "
+                         "PEFT's default keeps them in fp32, which the memory estimate of this config does not count")
         if ctx.method == "qlora" and eight and q.llm_int8_threshold != LLM_INT8_THRESHOLD:
             notes.append(f"llm_int8_threshold {q.llm_int8_threshold} has no Axolotl key (it loads with "
                          f"{LLM_INT8_THRESHOLD})")

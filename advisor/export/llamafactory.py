@@ -201,6 +201,9 @@ def render(ctx: ExportContext) -> Rendered:
             doc.put("use_rslora", True)
         if p.get("use_dora"):
             doc.put("use_dora", True)
+        if not p.get("autocast_adapter_dtype", True):
+            notes.append("autocast_adapter_dtype false (adapters in the base's 16-bit dtype) has no LLaMA-Factory "
+                         "key; it keeps trainable weights in fp32 unless pure_bf16, which this config does not set")
         if p.get("modules_to_save"):
             doc.put("additional_target", ",".join(p["modules_to_save"]), "trained whole beside the adapters")
         if p.get("bias", "none") != "none":

@@ -91,7 +91,7 @@ CALLBACKS: list = []
 def apply_method(model, seq2seq: bool, total_steps: int):
     """LoRA: frozen base, trainable low-rank A·B beside the target linear layers."""
     config = {_LORA_CALL}
-    return get_peft_model(model, config)
+    return get_peft_model(model, config, autocast_adapter_dtype=PEFT.get("autocast_adapter_dtype", True))
 ''' + _NO_EXTRAS + _SAVE_TRAINER.format(what="the adapter (adapter_config.json + adapter_model.safetensors)")
 
 SNIPPETS["qlora"] = f'''from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
@@ -107,7 +107,7 @@ def apply_method(model, seq2seq: bool, total_steps: int):
         for p in model.parameters():
             p.requires_grad_(False)
     config = {_LORA_CALL}
-    return get_peft_model(model, config)
+    return get_peft_model(model, config, autocast_adapter_dtype=PEFT.get("autocast_adapter_dtype", True))
 ''' + _NO_EXTRAS + _SAVE_TRAINER.format(what="the adapter (adapter_config.json + adapter_model.safetensors)")
 
 SNIPPETS["adalora"] = '''from peft import AdaLoraConfig, get_peft_model

@@ -412,11 +412,13 @@ def _vocab_size(config) -> int:
 
 # --------------------------------------------------------------------------- subprocess + cache
 def _config_payload(cfg: MethodConfig) -> dict:
-    from advisor.config import peft_without_neutral_defaults, without_neutral_defaults
+    from advisor.config import (peft_without_neutral_defaults, quantization_without_neutral_defaults,
+                                without_neutral_defaults)
 
     out = cfg.model_dump(mode="json")
     out["training"] = without_neutral_defaults(out["training"])
     out["peft"] = peft_without_neutral_defaults(out["peft"])
+    out["quantization"] = quantization_without_neutral_defaults(out.get("quantization"))
     return out
 
 
@@ -448,6 +450,11 @@ def cache_key(payload: dict) -> str:
     keyed["model"] = {k: v for k, v in payload["model"].items() if k != "id"}
     keyed["model"]["config"] = {k: v for k, v in keyed["model"]["config"].items()
                                 if k not in ("_name_or_path", "transformers_version", "architectures")}
+    training = (payload.get("config") or {}).get("training") or {}
+    if training.get("cross_entropy") == "chunked" and training.get("torch_compile"):
+        from advisor.losses import COMPILED_CHUNKED_LOSS
+
+        keyed["compiled_loss"] = COMPILED_CHUNKED_LOSS
     blob = json.dumps({"request": keyed, "versions": _versions()}, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:32]
 

@@ -14,7 +14,15 @@ LORA_KNOBS = {
     "use_rslora": False,
     "use_dora": False,
     "modules_to_save": None,
+    # PEFT keeps the adapter weights (and so their gradients and AdamW states) in fp32 over a 16-bit base unless this
+    # is false; torchtune creates its LoRA weights in the model's dtype, which false matches
+    "autocast_adapter_dtype": True,
 }
+
+
+def adapter_autocast(peft: dict) -> bool:
+    """`get_peft_model`'s autocast_adapter_dtype for this config (PEFT's default: true)."""
+    return bool(peft.get("autocast_adapter_dtype", True))
 
 
 def lora_config(model, peft, ctx, **extra) -> LoraConfig:
@@ -58,6 +66,9 @@ def validate_lora(peft, ctx):
         raise AdvisorInputError("config.peft.r", f"rank must be an integer in 1..4096, got {peft['r']!r}")
     if not 0 <= float(peft["lora_dropout"]) < 1:
         raise AdvisorInputError("config.peft.lora_dropout", "must be in [0, 1)")
+    if not isinstance(peft.get("autocast_adapter_dtype", True), bool):
+        raise AdvisorInputError("config.peft.autocast_adapter_dtype",
+                                f"must be true or false, got {peft['autocast_adapter_dtype']!r}")
     if not isinstance(peft.get("use_dora", False), bool):
         raise AdvisorInputError("config.peft.use_dora", f"must be true or false, got {peft['use_dora']!r}")
     if peft.get("bias", "none") not in ("none", "all", "lora_only"):
@@ -66,7 +77,7 @@ def validate_lora(peft, ctx):
 
 def build(model, peft, ctx):
     validate_lora(peft, ctx)
-    model = get_peft_model(model, lora_config(model, peft, ctx))
+    model = get_peft_model(model, lora_config(model, peft, ctx), autocast_adapter_dtype=adapter_autocast(peft))
     return Prepared(model=model, method="lora", peft=peft)
 
 
