@@ -203,8 +203,12 @@ def collect(run: bool = False) -> list[dict]:
             cpu, cpu_path = _load(refit), cpu_path
     cuda, cuda_path = _profile("cuda")
     options = fast_vs_exact(_load(RESULTS / "accuracy_options.json"), "bench/results/accuracy_options.json")
-    options["comparison"] += " (training options: chunked/fused loss, 8-bit/paged AdamW, step in backward)"
+    options["comparison"] += (" (training options: chunked/fused loss, 8-bit/paged AdamW, step in backward, "
+                              "offloading, DoRA, modules_to_save, 8-bit and GPTQ bases)")
+    peft_types = fast_vs_exact(_load(RESULTS / "accuracy_peft.json"), "bench/results/accuracy_peft.json")
+    peft_types["comparison"] += " (method peft: LoHa, LoKr, VeRA, OFT, FourierFT, LN tuning, P-tuning, MiSS)"
     rows = [fast_vs_exact(_load(accuracy_path), "re-run --quick" if run else "bench/results/accuracy.json"), options,
+            peft_types,
             probes(cpu, cpu_path, "CPU", "≤ 1% (the counter is exact there)"),
             probes(cuda, cuda_path, "GPU", "median ≤ 3%, p95 ≤ 8%, never under by more than 5%"),
             realsize(RESULTS / "gpu_realsize_h100.json"),
