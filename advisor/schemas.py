@@ -46,8 +46,10 @@ class EstimateRequest(BaseModel):
 
     model: str | dict[str, Any]
     hardware: Hardware
-    method: str
-    config: dict[str, Any] | None = None
+    method: str = Field(description="One of the twelve method ids (GET /v1/methods), or \"peft\" for any other PEFT "
+                                    "adapter type, with config.peft = its adapter_config.json")
+    config: dict[str, Any] | None = Field(None, description="{method, peft, quantization, training}; left-out knobs "
+                                                            "take the method's defaults")
     dataset: Dataset | None = None
     exact: bool = Field(False, description="Run the fake-tensor simulation instead of the fast closed-form model.")
 
