@@ -205,11 +205,7 @@ def quantization_settings(q: QuantizationConfig | None) -> dict | None:
     d = q.model_dump(mode="json")
     if q.quant_method == "gptq":
         return {k: d[k] for k in GPTQ_FIELDS}
-    return {k: v for k, v in d.items() if k not in GPTQ_FIELDS}
-
-
-# and for quantization settings added after caches existed (GPTQ's; bitsandbytes' defaults leave keys as they were)
-QUANT_KEY_NEUTRAL_DEFAULTS = {"quant_method": "bitsandbytes", "bits": 4, "group_size": 128}
+    return quantization_without_neutral_defaults(d)
 
 
 def method_key_dump(cfg: MethodConfig) -> dict:
@@ -221,9 +217,10 @@ def method_key_dump(cfg: MethodConfig) -> dict:
 
 
 def quantization_without_neutral_defaults(q: dict | None) -> dict | None:
-    """A dumped quantization config as cache keys see it: bitsandbytes' without the GPTQ fields' defaults."""
+    """A dumped quantization config as cache keys see it: a bitsandbytes one without the GPTQ fields (added after
+    caches existed; a bitsandbytes config only ever holds their defaults), so its keys stay as they were."""
     if q and q.get("quant_method", "bitsandbytes") == "bitsandbytes":
-        return {k: v for k, v in q.items() if k not in QUANT_KEY_NEUTRAL_DEFAULTS}
+        return {k: v for k, v in q.items() if k not in GPTQ_FIELDS}
     return q
 
 

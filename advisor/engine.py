@@ -235,9 +235,6 @@ class SimLinearGPTQ(nn.Module):
             out.add_(self.bias.to(out.dtype))
         return out
 
-    def dequantize(self) -> torch.Tensor:
-        return torch.empty((self.out_features, self.in_features), dtype=self.scales.dtype, device=self.qweight.device)
-
 
 def quantize_meta_gptq(model: nn.Module, bits: int, group_size: int) -> int:
     """Swap every Linear a GPTQ checkpoint quantizes (transformers' GPTQ loader, like the bitsandbytes one, leaves the
