@@ -39,8 +39,10 @@ COMPILED_CHUNKED_LOSS = "per-slice cross-entropy"
 
 
 def loss_graph_key(training) -> dict:
-    """What cache keys add for the compiled chunked loss (nothing for any other configuration)."""
-    if getattr(training, "cross_entropy", None) == "chunked" and getattr(training, "torch_compile", False):
+    """What cache keys add for the compiled chunked loss (nothing for any other configuration); `training` is a
+    TrainingConfig or its dumped dict (a simulation payload's)."""
+    get = training.get if isinstance(training, dict) else lambda k, d=None: getattr(training, k, d)
+    if get("cross_entropy") == "chunked" and get("torch_compile", False):
         return {"compiled_loss": COMPILED_CHUNKED_LOSS}
     return {}
 TORCHTUNE_CHUNKS = 8  # torchtune's CEWithChunkedOutputLoss(num_output_chunks=8)

@@ -450,11 +450,9 @@ def cache_key(payload: dict) -> str:
     keyed["model"] = {k: v for k, v in payload["model"].items() if k != "id"}
     keyed["model"]["config"] = {k: v for k, v in keyed["model"]["config"].items()
                                 if k not in ("_name_or_path", "transformers_version", "architectures")}
-    training = (payload.get("config") or {}).get("training") or {}
-    if training.get("cross_entropy") == "chunked" and training.get("torch_compile"):
-        from advisor.losses import COMPILED_CHUNKED_LOSS
+    from advisor.losses import loss_graph_key
 
-        keyed["compiled_loss"] = COMPILED_CHUNKED_LOSS
+    keyed.update(loss_graph_key((payload.get("config") or {}).get("training") or {}))
     blob = json.dumps({"request": keyed, "versions": _versions()}, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:32]
 
