@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import re
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -68,6 +69,12 @@ class TrainingConfig(BaseModel):
     lr_scheduler_type: Literal["cosine", "linear", "constant", "constant_with_warmup"] = "cosine"
     max_grad_norm: float = Field(1.0, ge=0)
     gradient_checkpointing: bool = False
+    gradient_checkpointing_reentrant: bool = Field(
+        False,
+        description="Checkpoint with torch's reentrant implementation (use_reentrant=True: transformers' default "
+                    "before 5, LLaMA-Factory's use_reentrant_gc) instead of the non-reentrant one. Equal memory with "
+                    "today's libraries; it matters where a library keeps tensors outside autograd's saved tensors "
+                    "(bitsandbytes before 0.43.2, see quantization.bitsandbytes_version).")
     bf16: bool = Field(True, description="bfloat16 compute (autocast); weights follow `torch_dtype`.")
     fp16: bool = Field(False, description="float16 compute with loss scaling (GPUs without bf16, e.g. T4).")
     torch_dtype: Literal["bfloat16", "float16", "float32"] | None = Field(
@@ -154,9 +161,18 @@ class QuantizationConfig(BaseModel):
     bnb_4bit_quant_type: Literal["nf4", "fp4"] = "nf4"
     bnb_4bit_use_double_quant: bool = True
     bnb_4bit_compute_dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"
+    bitsandbytes_version: str | None = Field(
+        None, description="The bitsandbytes the run will use, e.g. \"0.41.1\" (default: the installed one, or a "
+                          "release after 0.43.1). Before 0.43.2 the 4-bit matmul kept its input until backward "
+                          "(bitsandbytes PR #1270, 'fix QLoRA mem bug'): one more saved activation per 4-bit layer, "
+                          "and with non-reentrant checkpointing those are kept for every block.")
 
     @model_validator(mode="after")
     def _one_width(self) -> QuantizationConfig:
+        if self.bitsandbytes_version is not None:
+            if self.quant_method != "bitsandbytes":
+                raise ValueError("bitsandbytes_version applies to a bitsandbytes base, not to a GPTQ checkpoint")
+            parse_bnb_version(self.bitsandbytes_version)
         if self.quant_method == "gptq":
             if self.load_in_8bit:
                 raise ValueError("load_in_8bit is bitsandbytes' LLM.int8(); a GPTQ checkpoint sets its width with bits")
@@ -187,7 +203,7 @@ class MethodConfig(BaseModel):
 # training options added after caches existed: at these values they stay out of cache keys, so the simulations and
 # fits cached before them still serve (advisor.memory.simulate, advisor.estimator.coefficients)
 KEY_NEUTRAL_DEFAULTS = {"cross_entropy": "standard", "optimizer_in_backward": False, "activation_offloading": False,
-                        "torch_compile": False}
+                        "torch_compile": False, "gradient_checkpointing_reentrant": False}
 
 
 # the same for method knobs added after caches existed (PEFT's modules_to_save, None unless asked for)
@@ -201,6 +217,52 @@ def peft_without_neutral_defaults(peft: dict) -> dict:
 
 GPTQ_FIELDS = ("quant_method", "bits", "group_size")
 
+# bitsandbytes 0.43.2 (2024-07-23) stopped MatMul4Bit keeping its input A on ctx (PR #1270, commit 9e753741)
+BNB_HOLDS_4BIT_INPUT_BEFORE = (0, 43, 2)
+LAST_BNB_HOLDING_4BIT_INPUT = "0.43.1"
+
+
+def parse_bnb_version(text: str) -> tuple[int, ...]:
+    """'0.41.1' → (0, 41, 1); anything else is refused (a ValueError naming what is allowed)."""
+    m = re.fullmatch(r"\s*v?(\d+)\.(\d+)(?:\.(\d+))?(?:(?:\.|\+|-|rc|dev|post)[\w.+-]*)?\s*", str(text))
+    if not m:
+        raise ValueError(f"bitsandbytes_version {text!r} is not a version: write it as bitsandbytes does, e.g. "
+                         "\"0.41.1\" or \"0.45\"")
+    return tuple(int(g or 0) for g in m.groups()[:3])
+
+
+def installed_bnb_version() -> str | None:
+    """The installed bitsandbytes' version (what the executor trains with), or None."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("bitsandbytes")
+    except PackageNotFoundError:
+        return None
+
+
+def bnb_version_of(q: QuantizationConfig | dict | None) -> str | None:
+    """The bitsandbytes a 4-bit run of `q` uses: the one it names, else the installed one."""
+    if q is None:
+        return None
+    named = q.get("bitsandbytes_version") if isinstance(q, dict) else q.bitsandbytes_version
+    return named or installed_bnb_version()
+
+
+def bnb_holds_4bit_input(q: QuantizationConfig | dict | None) -> bool:
+    """Whether the 4-bit matmul of `q`'s bitsandbytes (named, else installed) keeps its input until backward
+    (every release before 0.43.2)."""
+    if q is None:
+        return False
+    d = q if isinstance(q, dict) else q.model_dump()
+    if d.get("quant_method", "bitsandbytes") != "bitsandbytes" or d.get("load_in_8bit") or not d.get("load_in_4bit", True):
+        return False
+    version = bnb_version_of(q)
+    try:
+        return bool(version) and parse_bnb_version(version) < BNB_HOLDS_4BIT_INPUT_BEFORE
+    except ValueError:  # an installed build with an odd version string: today's behaviour
+        return False
+
 
 def quantization_settings(q: QuantizationConfig | None) -> dict | None:
     """The settings that apply to `q`'s kind: a GPTQ checkpoint's (quant_method, bits, group_size), or bitsandbytes'
@@ -210,7 +272,8 @@ def quantization_settings(q: QuantizationConfig | None) -> dict | None:
     d = q.model_dump(mode="json")
     if q.quant_method == "gptq":
         return {k: d[k] for k in GPTQ_FIELDS}
-    return quantization_without_neutral_defaults(d)
+    d.pop("bitsandbytes_version", None)  # describes the run's library, not a BitsAndBytesConfig argument
+    return {k: v for k, v in d.items() if k not in GPTQ_FIELDS}
 
 
 def method_key_dump(cfg: MethodConfig) -> dict:
@@ -225,7 +288,10 @@ def quantization_without_neutral_defaults(q: dict | None) -> dict | None:
     """A dumped quantization config as cache keys see it: a bitsandbytes one without the GPTQ fields (added after
     caches existed; a bitsandbytes config only ever holds their defaults), so its keys stay as they were."""
     if q and q.get("quant_method", "bitsandbytes") == "bitsandbytes":
-        return {k: v for k, v in q.items() if k not in GPTQ_FIELDS}
+        out = {k: v for k, v in q.items() if k not in GPTQ_FIELDS and k != "bitsandbytes_version"}
+        if bnb_holds_4bit_input(q):  # only what changes the simulation enters the keys (and the simulation's request):
+            out["bitsandbytes_version"] = LAST_BNB_HOLDING_4BIT_INPUT  # every version before 0.43.2 as one; later: neutral
+        return out
     return q
 
 

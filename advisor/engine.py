@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from advisor.config import MethodConfig, TrainingConfig
+from advisor.config import MethodConfig, TrainingConfig, bnb_holds_4bit_input
 from advisor.losses import computing_loss
 from advisor.methods import BuildContext, Prepared, get_method
 
@@ -34,12 +34,15 @@ class _Dequant4bitMatmul(torch.autograd.Function):
     scales are dequantized to fp32 (double quantization), then the weight to the compute dtype, then one matmul."""
 
     @staticmethod
-    def forward(ctx, x, packed, absmax, shape, dtype):
+    def forward(ctx, x, packed, absmax, shape, dtype, holds_input=False):
         ctx.shape, ctx.dtype = shape, dtype
         # kept on ctx, not save_for_backward, as MatMul4Bit keeps `ctx.tensors`/`ctx.state`: non-reentrant
         # checkpointing stops its recomputation once every *saved* tensor is back, so a saved weight here would
         # recompute the block's last 4-bit matmul (dequantized weight + output) that a real run skips
         ctx.packed, ctx.absmax = packed, absmax
+        # bitsandbytes before 0.43.2 also kept the input there (`ctx.tensors = (A, B)`, never read in backward;
+        # PR #1270): alive as long as the graph (past this node's backward), out of reach of checkpointing's hooks
+        ctx.held_input = x if holds_input and ctx.needs_input_grad[0] else None
         scales = _dequant_scales(absmax)
         w = torch.empty(shape, dtype=dtype, device=x.device)
         out = torch.nn.functional.linear(x, w)
@@ -52,8 +55,8 @@ class _Dequant4bitMatmul(torch.autograd.Function):
         scales = _dequant_scales(absmax, in_place=True)
         w = torch.empty(ctx.shape, dtype=ctx.dtype, device=grad_out.device)
         grad = torch.matmul(grad_out, w)
-        del scales, w
-        return grad, None, None, None, None
+        del scales, w  # ctx.held_input stays: bitsandbytes never cleared ctx.tensors, so it lived as long as the graph
+        return grad, None, None, None, None, None
 
 
 def _dequant_scales(absmax: torch.Tensor, in_place: bool = False) -> torch.Tensor | None:
@@ -70,8 +73,10 @@ def _dequant_scales(absmax: torch.Tensor, in_place: bool = False) -> torch.Tenso
 class SimLinear4bit(nn.Module):
     """Same storage as a bitsandbytes NF4 `Linear4bit`: packed uint8 weight + block absmax (+ double quant)."""
 
-    def __init__(self, linear: nn.Module, compute_dtype: torch.dtype, blocksize: int = 64, double_quant: bool = True):
+    def __init__(self, linear: nn.Module, compute_dtype: torch.dtype, blocksize: int = 64, double_quant: bool = True,
+                 holds_input: bool = False):
         super().__init__()
+        self.holds_input = holds_input  # bitsandbytes < 0.43.2 (config.quantization.bitsandbytes_version)
         out_f, in_f = _out_in(linear)
         n = out_f * in_f
         dev = linear.weight.device
@@ -94,7 +99,8 @@ class SimLinear4bit(nn.Module):
     def forward(self, x):
         inp_dtype = x.dtype
         x = x.to(self.compute_dtype)
-        out = _Dequant4bitMatmul.apply(x, self.weight, self.absmax, (self.out_features, self.in_features), self.compute_dtype)
+        out = _Dequant4bitMatmul.apply(x, self.weight, self.absmax, (self.out_features, self.in_features), self.compute_dtype,
+                                       self.holds_input)
         if self.bias is not None:
             out = out + self.bias.to(self.compute_dtype)
         return out.to(inp_dtype)
@@ -292,11 +298,11 @@ def _out_in(layer: nn.Module) -> tuple[int, int]:
     return tuple(layer.weight.shape[::-1])
 
 
-def quantize_meta_4bit(model: nn.Module, compute_dtype: torch.dtype, double_quant: bool) -> int:
+def quantize_meta_4bit(model: nn.Module, compute_dtype: torch.dtype, double_quant: bool, holds_input: bool = False) -> int:
     """Swap every Linear except the output head for the 4-bit stand-in (what bnb's loader quantizes)."""
     swaps = _quantizable_linears(model)
     for parent, child_name, child in swaps:
-        setattr(parent, child_name, SimLinear4bit(child, compute_dtype, double_quant=double_quant))
+        setattr(parent, child_name, SimLinear4bit(child, compute_dtype, double_quant=double_quant, holds_input=holds_input))
     model.is_loaded_in_4bit = True
     return len(swaps)
 
@@ -353,7 +359,8 @@ def load_base_model(
             elif q.load_in_8bit:
                 quantize_meta_8bit(model, q.llm_int8_threshold)
             else:
-                quantize_meta_4bit(model, DTYPES[q.bnb_4bit_compute_dtype], q.bnb_4bit_use_double_quant)
+                quantize_meta_4bit(model, DTYPES[q.bnb_4bit_compute_dtype], q.bnb_4bit_use_double_quant,
+                                   bnb_holds_4bit_input(q))
         return model
     source = resolved.path or resolved.id
     if spec.quantized and cfg.quantization.quant_method == "gptq":
@@ -540,10 +547,11 @@ def prepare(
 
         raise AdvisorInputError("method", f"{spec.id} does not apply to {resolved.kind} models", allowed=list(spec.kinds))
     if cfg.training.gradient_checkpointing:
+        kwargs = {"use_reentrant": bool(cfg.training.gradient_checkpointing_reentrant)}
         if hasattr(model, "activation_checkpointing_enable"):  # transformers ≥ 5.2x's name; the old one warns
-            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
         else:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
         if not spec.full_weights:  # frozen embeddings: checkpointed blocks need an input that requires grad
             model.enable_input_require_grads()
     prepared = spec.build(model, dict(cfg.peft), ctx)

@@ -362,6 +362,11 @@ SOURCE_PEFT = {
 #   twitter_complaints label ("Unlabeled" / "complaint" / "no complaint": ~4 T5 tokens with </s>), so the
 #   encoder-decoder rows have a 4-token decoder (`max_target_length`; decoder-only rows ignore it).
 SOURCE_TRAINING = {"Qwen-README": {"full": {"torch_dtype": "float32"}}}
+# The bitsandbytes a source's 4-bit runs used, where its text does not say (a version named in the text wins):
+# litgpt pinned bitsandbytes==0.42.0 from 2024-03-15 (pyproject.toml, commit 929f9c79) until 2024-12-28 (d2ed13c3,
+# >=0.44), which covers its config hub table (2024-04-24 … 2024-09-27); its resource tables name 0.41.1. Before
+# 0.43.2 the 4-bit matmul kept its input until backward (quantization.bitsandbytes_version).
+SOURCE_BITSANDBYTES = {"litgpt": "0.42.0"}
 SOURCE_TARGET_LENGTH = {"peft-README": 4}
 ENCODER_DECODER = {"bigscience/T0_3B", "bigscience/mt0-xxl"}
 # What each source measured: both report the caching allocator's reserve, without the CUDA context.
@@ -447,6 +452,14 @@ def map_row(row: dict) -> tuple[dict | None, str | None]:
         training.update(bf16=False, fp16=True)
     if any(w in low for w in ("fa2 off", "eager", "matmul-softmax")):
         training["attn_implementation"] = "eager"
+    if training["gradient_checkpointing"] and re.search(r"(?<!non-)(?<!non)\breentrant\)|use_reentrant[ =:]*true"
+                                                        r"|reentrant_checkpointing[ =:]*true", low):
+        training["gradient_checkpointing_reentrant"] = True  # torch's reentrant checkpoint, as the source ran it
+    if method == "qlora" and not (quantization or {}).get("quant_method") and not (quantization or {}).get("load_in_8bit"):
+        named = re.search(r"bitsandbytes[ =v]*(\d+\.\d+(?:\.\d+)?)", low)
+        version = named.group(1) if named else SOURCE_BITSANDBYTES.get(source_short(row["source"]))
+        if version:
+            quantization = {**(quantization or {}), "bitsandbytes_version": version}
     gpu, count, strategy = map_gpu(row["gpu"])
     if gpu is None:
         return None, f"no mapping for GPU {row['gpu']!r}"

@@ -118,3 +118,28 @@ def test_a_galore_8bit_optimizer_is_not_an_8bit_base():
     payload, reason = map_row(_row(method="full + galore r1024 8-bit per-layer", optimizer="galore_adamw_8bit_layerwise"))
     assert reason is None and payload["method"] == "galore" and "quantization" not in payload["config"]
     assert payload["config"]["training"]["optim"] == "galore_adamw_8bit"
+
+
+@pytest.mark.parametrize("source, method, expected", [
+    ("a run on bitsandbytes 0.41.1", "qlora r8", "0.41.1"),              # the version the source names
+    ("Lightning-AI/litgpt config_hub/finetune/README.md", "qlora r8", "0.42.0"),  # litgpt's pinned one
+    ("Lightning-AI/litgpt config_hub/finetune/README.md", "lora r8", None),  # no 4-bit base
+    ("a blog post", "qlora r8", None),                                   # unstated: today's behaviour
+])
+def test_the_bitsandbytes_a_source_ran(source, method, expected):
+    payload, reason = map_row(_row(source=source, method=method))
+    assert reason is None
+    assert (payload["config"].get("quantization") or {}).get("bitsandbytes_version") == expected
+    EstimateRequest.model_validate(payload)
+
+
+@pytest.mark.parametrize("source, grad_ckpt, reentrant", [
+    ("grad ckpt on (reentrant), FSDP", "on", True),
+    ("gradient_checkpointing true (use_reentrant true)", "on", True),
+    ("train.py --reentrant_checkpointing True", "on", True),
+    ("grad ckpt on (non-reentrant)", "on", None),
+    ("use_reentrant true", "off", None),                                 # nothing to checkpoint
+])
+def test_reentrant_checkpointing_as_the_source_says(source, grad_ckpt, reentrant):
+    payload, _ = map_row(_row(source=source, grad_ckpt=grad_ckpt))
+    assert payload["config"]["training"].get("gradient_checkpointing_reentrant") == reentrant

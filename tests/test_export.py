@@ -85,6 +85,7 @@ def test_axolotl_yaml_for_qlora_lora_full(tiny_dirs, data):
     assert cfg["warmup_ratio"] == 0.03
     assert cfg["optimizer"] == "adamw_torch_fused" and cfg["bf16"] is True and cfg["fp16"] is False
     assert cfg["gradient_checkpointing"] is False and cfg["sample_packing"] is False
+    assert "gradient_checkpointing_kwargs" not in cfg
     assert cfg["datasets"] == [{"path": str(data["alpaca"]), "ds_type": "json", "type": "alpaca"}]
     assert cfg["train_on_inputs"] is False and cfg["val_set_size"] == 0.1
     assert cfg["output_dir"] == "outputs/llama-qlora" and cfg["use_tensorboard"] is True
@@ -123,6 +124,10 @@ def test_axolotl_galore_bitfit_completion_text_and_multi_gpu(tiny_dirs, data):
     assert zero["stage"] == 3 and zero["offload_optimizer"]["device"] == "cpu"
     assert "axolotl train axolotl_config.yml --launcher accelerate -- --num_processes=4" in out["content"]
 
+    ckpt = make_rec(tiny_dirs["llama"], "qlora", gradient_checkpointing=True, gradient_checkpointing_reentrant=True)
+    ckpt = yaml.safe_load(export("axolotl", recommendation=ckpt)["content"])
+    assert ckpt["gradient_checkpointing"] is True and ckpt["gradient_checkpointing_kwargs"] == {"use_reentrant": True}
+
     bit = yaml.safe_load(export("axolotl", recommendation=make_rec(tiny_dirs["gpt2"], "bitfit"),
                                 dataset=str(data["text"]))["content"])
     assert bit["unfrozen_parameters"] == [".+bias$"] and "adapter" not in bit
@@ -156,6 +161,7 @@ def test_llamafactory_yaml_for_qlora_lora_full(tiny_dirs, data):
     assert cfg["warmup_steps"] == 1  # round(0.03 × 48 steps): whole steps work before and after transformers 5.2
     assert cfg["bf16"] is True and cfg["fp16"] is False and cfg["optim"] == "adamw_torch_fused"
     assert "disable_gradient_checkpointing" not in cfg  # checkpointing on: LLaMA-Factory's default
+    assert cfg["use_reentrant_gc"] is False  # as estimated; LLaMA-Factory's own default is reentrant
     assert cfg["train_on_prompt"] is False and cfg["val_size"] == 0.1 and cfg["packing"] is False
     assert cfg["report_to"] == "tensorboard" and cfg["eval_strategy"] == "steps"
     assert cfg["template"] == "default" and cfg["dataset"] == lf_fmt.DATASET_NAME

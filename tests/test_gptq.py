@@ -93,6 +93,8 @@ def test_fast_estimate_follows_the_simulation_and_keeps_weights_replicated(llama
     ({"quant_method": "gptq", "group_size": 0}, "group_size"),
     ({"quant_method": "gptq", "bits": 5}, "bits"),
     ({"quant_method": "awq"}, "quant_method"),
+    ({"bitsandbytes_version": "latest"}, "not a version"),
+    ({"quant_method": "gptq", "bitsandbytes_version": "0.41.1"}, "not to a GPTQ checkpoint"),
 ])
 def test_bad_quantization_settings_are_refused(quantization, message):
     with pytest.raises(AdvisorInputError) as err:

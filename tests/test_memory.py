@@ -116,6 +116,41 @@ def test_qlora_standin_equals_bitsandbytes_to_the_byte(small_llama, checkpointin
     assert sim["total_params"] == real["total_params"]
 
 
+@pytest.fixture
+def bitsandbytes_0_43_1(monkeypatch):
+    """The installed bitsandbytes with the one line 0.43.2 changed put back (PR #1270, commit 9e753741): MatMul4Bit
+    keeps its input A on ctx (`ctx.tensors = (A, B)`) whenever an input needs a gradient."""
+    from bitsandbytes.autograd._functions import MatMul4Bit
+
+    forward = MatMul4Bit.forward
+
+    def forward_0_43_1(ctx, A, B, out=None, bias=None, quant_state=None):
+        output = forward(ctx, A, B, out, bias, quant_state)
+        if not ctx.is_empty and any(ctx.needs_input_grad[:2]):
+            ctx.tensors = (A, ctx.tensors[1])
+        return output
+
+    monkeypatch.setattr(MatMul4Bit, "forward", staticmethod(forward_0_43_1))
+
+
+@pytest.mark.parametrize("checkpointing,reentrant", [(False, False), (True, False), (True, True)])
+def test_bitsandbytes_before_0_43_2_holds_each_4bit_input_as_simulated(small_llama, bitsandbytes_0_43_1,
+                                                                       checkpointing, reentrant):
+    training = {"gradient_checkpointing": checkpointing, "gradient_checkpointing_reentrant": reentrant}
+    old = get_method("qlora").resolve_config({"quantization": {"bitsandbytes_version": "0.41.1"}, "training": training})
+    sim = simulate_in_process(small_llama, old, 2, 64)
+    real = measure_real(small_llama, old, 2, 64)
+    if reentrant:  # 8 KiB (0.15%) over in the recomputing block, not traced down
+        assert abs(sim["peak_bytes"] - real["peak_bytes"]) <= 0.002 * real["peak_bytes"], (sim["peak_bytes"], real["peak_bytes"])
+    else:
+        assert sim["peak_bytes"] == real["peak_bytes"], (sim["peak_bytes"], real["peak_bytes"])
+    now = simulate_in_process(small_llama, get_method("qlora").resolve_config({"training": training}), 2, 64)
+    if reentrant:  # the held inputs live only inside the block being recomputed
+        assert now["peak_bytes"] <= sim["peak_bytes"] < 1.05 * now["peak_bytes"]
+    else:  # without checkpointing, or out of reach of non-reentrant checkpointing's hooks: every block's inputs
+        assert sim["peak_bytes"] > 1.05 * now["peak_bytes"], (sim["peak_bytes"], now["peak_bytes"])
+
+
 @pytest.mark.parametrize("method,checkpointing", [("lora", False), ("lora", True), ("qlora", False)])
 def test_cuda_semantics_simulate_like_a_real_run_under_them(small_llama, method, checkpointing):
     """target="cuda" counts what CUDA kernels save (dropout keeps a 1-byte mask, not a noise tensor of the input's

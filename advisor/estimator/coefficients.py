@@ -94,7 +94,7 @@ def coefficient_key(resolved, cfg: MethodConfig, seq_len: int, target: str = "cp
         "method": method_key_dump(_simulation_config(cfg)),
         "training": cfg.training.model_dump(mode="json", include={"torch_dtype", "bf16", "fp16", "gradient_checkpointing",
                                                                   "attn_implementation", "max_grad_norm", "cross_entropy", "optimizer_in_backward",
-                                                                  "activation_offloading", "torch_compile",
+                                                                  "activation_offloading", "torch_compile", "gradient_checkpointing_reentrant",
                                                                   "max_target_length"}),
         "optim_family": "galore" if cfg.training.optim.startswith("galore") else _simulation_config(cfg).training.optim,
         "seq_len": seq_len,

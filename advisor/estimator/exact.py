@@ -86,7 +86,10 @@ def exact_from_plan(plan: Plan, use_cache: bool = True, allocator: str = "auto",
         peak = sim["peak_bytes"] + overhead_bytes
         band_low, band_high = profile.band(plan.profile_method)
         band_source = profile.band_source(plan.profile_method)
-    notes = list(sim.get("notes", [])) + ([plan.model.note] if plan.model.note else []) + list(profile.notes)
+    from advisor.estimator.fast import legacy_bnb_notes
+
+    notes = (list(sim.get("notes", [])) + ([plan.model.note] if plan.model.note else []) + list(profile.notes)
+             + legacy_bnb_notes(plan.config))
     breakdown = breakdown_from_counter(sim["breakdown_bytes"], overhead_bytes, sim["peak_phase"])
     at_peak = sim["breakdown_bytes"]  # bytes by category at the peak (per device below, when sharded)
     phase = sim["peak_phase"]

@@ -524,6 +524,7 @@ def estimate_plan(plan: Plan, strategy: str | None = None, mm: MemoryModel | Non
         if devices > 1:
             notes.append("GPTQ's packed integer weights are buffers, which FSDP / ZeRO-3 do not shard: every GPU holds "
                          "the whole base")
+    notes += legacy_bnb_notes(plan.config)
     kept = mm.static.unquantized_weight_bytes
     if q is not None and kept > 0:
         bits = 8 if q.load_in_8bit else 4
@@ -581,3 +582,18 @@ def compare_gpus(req: EstimateRequest, counts=(1, 2, 4, 8)) -> list[dict]:
     rows.sort(key=lambda r: (not r["fits"], math.inf if r["cost_usd"] is None else r["cost_usd"],
                              math.inf if r["train_hours"] is None else r["train_hours"]))
     return rows
+
+
+def legacy_bnb_notes(cfg) -> list[str]:
+    """What a bitsandbytes before 0.43.2 (named in config.quantization.bitsandbytes_version, else installed) adds."""
+    from advisor.config import bnb_holds_4bit_input, bnb_version_of
+
+    if not bnb_holds_4bit_input(cfg.quantization):
+        return []
+    t = cfg.training
+    where = ("with non-reentrant checkpointing, kept for every block: checkpointing does not see them"
+             if t.gradient_checkpointing and not t.gradient_checkpointing_reentrant else
+             "with reentrant checkpointing, only inside the block being recomputed" if t.gradient_checkpointing else
+             "one more saved activation per 4-bit layer")
+    return [f"bitsandbytes {bnb_version_of(cfg.quantization)}: before 0.43.2 its 4-bit matmul keeps each layer's input "
+            f"until backward (bitsandbytes PR #1270), {where}; bitsandbytes 0.43.2 or later does not hold them"]

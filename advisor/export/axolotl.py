@@ -54,7 +54,8 @@ KNOWN_KEYS = frozenset({
     "chat_template", "datasets", "dataset_prepared_path", "val_set_size", "output_dir", "sequence_len",
     "sample_packing", "train_on_inputs", "micro_batch_size", "gradient_accumulation_steps", "num_epochs",
     "learning_rate", "optimizer", "optim_target_modules", "optim_args", "lr_scheduler", "warmup_ratio",
-    "weight_decay", "max_grad_norm", "bf16", "fp16", "gradient_checkpointing", "attn_implementation", "seed",
+    "weight_decay", "max_grad_norm", "bf16", "fp16", "gradient_checkpointing", "gradient_checkpointing_kwargs",
+    "attn_implementation", "seed",
     "logging_steps", "save_steps", "eval_steps", "use_tensorboard", "deepspeed", "rope_scaling",
     "plugins", "liger_fused_linear_cross_entropy", "chunked_cross_entropy", "activation_offloading", "torch_compile",
 })
@@ -176,6 +177,9 @@ def render(ctx: ExportContext) -> Rendered:
     doc.put("bf16", bool(t.bf16), ctx.why("bf16", t.bf16))
     doc.put("fp16", bool(t.fp16), ctx.why("fp16", t.fp16) if t.fp16 else None)
     knob("gradient_checkpointing", "gradient_checkpointing", bool(t.gradient_checkpointing))
+    if t.gradient_checkpointing:
+        doc.put("gradient_checkpointing_kwargs", {"use_reentrant": bool(t.gradient_checkpointing_reentrant)},
+                "as estimated (gradient_checkpointing_reentrant)")
     if t.torch_compile:
         doc.put("torch_compile", True, "torch_compile: fewer saved activations (AOTAutograd's min-cut partitioner)")
     if t.activation_offloading:

@@ -56,7 +56,7 @@ REFUSALS = {
 # LLaMA-Factory's own keys this exporter may write (every other key is a transformers training argument)
 OWN_KEYS = frozenset({
     "model_name_or_path", "quantization_bit", "quantization_method", "quantization_type", "double_quantization",
-    "upcast_layernorm", "flash_attn", "shift_attn", "disable_gradient_checkpointing", "rope_scaling",
+    "upcast_layernorm", "flash_attn", "shift_attn", "disable_gradient_checkpointing", "use_reentrant_gc", "rope_scaling",
     "stage", "finetuning_type", "lora_rank", "lora_alpha", "lora_dropout", "lora_target", "use_rslora", "use_dora",
     "additional_target", "use_galore", "galore_target", "galore_rank", "galore_update_interval", "galore_scale",
     "galore_proj_type", "galore_layerwise", "plot_loss", "enable_liger_kernel", "use_unsloth_gc",
@@ -185,6 +185,8 @@ def render(ctx: ExportContext) -> Rendered:
     else:
         why = ctx.why("gradient_checkpointing", True)
         doc.comment(f"gradient checkpointing: on (LLaMA-Factory's default) -- {why}")
+        doc.put("use_reentrant_gc", bool(t.gradient_checkpointing_reentrant),
+                "as estimated (gradient_checkpointing_reentrant; LLaMA-Factory's default is reentrant)")
 
     doc.section("method")
     doc.put("stage", "pt" if ctx.dataset_format == "text" else "sft",

@@ -249,7 +249,7 @@ def training_arguments(args, has_eval: bool, gradient_checkpointing: bool) -> Tr
     ckpt = "activation_checkpointing" if "activation_checkpointing" in fields else "gradient_checkpointing"
     kw[ckpt] = gradient_checkpointing
     if gradient_checkpointing:
-        kw[f"{ckpt}_kwargs"] = {"use_reentrant": False}
+        kw[f"{ckpt}_kwargs"] = {"use_reentrant": bool(t.get("gradient_checkpointing_reentrant", False))}
     if t.get("activation_offloading"):
         enable = getattr(transformers.PreTrainedModel, "activation_checkpointing_enable", None)
         if gradient_checkpointing and enable is not None and "offload" in inspect.signature(enable).parameters:

@@ -124,7 +124,10 @@ def semantics(target: str, model: torch.nn.Module | None = None):
     for module in modules if not compiled else ():
         fn = module.__dict__.get("_gradient_checkpointing_func")
         if isinstance(fn, functools.partial):
-            module._gradient_checkpointing_func = functools.partial(fn, context_fn=_recompute_contexts)
+            if fn.keywords.get("use_reentrant"):  # no context_fn there: the block itself enters the semantics
+                module._gradient_checkpointing_func = functools.partial(_checkpoint_under_semantics, fn)
+            else:
+                module._gradient_checkpointing_func = functools.partial(fn, context_fn=_recompute_contexts)
             patched.append((module, fn))
     try:
         with CudaSemantics():
@@ -136,3 +139,17 @@ def semantics(target: str, model: torch.nn.Module | None = None):
 
 def _recompute_contexts():
     return contextlib.nullcontext(), CudaSemantics()
+
+
+def _checkpoint_under_semantics(checkpoint, function, *args, **kwargs):
+    """Reentrant checkpointing (config.training.gradient_checkpointing_reentrant) recomputes `function` inside
+    autograd's backward, outside any mode: run it under `CudaSemantics` there, and as it is in the first forward."""
+    from torch.utils._python_dispatch import _get_current_dispatch_mode_stack
+
+    def run(*a, **k):
+        if any(isinstance(m, CudaSemantics) for m in _get_current_dispatch_mode_stack()):
+            return function(*a, **k)
+        with CudaSemantics():
+            return function(*a, **k)
+
+    return checkpoint(run, *args, **kwargs)
