@@ -89,7 +89,7 @@ def coefficient_key(resolved, cfg: MethodConfig, seq_len: int, target: str = "cp
                    if k not in ("_name_or_path", "transformers_version", "architectures", "num_hidden_layers",
                                 "n_layer", "num_layers", "num_decoder_layers", "layer_types")},
         "kind": resolved.kind,
-        **({"slices": list(slice_depths(resolved))} if resolved.kind == "seq2seq" else {}),
+        **({"slices": list(slice_depths(resolved))} if slice_depths(resolved) != (1, 2) else {}),
         **structure_markers(resolved, cfg),
         "method": method_key_dump(_simulation_config(cfg)),
         "training": cfg.training.model_dump(mode="json", include={"torch_dtype", "bf16", "fp16", "gradient_checkpointing",
@@ -144,12 +144,29 @@ def fit_coefficients(resolved, cfg: MethodConfig, seq_len: int, target: str = "c
         return fitted
 
 
+def parallel_blocks(config) -> bool:
+    """Whether each block computes attention and MLP side by side from one input (GPT-J, CodeGen, Phi-1/2, GPT-NeoX /
+    Pythia with use_parallel_residual, Falcon with parallel_attn or its new decoder architecture)."""
+    model_type = getattr(config, "model_type", "")
+    if model_type in ("gptj", "codegen", "phi"):
+        return True
+    if model_type == "gpt_neox":
+        return bool(getattr(config, "use_parallel_residual", True))
+    if model_type == "falcon":
+        return bool(getattr(config, "parallel_attn", True) or getattr(config, "new_decoder_architecture", False))
+    return False
+
+
 def slice_depths(resolved) -> tuple[int, int]:
     """The depths of the two slices the activation terms are fitted on: 1 and 2 blocks per stack, except for
-    encoder-decoders (T5), whose first block of each stack computes the relative position bias that every later
-    block is handed and, with checkpointing, holds: a slice of one block per stack lacks it, so their terms are
-    fitted on 2 and 3 blocks (t5-small, b4 × 1024 with checkpointing: +6.1% from slices 1-2)."""
-    return (2, 3) if resolved.kind == "seq2seq" else (1, 2)
+    - encoder-decoders (T5), whose first block of each stack computes the relative position bias that every later
+      block is handed and, with checkpointing, holds: a slice of one block per stack lacks it (t5-small, b4 × 1024
+      with checkpointing: +6.1% from slices 1-2);
+    - parallel attention + MLP blocks, where a one-block slice's first and last backward windows are the same
+      block, so what only the top (or bottom) block holds was fitted as per-block slope (GPT-J LoRA 1 × 512:
+      +2.5% from slices 1-2; phi-2 +4.7%).
+    Those are fitted on 2 and 3 blocks."""
+    return (2, 3) if resolved.kind == "seq2seq" or parallel_blocks(resolved.config) else (1, 2)
 
 
 def _fit(resolved, cfg: MethodConfig, seq_len: int, key: str, target: str = "cpu") -> MemoryCoefficients:
