@@ -119,6 +119,32 @@ def methods(as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")]
     console.print(table)
 
 
+@app.command()
+@_guard
+def knobs(
+    section: Annotated[str | None, typer.Argument(help="training or quantization (default: both).")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+) -> None:
+    """Describe every config.training and config.quantization knob (each method's config.peft: `advisor methods`)."""
+    from advisor.config import config_reference
+
+    ref = config_reference()
+    if section is not None and section not in ref:
+        raise AdvisorInputError("section", f"unknown section {section!r}", allowed=sorted(ref))
+    ref = {section: ref[section]} if section else ref
+    if as_json:
+        return _print_json(ref)
+    for name, rows in ref.items():
+        table = Table(title=f"config.{name}")
+        for col in ("knob", "type", "default", "allowed / limits", "description"):
+            table.add_column(col, overflow="fold")
+        for r in rows:
+            bounds = ", ".join(map(str, r["allowed"])) if "allowed" in r else ", ".join(
+                f"{op} {v}" for op, v in r.get("limits", {}).items())
+            table.add_row(r["name"], r["type"], json.dumps(r["default"]), bounds, r["description"] or "")
+        console.print(table)
+
+
 @app.command("demo-assets")
 @_guard
 def demo_assets(directory: Annotated[Path, typer.Argument(help="Where to write the tiny models and datasets.")]) -> None:
@@ -156,6 +182,12 @@ def estimate(
     peft: Annotated[list[str] | None, typer.Option(
         "--peft", help="A method knob as KEY=VALUE (config.peft; repeatable; VALUE is JSON when it parses, else a "
                        "string), e.g. --peft r=32 --peft use_dora=true --peft 'modules_to_save=[\"lm_head\"]'.")] = None,
+    training_knobs: Annotated[list[str] | None, typer.Option(
+        "--training", help="Any config.training knob as KEY=VALUE (repeatable; `advisor knobs training` lists them), "
+                           "e.g. --training gradient_checkpointing_reentrant=true.")] = None,
+    quantization_knobs: Annotated[list[str] | None, typer.Option(
+        "--quantization", help="Any config.quantization knob as KEY=VALUE (repeatable; `advisor knobs "
+                               "quantization`), e.g. --quantization bitsandbytes_version=0.41.1.")] = None,
     load_in_8bit: Annotated[bool, typer.Option(
         "--load-in-8bit", help="qlora: the base in 8-bit LLM.int8() instead of 4-bit NF4 "
                                "(config.quantization.load_in_8bit).")] = False,
@@ -183,7 +215,7 @@ def estimate(
         body.setdefault("hardware", {})
         if count != 1:
             body["hardware"]["count"] = count
-    training = dict((body.get("config") or {}).get("training") or {})
+    training = {**((body.get("config") or {}).get("training") or {}), **_knobs(training_knobs or [], "--training")}
     for key, value in (("per_device_train_batch_size", batch), ("max_seq_length", seq),
                        ("gradient_checkpointing", checkpointing), ("cross_entropy", cross_entropy),
                        ("optim", optim)):
@@ -202,6 +234,10 @@ def estimate(
     if peft:
         body["config"] = {**(body.get("config") or {}),
                           "peft": {**((body.get("config") or {}).get("peft") or {}), **_knobs(peft, "--peft")}}
+    if quantization_knobs:
+        config = body.get("config") or {}
+        body["config"] = {**config, "quantization": {**(config.get("quantization") or {}),
+                                                     **_knobs(quantization_knobs, "--quantization")}}
     if load_in_8bit:
         config = body.get("config") or {}
         body["config"] = {**config, "quantization": {**(config.get("quantization") or {}), "load_in_8bit": True}}

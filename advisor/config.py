@@ -54,9 +54,10 @@ class TrainingConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     learning_rate: float = Field(2e-4, gt=0, le=1.0, description="Peak learning rate.")
-    num_train_epochs: float = Field(3, gt=0, le=1000)
+    num_train_epochs: float = Field(3, gt=0, le=1000, description="Passes over the dataset (fractions allowed).")
     per_device_train_batch_size: int = Field(4, ge=1, le=65536, description="Micro-batch per device.")
-    gradient_accumulation_steps: int = Field(4, ge=1, le=65536)
+    gradient_accumulation_steps: int = Field(
+        4, ge=1, le=65536, description="Micro-batches per optimizer step: the effective batch is micro-batch × this × GPUs.")
     max_seq_length: int = Field(1024, ge=8, le=2_097_152, description="Tokens per example after truncation.")
     max_target_length: int | None = Field(
         None, ge=1, le=2_097_152,
@@ -64,11 +65,14 @@ class TrainingConfig(BaseModel):
                     "`max_target_length` in transformers' seq2seq examples; default: max_seq_length. Short targets "
                     "(labels of a classifier, a summary) make the decoder's activations and logits a fraction of "
                     "the encoder's.")
-    warmup_ratio: float = Field(0.03, ge=0, lt=1)
-    weight_decay: float = Field(0.0, ge=0, le=1)
-    lr_scheduler_type: Literal["cosine", "linear", "constant", "constant_with_warmup"] = "cosine"
-    max_grad_norm: float = Field(1.0, ge=0)
-    gradient_checkpointing: bool = False
+    warmup_ratio: float = Field(0.03, ge=0, lt=1, description="Fraction of the steps spent warming the learning rate up.")
+    weight_decay: float = Field(0.0, ge=0, le=1, description="Decoupled weight decay (AdamW).")
+    lr_scheduler_type: Literal["cosine", "linear", "constant", "constant_with_warmup"] = Field(
+        "cosine", description="Learning-rate schedule after warmup.")
+    max_grad_norm: float = Field(1.0, ge=0, description="Gradient clipping norm; 0 turns clipping off.")
+    gradient_checkpointing: bool = Field(
+        False, description="Keep only each block's input in forward and recompute the block in backward: activation "
+                           "memory of one block instead of all, at about one more forward of compute.")
     gradient_checkpointing_reentrant: bool = Field(
         False,
         description="Checkpoint with torch's reentrant implementation (use_reentrant=True: transformers' default "
@@ -81,7 +85,9 @@ class TrainingConfig(BaseModel):
         None, description="dtype the base weights are loaded in; default: bfloat16 if bf16, float16 if fp16, else float32."
     )
     optim: str = Field("adamw_torch_fused", description=f"Optimizer; one of {', '.join(OPTIMIZERS)}.")
-    attn_implementation: Literal["sdpa", "flash_attention_2", "eager"] = "sdpa"
+    attn_implementation: Literal["sdpa", "flash_attention_2", "eager"] = Field(
+        "sdpa", description="Attention kernel: sdpa / flash_attention_2 keep no sequence × sequence scores; eager does "
+                            "(the S² term).")
     rope_scaling: RopeScaling | None = Field(None, description="Extend the context beyond the model's positions "
                                              "(e.g. {'type': 'linear', 'factor': 8} for LongLoRA 4K → 32K).")
     cross_entropy: Literal["standard", "chunked", "fused_linear"] = Field(
@@ -107,11 +113,12 @@ class TrainingConfig(BaseModel):
                     "min-cut partitioner saves fewer activations and recomputes cheap ones in backward. Inductor on "
                     "CUDA; the estimate runs the same partitioning without code generation "
                     "(aot_eager_decomp_partition), which is also what a CPU run uses. Not with AdaLoRA.")
-    packing: bool = False
-    seed: int = 42
-    logging_steps: int = Field(10, ge=1)
-    save_steps: int = Field(200, ge=1)
-    eval_steps: int = Field(200, ge=1)
+    packing: bool = Field(False, description="Concatenate examples into full max_seq_length rows (every row is the "
+                                             "longest: memory is estimated at max_seq_length).")
+    seed: int = Field(42, description="Random seed of the run.")
+    logging_steps: int = Field(10, ge=1, description="Steps between logged losses.")
+    save_steps: int = Field(200, ge=1, description="Steps between checkpoints.")
+    eval_steps: int = Field(200, ge=1, description="Steps between evaluations on the held-out split.")
 
     @field_validator("optim")
     @classmethod
@@ -152,27 +159,35 @@ class QuantizationConfig(BaseModel):
     group_size: int = Field(128, ge=-1, description="GPTQ only: weights per scale/zero group along the input (-1: one "
                                                     "group per column)")
 
-    load_in_4bit: bool = True
+    load_in_4bit: bool = Field(True, description="bitsandbytes 4-bit weights (QLoRA); load_in_8bit selects 8-bit instead.")
     load_in_8bit: bool = Field(
         False, description="LLM.int8(): int8 weights with one fp32 scale per output row; activations quantized per "
                            "row in every matmul, outlier columns (|x| ≥ llm_int8_threshold) kept in 16-bit. Not "
                            "with FSDP / ZeRO-3 (bitsandbytes' int8 weights cannot be sharded).")
     llm_int8_threshold: float = Field(LLM_INT8_THRESHOLD, ge=0, description="8-bit only: the outlier threshold (0: no outliers).")
-    bnb_4bit_quant_type: Literal["nf4", "fp4"] = "nf4"
-    bnb_4bit_use_double_quant: bool = True
-    bnb_4bit_compute_dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"
+    bnb_4bit_quant_type: Literal["nf4", "fp4"] = Field(
+        "nf4", description="4-bit data type: NormalFloat4 (QLoRA's) or plain FP4.")
+    bnb_4bit_use_double_quant: bool = Field(
+        True, description="Quantize the per-block scales too (8-bit): about 0.37 bits per weight saved.")
+    bnb_4bit_compute_dtype: Literal["bfloat16", "float16", "float32"] = Field(
+        "bfloat16", description="dtype the 4-bit weights are dequantized to for each matmul.")
     bitsandbytes_version: str | None = Field(
         None, description="The bitsandbytes the run will use, e.g. \"0.41.1\" (default: the installed one, or a "
                           "release after 0.43.1). Before 0.43.2 the 4-bit matmul kept its input until backward "
                           "(bitsandbytes PR #1270, 'fix QLoRA mem bug'): one more saved activation per 4-bit layer, "
                           "and with non-reentrant checkpointing those are kept for every block.")
 
+    @field_validator("bitsandbytes_version")
+    @classmethod
+    def _a_bitsandbytes_version(cls, v: str | None, info) -> str | None:
+        if v is not None:
+            if info.data.get("quant_method") != "bitsandbytes":
+                raise ValueError("bitsandbytes_version applies to a bitsandbytes base, not to a GPTQ checkpoint")
+            parse_bnb_version(v)
+        return v
+
     @model_validator(mode="after")
     def _one_width(self) -> QuantizationConfig:
-        if self.bitsandbytes_version is not None:
-            if self.quant_method != "bitsandbytes":
-                raise ValueError("bitsandbytes_version applies to a bitsandbytes base, not to a GPTQ checkpoint")
-            parse_bnb_version(self.bitsandbytes_version)
         if self.quant_method == "gptq":
             if self.load_in_8bit:
                 raise ValueError("load_in_8bit is bitsandbytes' LLM.int8(); a GPTQ checkpoint sets its width with bits")
@@ -304,7 +319,7 @@ def pydantic_to_input_error(err: ValidationError, prefix: str) -> AdvisorInputEr
     first = err.errors()[0]
     loc = ".".join(str(p) for p in first["loc"])
     field = f"{prefix}.{loc}" if loc else prefix
-    msg = first["msg"]
+    msg = first["msg"].removeprefix("Value error, ")
     if first["type"] == "extra_forbidden":
         msg = "unknown field"
     return AdvisorInputError(field, msg)
@@ -315,3 +330,45 @@ def parse_training(data: dict | None, prefix: str = "config.training") -> Traini
         return TrainingConfig.model_validate(data or {})
     except ValidationError as err:
         raise pydantic_to_input_error(err, prefix) from None
+
+
+def _type_of(annotation) -> tuple[str, list | None]:
+    """A field's type as a user writes it, and its allowed values where they are a fixed list."""
+    import types
+    import typing
+
+    args = [a for a in typing.get_args(annotation) if a is not type(None)]
+    if typing.get_origin(annotation) is Literal:
+        values = list(typing.get_args(annotation))
+        return _type_of(type(values[0]))[0], values
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType) and args:
+        kind, allowed = _type_of(args[0])
+        return f"{kind} or null", allowed
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return "object", None
+    names = {bool: "boolean", int: "integer", float: "number", str: "string", dict: "object", list: "array"}
+    return names.get(annotation, getattr(annotation, "__name__", str(annotation))), None
+
+
+def config_reference() -> dict[str, list[dict]]:
+    """Every knob of `config.training` and `config.quantization`: name, type, default, allowed values, limits and
+    description (GET /v1/config, `advisor knobs`). `config.peft` holds each method's own knobs (GET /v1/methods)."""
+    out = {}
+    for section, model in (("training", TrainingConfig), ("quantization", QuantizationConfig)):
+        rows = []
+        for name, field in model.model_fields.items():
+            kind, allowed = _type_of(field.annotation)
+            if name == "optim":
+                allowed = list(OPTIMIZERS)
+            limits = {}
+            for meta in field.metadata:
+                for op in ("gt", "ge", "lt", "le"):
+                    if getattr(meta, op, None) is not None:
+                        limits[op] = getattr(meta, op)
+            default = field.get_default(call_default_factory=True)
+            rows.append({"name": name, "type": kind,
+                         "default": default.model_dump() if isinstance(default, BaseModel) else default,
+                         **({"allowed": allowed} if allowed else {}), **({"limits": limits} if limits else {}),
+                         "description": (field.description or "").strip() or None})
+        out[section] = rows
+    return out

@@ -37,6 +37,34 @@ def test_health_docs_and_catalogs(server):
     assert all(m["recommended_by_rules"] for m in methods[:12])
 
 
+def test_config_knobs_over_http_and_cli(server):
+    from advisor.config import QuantizationConfig, TrainingConfig
+
+    ref = httpx.get(f"{server}/v1/config", timeout=30).json()
+    assert [r["name"] for r in ref["training"]] == list(TrainingConfig.model_fields)
+    assert [r["name"] for r in ref["quantization"]] == list(QuantizationConfig.model_fields)
+    assert all(r["description"] for rows in ref.values() for r in rows)
+    knob = {r["name"]: r for r in ref["training"]}
+    assert knob["per_device_train_batch_size"]["limits"] == {"ge": 1, "le": 65536}
+    assert "lorafa" in knob["optim"]["allowed"] and knob["cross_entropy"]["allowed"][0] == "standard"
+    version = {r["name"]: r for r in ref["quantization"]}["bitsandbytes_version"]
+    assert version["type"] == "string or null" and "0.43.2" in version["description"]
+    assert json.loads(_cli("knobs", "quantization", "--json").stdout) == {"quantization": ref["quantization"]}
+    table = _cli("knobs")
+    assert table.returncode == 0 and "gradient_checkpointing_reentrant" in table.stdout
+    bad = _cli("knobs", "peft")
+    assert bad.returncode == 2 and "section" in bad.stderr and "training" in bad.stderr
+    # any knob reaches an estimate from the command line, and a wrong one is named
+    args = ("estimate", "--model", "llama-2-7b", "--method", "qlora", "--gpu", "4090", "--batch", "2", "--seq", "512",
+            "--json")
+    now, old = (json.loads(_cli(*args, *extra).stdout) for extra in
+                ((), ("--quantization", "bitsandbytes_version=0.41.1", "--training", "seed=7")))
+    assert old["config"]["quantization"]["bitsandbytes_version"] == "0.41.1" and old["config"]["training"]["seed"] == 7
+    assert old["peak_vram_gib"] > now["peak_vram_gib"] and any("0.43.2" in n for n in old["notes"])
+    bad = _cli(*args, "--quantization", "bitsandbytes_version=new")
+    assert bad.returncode == 2 and "config.quantization.bitsandbytes_version" in bad.stderr
+
+
 def test_exact_estimate_over_http(server, tiny_dirs):
     body = {"model": str(tiny_dirs["llama"]), "hardware": {"gpu": "a100 80gb"}, "method": "lora",
             "config": {"training": {"per_device_train_batch_size": 2, "max_seq_length": 64}}, "exact": True}

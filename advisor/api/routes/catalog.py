@@ -1,8 +1,9 @@
-"""GET /v1/hardware, /v1/models, /v1/methods: the catalogs and the method registry."""
+"""GET /v1/hardware, /v1/models, /v1/methods, /v1/config: the catalogs, the method registry and the config knobs."""
 
 from fastapi import APIRouter
 
 from advisor.catalog.gpus import gpu_table
+from advisor.config import config_reference
 from advisor.catalog.models import model_table, resolve_model
 from advisor.methods import all_methods, get_method
 
@@ -32,3 +33,10 @@ def list_methods() -> list[dict]:
 @router.get("/methods/{method_id}")
 def show_method(method_id: str) -> dict:
     return get_method(method_id).describe()
+
+
+@router.get("/config")
+def config_knobs() -> dict[str, list[dict]]:
+    """Every knob of `config.training` and `config.quantization` (name, type, default, allowed values, limits,
+    description); each method's `config.peft` knobs are under /v1/methods."""
+    return config_reference()
