@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import functools
 import re
 from typing import Any, Literal
 
@@ -246,8 +247,9 @@ def parse_bnb_version(text: str) -> tuple[int, ...]:
     return tuple(int(g or 0) for g in m.groups()[:3])
 
 
+@functools.lru_cache(maxsize=1)
 def installed_bnb_version() -> str | None:
-    """The installed bitsandbytes' version (what the executor trains with), or None."""
+    """The installed bitsandbytes' version (what the executor trains with), or None (read once per process)."""
     from importlib.metadata import PackageNotFoundError, version
 
     try:
