@@ -4,7 +4,7 @@ For every case (model, method, micro-batch b, sequence length s, gradient checkp
 
 - **exact**: `advisor.estimator.exact.exact_estimate` (fake-tensor simulation of 2 training steps of the real
   model and method, in a subprocess, cached on disk under the data root's cache, `./var/cache` by default);
-- **fast**: `advisor.estimator.fast.fast_estimate`. Its first call for a case fits the coefficients (four 1/2-layer
+- **fast**: `advisor.estimator.fast.fast_estimate`. Its first call for a case fits the coefficients (four 2/3-layer
   slice simulations, plus the static terms the first time a (model, method) pair is seen); the benchmark makes
   that first call against an empty, private cache directory, so the first-call time is the cold cost on every
   run (`--warm-fast` reuses the data root's cache instead). The cached-call time is the median of 5 more calls

@@ -89,7 +89,7 @@ def coefficient_key(resolved, cfg: MethodConfig, seq_len: int, target: str = "cp
                    if k not in ("_name_or_path", "transformers_version", "architectures", "num_hidden_layers",
                                 "n_layer", "num_layers", "num_decoder_layers", "layer_types")},
         "kind": resolved.kind,
-        **({"slices": list(slice_depths(resolved))} if slice_depths(resolved) != (1, 2) else {}),
+        "slices": list(slice_depths(resolved)),
         **structure_markers(resolved, cfg),
         "method": method_key_dump(_simulation_config(cfg)),
         "training": cfg.training.model_dump(mode="json", include={"torch_dtype", "bf16", "fp16", "gradient_checkpointing",
@@ -144,29 +144,14 @@ def fit_coefficients(resolved, cfg: MethodConfig, seq_len: int, target: str = "c
         return fitted
 
 
-def parallel_blocks(config) -> bool:
-    """Whether each block computes attention and MLP side by side from one input (GPT-J, CodeGen, Phi-1/2, GPT-NeoX /
-    Pythia with use_parallel_residual, Falcon with parallel_attn or its new decoder architecture)."""
-    model_type = getattr(config, "model_type", "")
-    if model_type in ("gptj", "codegen", "phi"):
-        return True
-    if model_type == "gpt_neox":
-        return bool(getattr(config, "use_parallel_residual", True))
-    if model_type == "falcon":
-        return bool(getattr(config, "parallel_attn", True) or getattr(config, "new_decoder_architecture", False))
-    return False
-
-
 def slice_depths(resolved) -> tuple[int, int]:
-    """The depths of the two slices the activation terms are fitted on: 1 and 2 blocks per stack, except for
-    - encoder-decoders (T5), whose first block of each stack computes the relative position bias that every later
-      block is handed and, with checkpointing, holds: a slice of one block per stack lacks it (t5-small, b4 × 1024
-      with checkpointing: +6.1% from slices 1-2);
-    - parallel attention + MLP blocks, where a one-block slice's first and last backward windows are the same
-      block, so what only the top (or bottom) block holds was fitted as per-block slope (GPT-J LoRA 1 × 512:
-      +2.5% from slices 1-2; phi-2 +4.7%).
-    Those are fitted on 2 and 3 blocks."""
-    return (2, 3) if resolved.kind == "seq2seq" or parallel_blocks(resolved.config) else (1, 2)
+    """The depths of the two slices the activation terms are fitted on: 2 and 3 blocks per stack. A one-block slice
+    is degenerate: its top block is its bottom block (the counter's first and last backward windows coincide), and
+    whatever the first block computes once for every later one is absent. Fitted on 1-2 blocks, that became per-block
+    slope: T5's relative position bias (t5-small, b4 × 1024 with checkpointing: +6.1%), parallel attention + MLP
+    blocks (GPT-J LoRA 1 × 512 +2.5%, phi-2 LoRA 2 × 2048 +12.6%), Gemma-2's first block (+1.1% with
+    checkpointing). On 2-3 blocks each of these lands on the simulation; the fit costs 1.5× the 1-2 block one."""
+    return (2, 3)
 
 
 def _fit(resolved, cfg: MethodConfig, seq_len: int, key: str, target: str = "cpu") -> MemoryCoefficients:
@@ -177,10 +162,11 @@ def _fit(resolved, cfg: MethodConfig, seq_len: int, key: str, target: str = "cpu
 
     start = time.perf_counter()
     runs: dict[tuple[int, int], dict] = {}
-    first = slice_depths(resolved)[0]
-    for layers in (1, 2):  # slice index 1, 2 → depth first, first + 1
+    depths = slice_depths(resolved)
+    first, step = depths[0], depths[1] - depths[0]
+    for layers in (1, 2):  # slice index 1, 2 → depths[0], depths[1]
         sliced = copy.copy(resolved)
-        sliced.config = sliced_config(resolved.config, first + layers - 1)
+        sliced.config = sliced_config(resolved.config, depths[layers - 1])
         for batch in (1, 2, 4) if cfg.training.gradient_checkpointing else (1, 2):
             runs[(layers, batch)] = simulate_in_process(sliced, cfg, batch, seq_len, target=target)["phases"]
     phases = {}
@@ -199,8 +185,9 @@ def _fit(resolved, cfg: MethodConfig, seq_len: int, key: str, target: str = "cpu
                 s2 = (v[(2, high)] - v[(2, low)]) / (high - low)
                 a1 = v[(1, low)] - s1 * (low - 1)
                 a2 = v[(2, low)] - s2 * (low - 1)
-                # the slices are at depths first, first + 1: the line through them, written from depth 1
-                k0, kl, kb, klb = a1 - (a2 - a1) * (first - 1), a2 - a1, s1 - (s2 - s1) * (first - 1), s2 - s1
+                # the slices are at depths first, first + step: the line through them, written from depth 1
+                kl, klb = (a2 - a1) / step, (s2 - s1) / step
+                k0, kb = a1 - kl * (first - 1), s1 - klb * (first - 1)
                 if any((k0, kl, kb, klb)):
                     terms[cat] = (k0, kl, kb, klb)
             phases[phase + suffix] = PhaseCoefficients(terms)
