@@ -49,25 +49,23 @@ REFUSALS = {
     "peft": "Axolotl's built-in adapters are lora, qlora and llama-adapter; other PEFT types are not among them",
     "molora": "Axolotl has no mixture-of-LoRA-experts adapter",
 }
+
+
 def freeze_patterns(ctx) -> list[str]:
     """Axolotl's `unfrozen_parameters` (regular expressions over parameter names) for freeze tuning: the trained
-    blocks (or their chosen submodules) and the extra modules, with the model's own parameter names."""
+    blocks (or their chosen submodules) and the extra modules that `advisor.methods.freeze.selection` picks, with
+    the model's own parameter names."""
     import re
 
     from advisor.catalog.models import resolve_model
-    from advisor.methods.freeze import _block_stack, trained_block_indices
+    from advisor.methods.freeze import selection
 
-    model = resolve_model(ctx.model_ref).build_meta()
-    stack, blocks = _block_stack(model)
     p = ctx.peft
-    ids = "|".join(str(i) for i in trained_block_indices(len(blocks), int(p["trainable_layers"])))
+    stack, _, trained, extras = selection(resolve_model(ctx.model_ref).build_meta(), p)
     inner = "" if p["trainable_modules"] == "all" else \
         r"(.*\.)?(" + "|".join(re.escape(m) for m in p["trainable_modules"]) + r")\."
-    patterns = [rf"^{re.escape(stack)}\.({ids})\.{inner}.*"]
-    for extra in p["extra_modules"]:
-        names = sorted({n for n, _ in model.named_modules() if n.split(".")[-1] == extra and not n.startswith(stack)})
-        patterns += [rf"^{re.escape(n)}\..*" for n in names]
-    return patterns
+    ids = "|".join(str(i) for i in trained)
+    return [rf"^{re.escape(stack)}\.({ids})\.{inner}.*"] + [rf"^{re.escape(n)}\..*" for n in sorted(extras)]
 
 
 # every key this exporter may write (top level), each present in Axolotl's schemas

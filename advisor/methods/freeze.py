@@ -68,11 +68,26 @@ def validate(peft: dict[str, Any], ctx=None, n_blocks: int | None = None) -> Non
                                 f"['embed_tokens', 'lm_head']), got {extra!r}")
 
 
-def build(model, peft, ctx):
+def selection(model: torch.nn.Module, peft: dict[str, Any]) -> tuple[str, list[torch.nn.Module], list[int], dict]:
+    """What freeze tuning trains in `model`: (the block stack's name, its blocks, the trained blocks' indices, the
+    extra modules by full name). Unknown extra module names are refused with the names there are."""
     stack_name, blocks = _block_stack(model)
-    validate(peft, ctx, len(blocks))
+    validate(peft, None, len(blocks))
+    outside = {name: mod for name, mod in model.named_modules()
+               if name and not name.startswith(stack_name) and not stack_name.startswith(name)}
+    extras = {}
+    for extra in peft["extra_modules"]:
+        hits = {name: mod for name, mod in outside.items() if name.split(".")[-1] == extra}
+        if not hits:
+            raise AdvisorInputError("config.peft.extra_modules", f"no module named {extra!r} outside the blocks",
+                                    allowed=sorted({n.split(".")[-1] for n in outside}))
+        extras.update(hits)
+    return stack_name, blocks, trained_block_indices(len(blocks), peft["trainable_layers"]), extras
+
+
+def build(model, peft, ctx):
+    _, blocks, trained, extras = selection(model, peft)
     freeze(model)
-    trained = trained_block_indices(len(blocks), peft["trainable_layers"])
     wanted = peft["trainable_modules"]
     for i in trained:
         for name, p in blocks[i].named_parameters():
@@ -82,16 +97,9 @@ def build(model, peft, ctx):
         names = sorted({n for i in trained for n, _ in blocks[i].named_modules() if n})
         raise AdvisorInputError("config.peft.trainable_modules", f"{wanted} names no submodule of the blocks",
                                 allowed=sorted({n.split(".")[-1] for n in names}))
-    outside = {name: mod for name, mod in model.named_modules()
-               if name and not name.startswith(stack_name) and not stack_name.startswith(name)}
-    for extra in peft["extra_modules"]:
-        hits = [mod for name, mod in outside.items() if name.split(".")[-1] == extra]
-        if not hits:
-            raise AdvisorInputError("config.peft.extra_modules", f"no module named {extra!r} outside the blocks",
-                                    allowed=sorted({n.split(".")[-1] for n in outside}))
-        for mod in hits:
-            for p in mod.parameters():
-                p.requires_grad_(True)
+    for mod in extras.values():
+        for p in mod.parameters():
+            p.requires_grad_(True)
     notes = [f"freeze tuning: blocks {trained[0]}-{trained[-1]} of {len(blocks)} train"
              + ("" if wanted == "all" else f" (their {', '.join(wanted)})")
              + (f", and {', '.join(peft['extra_modules'])}" if peft["extra_modules"] else "")]
@@ -116,7 +124,7 @@ SPEC = register_method(
         full_weights=True,
         paper="LLaMA-Factory (Zheng et al. 2024, arXiv:2403.13372) freeze tuning; LISA (Pan et al. 2024, "
               "arXiv:2403.17919)",
-        validate=lambda peft, ctx: validate(peft, ctx),
+        validate=validate,
         pinned_blocks=pinned_blocks,
     )
 )
