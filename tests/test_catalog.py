@@ -362,6 +362,35 @@ def test_an_unknown_name_offline_suggests_the_nearest_catalog_ids(monkeypatch):
     assert "hidden_size" in message  # how to give the architecture itself
 
 
+@pytest.mark.parametrize(("ref", "base", "why"), [
+    # ms-swift's model-type names and family names without the dash
+    ("qwen1half-7b-chat", "Qwen/Qwen1.5-7B", "'1half' as '1.5'"),
+    ("qwen1half-moe-a2_7b-chat", "Qwen/Qwen1.5-MoE-A2.7B", "'_' between digits as '.'"),
+    ("llama3_1-8b-instruct", "meta-llama/Llama-3.1-8B", "'_' between digits as '.'"),
+    ("phi3-mini-4k-instruct", "microsoft/Phi-3-mini-4k-instruct", "'phi3' as 'phi-3'"),
+    # community fine-tunes: by the base their name contains, or by the base their model card states
+    ("teknium/OpenHermes-2.5-Mistral-7B", "mistralai/Mistral-7B-v0.1", "it names 'Mistral-7B'"),
+    ("NousResearch/Nous-Hermes-2-Mixtral-8x7B-DPO", "mistralai/Mixtral-8x7B-v0.1", "it names 'Mixtral-8x7B'"),
+    ("lmsys/vicuna-13b-v1.5", "meta-llama/Llama-2-13b-hf", "Vicuna v1.5 is fine-tuned from Llama 2"),
+    ("TheBloke/guanaco-33B-GPTQ", "huggyllama/llama-30b", "Guanaco is LLaMA"),
+    ("HuggingFaceH4/zephyr-7b-beta", "mistralai/Mistral-7B-v0.1", "fine-tuned from Mistral-7B-v0.1"),
+])
+def test_other_spellings_and_fine_tunes_offline_use_their_base_architecture(monkeypatch, ref, base, why):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    rm = resolve_model(ref)
+    assert rm.id == base and rm.origin == "catalog"
+    assert ref in rm.note and base in rm.note and why in rm.note
+
+
+@pytest.mark.parametrize("ref", ["mistralai/Mistral-7B-Instruct-v0.9", "Mistral-7B-v0.9-finetune",
+                                 "some-org/qwen9half-7b-chat"])
+def test_another_version_of_a_catalog_model_is_not_taken_for_a_fine_tune(monkeypatch, ref):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(AdvisorInputError) as info:
+        resolve_model(ref)
+    assert info.value.field == "model"
+
+
 def test_chat_variant_of_another_version_is_not_guessed(monkeypatch):
     # a chat variant of a version the catalog lacks (v0.9) is not v0.1's architecture: no fallback
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")

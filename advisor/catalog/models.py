@@ -173,6 +173,65 @@ _COPY_SUFFIX_RE = re.compile(
 )
 
 
+def _respellings(name: str) -> list[tuple[str, str]]:
+    """Other spellings of a model name, each with what was read differently: ms-swift's model-type names
+    ("qwen1half-7b-chat" = Qwen1.5-7B-Chat, "llama3_1-8b-instruct" = Llama-3.1-8B-Instruct, "qwen2_5-7b" =
+    Qwen2.5-7B, "qwen1half-moe-a2_7b" = Qwen1.5-MoE-A2.7B), and a family name with or without a dash before its
+    version ("phi3-mini" = Phi-3-mini, "llama-3-8b" = llama3-8b, "glm4-9b" = glm-4-9b)."""
+    org, _, tail = name.rpartition("/")
+    forms = [(tail, [])]
+    half = re.sub(r"(?i)1half", "1.5", tail)
+    if half != tail:
+        forms.append((half, ["'1half' as '1.5'"]))
+    for form, why in list(forms):
+        dotted = re.sub(r"(?<=\d)_(?=\d)", ".", form)
+        if dotted != form:
+            forms.append((dotted, why + ["'_' between digits as '.'"]))
+    for form, why in list(forms):
+        m = re.match(r"([A-Za-z]+)(-?)(\d)", form)
+        if m:
+            toggled = m.group(1) + ("" if m.group(2) else "-") + form[m.end(2):]
+            forms.append((toggled, why + [f"{m.group(0)!r} as {toggled[:len(toggled) - len(form) + m.end()]!r}"]))
+    return [((org + "/" if org else "") + form, ", ".join(why)) for form, why in forms[1:]]
+
+
+# the families whose catalog names may appear inside a community fine-tune's name ("OpenHermes-2.5-Mistral-7B",
+# "Nous-Hermes-2-Mixtral-8x7B-DPO", "vicuna-7b-v1.5" is not one: it names no base): a catalog key that is one of
+# these words followed by a size
+_BASE_IN_NAME_RE = re.compile(
+    r"(?:^|[-_/])((?:llama-?[123](?:\.\d)?|mistral|mixtral|qwen(?:\d(?:\.\d)?)?|gemma(?:-?\d)?|phi-?\d(?:\.\d)?"
+    r"|yi(?:-1\.5)?|falcon|deepseek-llm|codellama|tinyllama|smollm2?|olmo(?:-2)?|internlm2(?:_5|\.5)?|baichuan2"
+    r"|starcoder2?|mpt|granite(?:-3\.\d)?)-[0-9.x]+[bm](?:-v\d+(?:\.\d+)?)?)(?=$|[-_.])",
+    re.IGNORECASE,
+)
+
+
+# well-known community fine-tunes whose names do not name their base, with the base their model cards state
+_FINE_TUNES = (
+    (r"vicuna-(7|13)b-v1\.5(-16k)?", "meta-llama/Llama-2-{}b-hf", "LMSYS: Vicuna v1.5 is fine-tuned from Llama 2"),
+    (r"vicuna-(7|13|33)b(-v1\.[0-3])?", "huggyllama/llama-{}b", "LMSYS: Vicuna v1.0-v1.3 are fine-tuned from LLaMA"),
+    (r"guanaco-(7|13|33|65)b", "huggyllama/llama-{}b", "Dettmers et al. 2023 (QLoRA): Guanaco is LLaMA + QLoRA"),
+    (r"alpaca-(7|13)b", "huggyllama/llama-{}b", "Stanford Alpaca: fine-tuned from LLaMA"),
+    (r"zephyr-7b-(alpha|beta)", "mistralai/Mistral-7B-v0.1", "HuggingFaceH4: fine-tuned from Mistral-7B-v0.1"),
+    (r"openchat[-_]3\.5(-\d+)?", "mistralai/Mistral-7B-v0.1", "OpenChat 3.5: fine-tuned from Mistral-7B-v0.1"),
+    (r"starling-lm-7b-(alpha|beta)", "mistralai/Mistral-7B-v0.1", "Starling-LM-7B: fine-tuned from OpenChat 3.5, "
+     "itself Mistral-7B-v0.1"),
+    (r"neural-chat-7b-v3(-\d)?", "mistralai/Mistral-7B-v0.1", "Intel neural-chat-7b-v3: fine-tuned from "
+     "Mistral-7B-v0.1"),
+)
+
+
+def _known_fine_tune(tail: str) -> tuple[ModelEntry, str] | None:
+    for pattern, base, source in _FINE_TUNES:
+        m = re.fullmatch(pattern, tail, re.IGNORECASE)
+        if m:
+            size = {"33": "30"}.get(m.group(1), m.group(1)) if "{}" in base else None
+            entry = find_model(base.format(size) if size else base)
+            if entry is not None:
+                return entry, f"a fine-tune of {entry.id} ({source}; added tokens, if any, are not counted)"
+    return None
+
+
 def related_entry(ref: str) -> tuple[ModelEntry, str] | None:
     """The catalog entry whose architecture a reference that is not itself in the catalog shares, and why; None when
     there is none. Tried in order: the name as given, then without its organisation (a mirror such as
@@ -180,8 +239,42 @@ def related_entry(ref: str) -> tuple[ModelEntry, str] | None:
     converted copy ("-bnb-4bit", "-GPTQ", "-AWQ", "-GGUF", "-Int4", "-fp16"); each of those without its variant part
     ("-Instruct" / "-chat" / "-it" / "-Base": "meta-llama/Llama-2-7b-chat-hf" → Llama-2-7b-hf, "Qwen3-8B-Base" →
     Qwen3-8B) or with it read as "-Base" ("Mistral-Nemo-Instruct-2407" → Mistral-Nemo-Base-2407). Version suffixes
-    stay, so "Mistral-7B-Instruct-v0.2" finds nothing rather than v0.1's different architecture."""
+    stay, so "Mistral-7B-Instruct-v0.4" finds nothing rather than another version's architecture. Then the same for
+    the name's other spellings (`_respellings`: ms-swift's "qwen1half-7b-chat", "llama3_1-8b-instruct";
+    "phi3-mini-4k-instruct"). Last, a community fine-tune whose name contains a catalog model's name with its size
+    ("teknium/OpenHermes-2.5-Mistral-7B" → Mistral-7B), the longest such name; its added tokens, if any, are not
+    counted."""
     name = re.sub(r"\s+", "-", ref.strip())  # "Llama 2 7B chat" as typed
+    found = _related_by_name(name)
+    if found:
+        return found
+    for spelling, why in _respellings(name):
+        entry = find_model(spelling)
+        found = (entry, "the same model") if entry is not None else _related_by_name(spelling)
+        if found:
+            return found[0], f"{found[1]}, spelled differently ({why})"
+    tail = name.rsplit("/", 1)[-1]
+    for start in [tail, *(c for c in (_COPY_SUFFIX_RE.sub("", tail),) if c != tail)]:
+        found = _known_fine_tune(start) or _known_fine_tune(_VARIANT_RE.sub("", start))
+        if found:
+            return found
+    for base in sorted((m.group(1) for m in _BASE_IN_NAME_RE.finditer(tail)), key=len, reverse=True):
+        rest = tail[len(base):] if tail.lower().startswith(base.lower()) else None
+        if rest == "" or (rest is not None and re.search(r"(?i)(^|-)v\d", rest)):
+            continue  # the model itself, or another version of it ("Mistral-7B-Instruct-v0.4"), not a fine-tune
+        entry = find_model(base) or (_related_by_name(base) or (None,))[0]
+        if entry is None:
+            for spelling, _ in _respellings(base):
+                entry = find_model(spelling)
+                if entry is not None:
+                    break
+        if entry is not None:
+            return entry, (f"a fine-tune of {entry.id} by its name (it names {base!r}; fine-tunes keep their base "
+                           "model's architecture, tokens they add to the vocabulary are not counted)")
+    return None
+
+
+def _related_by_name(name: str) -> tuple[ModelEntry, str] | None:
     starts = [name] + ([name.rsplit("/", 1)[-1]] if "/" in name else [])
     for mirror, start in enumerate(starts):
         copies, s = [start], start

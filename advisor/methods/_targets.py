@@ -35,7 +35,10 @@ ATTENTION_MODULES = {
 
 
 # architectures PEFT's table does not cover (fused projections): the query/value-equivalent layers
-LORA_TARGETS_EXTRA = {"phi3": ["qkv_proj"], "falcon": ["query_key_value"], "gpt_neox": ["query_key_value"]}
+LORA_TARGETS_EXTRA = {"phi3": ["qkv_proj"], "falcon": ["query_key_value"], "gpt_neox": ["query_key_value"],
+                      # DeepSeek-V2/V3's multi-head latent attention: the query (or its up-projection when the query
+                      # is low-rank too) and the up-projection that makes the keys and values
+                      "deepseek_v2": ["q_proj", "kv_b_proj"], "deepseek_v3": ["q_b_proj", "kv_b_proj"]}
 
 # families that share Llama's q/k/v names but not the others: the seeds' Llama-style names (the methods' defaults)
 # map to their equivalents (a name with none, such as gate_proj in an MLP without a gate, is dropped)
@@ -48,6 +51,11 @@ NAME_EQUIVALENTS = {
     # Phi-3 / Phi-3.5 / Phi-4 fuse q, k, v into qkv_proj and gate, up into gate_up_proj
     "phi3": {"q_proj": "qkv_proj", "k_proj": "qkv_proj", "v_proj": "qkv_proj", "gate_proj": "gate_up_proj",
              "up_proj": "gate_up_proj"},
+    # GLM (ChatGLM2/3, GLM-4) fuses gate and up into gate_up_proj
+    "glm": {"gate_proj": "gate_up_proj", "up_proj": "gate_up_proj"},
+    # DeepSeek-V2/V3 (MLA): keys and values come out of kv_b_proj; a low-rank query's up-projection is q_b_proj
+    "deepseek_v2": {"q_proj": "q_b_proj", "k_proj": "kv_b_proj", "v_proj": "kv_b_proj"},
+    "deepseek_v3": {"q_proj": "q_b_proj", "k_proj": "kv_b_proj", "v_proj": "kv_b_proj"},
 }
 
 
