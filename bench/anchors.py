@@ -38,8 +38,9 @@ Mapping rules
   "+ LoRA-FA optimizer" with optimizer "lora-fa" → lora with `optim` lorafa (PEFT's create_lorafa_optimizer).
   `full + lisa (N layers)` → freeze with trainable_layers -N and extra_modules embed_tokens, norm, lm_head (LISA's
   worst interval: the first N blocks, backward through every block; LMFlow and ms-swift keep the embeddings and the
-  head trained); `freeze (last N layers)` / `freeze (N layers)` → freeze trainable_layers N.
-  Not modelled (skipped): llama-pro, unsloth (UNMODELLED).
+  head trained); `freeze (last N layers)` / `freeze (N layers)` → freeze trainable_layers N; `llama-pro (N blocks)`
+  → llama_pro with num_new_blocks N (ms-swift's llamapro_num_new_blocks). Not modelled (skipped): unsloth
+  (UNMODELLED).
 - Training: batch, seq_len as given; grad_ckpt on/off → gradient_checkpointing; bf16; optimizer "AdamW" →
   `adamw_torch` (torch.optim.AdamW with its defaults, which is what both sources ran: it takes the foreach path on
   CUDA); rows whose source says "FA2 OFF (eager attn)" → attn_implementation "eager", else the default (SDPA,
@@ -96,7 +97,7 @@ CATALOG = {"llama-3.2-3b": "meta-llama/Llama-3.2-3B", "llama3-8b-instruct": "met
 # cards a source does not name ("unknown", "2xGPU-FSDP", "2x40GB-ZeRO3"): the peak does not depend on which GPU,
 # only the fit would; every named card goes through the catalog's own aliases (`_catalog_gpu`)
 UNNAMED_GPUS = {"unknown": "a100-80gb", "gpu": "a100-80gb", "40gb": "a100-40gb", "24gb": "rtx-4090"}
-UNMODELLED = ("unsloth", "llama-pro")
+UNMODELLED = ("unsloth",)
 # PEFT's other adapter types (method "peft", config.peft = the type's adapter_config.json), by the first word of a
 # method string
 PEFT_TYPE_WORDS = {"loha": "LOHA", "lokr": "LOKR", "vera": "VERA", "boft": "BOFT", "oft": "OFT",
@@ -229,6 +230,9 @@ def map_method(text: str) -> tuple[str | None, dict, str | None]:
             return method, ({"num_virtual_tokens": int(tokens.group(1))} if tokens and "tuning" in method else {}), None
     if t.startswith("adapter") or t.startswith("bottleneck adapter"):
         return "adapter", {"placement": "houlsby"} if "houlsby" in t else {}, None
+    if re.search(r"\bllama[-_ ]?pro\b", t):  # LLaMA-Pro: N new blocks interleaved, only they train
+        blocks = re.search(r"(\d+) (?:new |expanded )?blocks?", t)
+        return "llama_pro", {"num_new_blocks": int(blocks.group(1))} if blocks else {}, None
     if "lisa" in t:  # LISA's worst interval (advisor.methods.freeze): the first N blocks, embeddings and head trained
         layers = re.search(r"(\d+) (?:activated )?layers?", t)
         return "freeze", {"trainable_layers": -int(layers.group(1)) if layers else -2,

@@ -39,6 +39,8 @@ QKVO = ["q_proj", "k_proj", "v_proj", "o_proj"]
     ("freeze", "freeze", {"trainable_layers": 2}),
     ("freeze (last 4 layers)", "freeze", {"trainable_layers": 4}),
     ("full + LISA (2 layers)", "freeze", {"trainable_layers": -2, "extra_modules": ["embed_tokens", "norm", "lm_head"]}),
+    ("llama-pro (4 blocks)", "llama_pro", {"num_new_blocks": 4}),
+    ("LLaMA-Pro", "llama_pro", {}),
 ])
 def test_method_spellings(text, method, peft):
     got, got_peft, reason = map_method(text)
@@ -46,7 +48,7 @@ def test_method_spellings(text, method, peft):
     assert got_peft == peft
 
 
-@pytest.mark.parametrize("text", ["llama-pro (4 blocks)", "lora r8 (unsloth)", "some new method"])
+@pytest.mark.parametrize("text", ["qlora (unsloth)", "lora r8 (unsloth)", "some new method"])
 def test_methods_not_modelled_are_skipped_with_a_reason(text):
     method, _, reason = map_method(text)
     assert method is None and reason

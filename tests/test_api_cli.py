@@ -32,8 +32,8 @@ def test_health_docs_and_catalogs(server):
     llama7 = next(m for m in models if m["id"] == "meta-llama/Llama-2-7b-hf")
     assert llama7["params"] == 6_738_415_616
     methods = httpx.get(f"{server}/v1/methods", timeout=30).json()
-    assert [m["id"] for m in methods][:3] == ["full", "lora", "qlora"] and len(methods) == 14
-    assert [m["id"] for m in methods[12:]] == ["peft", "freeze"] and not any(m["recommended_by_rules"] for m in methods[12:])
+    assert [m["id"] for m in methods][:3] == ["full", "lora", "qlora"] and len(methods) == 15
+    assert [m["id"] for m in methods[12:]] == ["peft", "freeze", "llama_pro"] and not any(m["recommended_by_rules"] for m in methods[12:])
     assert all(m["recommended_by_rules"] for m in methods[:12])
 
 
@@ -119,8 +119,8 @@ def test_cli_lists_catalogs_as_json():
     gpus = json.loads(_cli("hardware", "--json").stdout)
     models = json.loads(_cli("models", "--json").stdout)
     methods = json.loads(_cli("methods", "--json").stdout)
-    assert len(gpus) >= 20 and len(models) >= 25 and len(methods) == 14
-    assert [m["id"] for m in methods][-2:] == ["peft", "freeze"]
+    assert len(gpus) >= 20 and len(models) >= 25 and len(methods) == 15
+    assert [m["id"] for m in methods][-3:] == ["peft", "freeze", "llama_pro"]
     table = _cli("models")
     assert table.returncode == 0 and "Llama-2-70b-hf" in table.stdout
 

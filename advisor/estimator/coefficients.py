@@ -153,11 +153,13 @@ def slice_depths(resolved, cfg: MethodConfig | None = None) -> tuple[int, int]:
     blocks (GPT-J LoRA 1 × 512 +2.5%, phi-2 LoRA 2 × 2048 +12.6%), Gemma-2's first block (+1.1% with
     checkpointing). On 2-3 blocks each of these lands on the simulation; the fit costs 1.5× the 1-2 block one.
     A method that fixes the role of some blocks (freeze tuning's trained ones, `static.pinned_blocks`) keeps them in
-    both slices: 2-3 blocks more than those."""
-    from advisor.estimator.static import pinned_blocks
+    both slices: 2-3 blocks more than those. LLaMA-Pro's layout repeats every N blocks (`static.block_period`): its
+    slices are 2 and 3 groups of N (1 and 2 frozen blocks before each new one)."""
+    from advisor.estimator.static import block_period, pinned_blocks
 
     base = pinned_blocks(cfg) if cfg is not None else 0
-    return (2 + base, 3 + base)
+    period = block_period(cfg) if cfg is not None else 1
+    return (base + 2 * period, base + 3 * period)
 
 
 def _fit(resolved, cfg: MethodConfig, seq_len: int, key: str, target: str = "cpu") -> MemoryCoefficients:

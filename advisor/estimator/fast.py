@@ -240,7 +240,7 @@ def training_flops_per_token(mm: MemoryModel) -> float:
     scatter-add backward) and are left out, the output head is a matmul and stays in (Kaplan et al. 2020); so are
     the frozen originals PEFT keeps beside `modules_to_save` copies, which never run (`idle_matmul_params`).
     Method terms: freeze tuning of the last blocks without checkpointing runs the frozen blocks below them forward
-    only; prompt tuning runs every layer over its virtual tokens too (× (s + p) / s); prefix tuning's
+    only, and LLaMA-Pro the original blocks before its first new one; prompt tuning runs every layer over its virtual tokens too (× (s + p) / s); prefix tuning's
     keys include the p prefix tokens (kv = s + p); LongLoRA's S²-Attn attends within groups of ratio·s tokens
     during training (kv = ratio·s, when the sequence splits into ≥ 2 whole groups). GaLore's per-step projections
     do not scale with tokens: `step_flops` adds them per optimizer step. Encoder-decoder models count per source
@@ -264,6 +264,8 @@ def training_flops_per_token(mm: MemoryModel) -> float:
     # backward runs through every block)
     below = st.layers - abs(int(peft.get("trainable_layers") or 0)) \
         if method == "freeze" and int(peft.get("trainable_layers") or 0) > 0 and not gc else 0
+    if method == "llama_pro" and not gc:  # the original blocks before the first new one
+        below = st.layers // max(int(peft.get("num_new_blocks") or 1), 1) - 1
     per_block = max(n - st.vocab * st.hidden, 0) / max(st.layers, 1)
     n_back = n - below * per_block
     forward = 2 * n

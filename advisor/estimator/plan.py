@@ -34,7 +34,7 @@ class Plan:
             from advisor.methods.peft_any import rate_proxy
 
             return rate_proxy(self.config.peft or {})
-        if self.spec.id == "freeze":  # full fine-tuning's kernels on part of the model
+        if self.spec.id in ("freeze", "llama_pro"):  # full fine-tuning's kernels on part of the model
             return "full"
         return self.spec.id
 
@@ -85,6 +85,10 @@ def build_plan(req: EstimateRequest) -> Plan:
         from advisor.methods.freeze import validate
 
         validate(cfg.peft, None, model.num_layers)
+    if spec.id == "llama_pro":  # every later term sees the expanded architecture (L + N blocks)
+        from advisor.methods.freeze import expanded_model
+
+        model = expanded_model(model, cfg.peft)
     check_optimizer_in_backward(cfg.training, spec.id, hardware.count)
     check_torch_compile(cfg.training, spec.id)
     return Plan(model, spec, cfg, hardware, cfg.training.per_device_train_batch_size, seq, req)

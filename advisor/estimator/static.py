@@ -384,14 +384,23 @@ def pinned_blocks(cfg: MethodConfig) -> int:
     return int(spec.pinned_blocks(cfg.peft or {})) if spec.pinned_blocks else 0
 
 
+def block_period(cfg: MethodConfig) -> int:
+    """Blocks per repeating group of the method's layout (LLaMA-Pro: N groups of frozen blocks + one new block): the
+    slices' depths step by it, 1 for every other method."""
+    from advisor.methods import get_method
+
+    spec = get_method(cfg.method)
+    return max(1, int(spec.block_period(cfg.peft or {}))) if spec.block_period else 1
+
+
 def _compute(resolved, cfg: MethodConfig) -> dict:
-    base = pinned_blocks(cfg)
+    base, period = pinned_blocks(cfg), block_period(cfg)
     with _LOCK, torch.no_grad():
-        one, two = _count(resolved, cfg, 1 + base), _count(resolved, cfg, 2 + base)
+        one, two = _count(resolved, cfg, base + period), _count(resolved, cfg, base + 2 * period)
     depth = _layers(resolved.config)
 
     def extrapolate(key: str) -> int:
-        return int(one[key] + (depth - 1 - base) * (two[key] - one[key]))
+        return int(one[key] + (depth - base - period) * (two[key] - one[key]) // period)
 
     trainable = extrapolate("trainable")
     w = widths(resolved.config)
@@ -417,6 +426,6 @@ def _compute(resolved, cfg: MethodConfig) -> dict:
         "svd_matrix_bytes": max(one["svd_matrix"], two["svd_matrix"]),
         "paged_optimizer_bytes": extrapolate("paged_optimizer"),
         "simulated_optimizer_bytes": extrapolate("simulated_optimizer"),
-        "block_param_bytes": int(two["weights"] + two["trainable"] - one["weights"] - one["trainable"]),
-        "block_trainable_bytes": int(two["trainable"] - one["trainable"]),
+        "block_param_bytes": int(two["weights"] + two["trainable"] - one["weights"] - one["trainable"]) // period,
+        "block_trainable_bytes": int(two["trainable"] - one["trainable"]) // period,
     }

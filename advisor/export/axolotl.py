@@ -48,6 +48,7 @@ REFUSALS = {
     "adapter": "Axolotl has no bottleneck (Houlsby/Pfeiffer) adapters",
     "peft": "Axolotl's built-in adapters are lora, qlora and llama-adapter; other PEFT types are not among them",
     "molora": "Axolotl has no mixture-of-LoRA-experts adapter",
+    "llama_pro": "Axolotl has no block expansion (LLaMA-Pro); LLaMA-Factory's use_llama_pro and the script do",
 }
 
 

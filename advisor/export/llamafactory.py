@@ -44,7 +44,7 @@ from advisor.export.base import ExportContext, ExportFormat, Rendered, register_
 from advisor.export.multigpu import put_multi_gpu, uses_deepspeed
 from advisor.export.yamldoc import YamlDoc
 
-METHODS = ("full", "lora", "qlora", "galore", "longlora", "freeze")
+METHODS = ("full", "lora", "qlora", "galore", "longlora", "freeze", "llama_pro")
 REFUSALS = {
     "adalora": "LLaMA-Factory's finetuning_type is one of lora, oft, freeze, full; it has no AdaLoRA",
     "ia3": "LLaMA-Factory's finetuning_type is one of lora, oft, freeze, full; it has no IA3",
@@ -62,7 +62,7 @@ OWN_KEYS = frozenset({
     "stage", "finetuning_type", "lora_rank", "lora_alpha", "lora_dropout", "lora_target", "use_rslora", "use_dora",
     "additional_target", "use_galore", "galore_target", "galore_rank", "galore_update_interval", "galore_scale",
     "galore_proj_type", "galore_layerwise", "freeze_trainable_layers", "freeze_trainable_modules",
-    "freeze_extra_modules", "plot_loss", "enable_liger_kernel", "use_unsloth_gc",
+    "freeze_extra_modules", "use_llama_pro", "plot_loss", "enable_liger_kernel", "use_unsloth_gc",
     "dataset", "dataset_dir", "template", "cutoff_len", "packing", "train_on_prompt", "val_size",
 })
 TRAINING_ARG_KEYS = frozenset({
@@ -224,6 +224,17 @@ def render(ctx: ExportContext) -> Rendered:
                 "every parameter of those blocks" if modules == "all" else "only these submodules of those blocks")
         if p["extra_modules"]:
             doc.put("freeze_extra_modules", ",".join(p["extra_modules"]), "trained too, outside the blocks")
+    elif ctx.method == "llama_pro":
+        n = int(p["num_new_blocks"])
+        doc.put("finetuning_type", "freeze", "LLaMA-Pro trains as freeze tuning of the new blocks")
+        doc.put("use_llama_pro", True, "the trained blocks are the expanded model's new ones (one every L/N)")
+        doc.put("freeze_trainable_layers", n, "the number of new blocks (scripts/llama_pro.py --num_expand)")
+        doc.put("freeze_trainable_modules", "all", "every parameter of the new blocks")
+        if p["extra_modules"]:
+            doc.put("freeze_extra_modules", ",".join(p["extra_modules"]), "trained too, outside the blocks")
+        notes.append(f"LLaMA-Pro: LLaMA-Factory trains a model expanded beforehand: run its `python scripts/llama_pro.py "
+                     f"--model_name_or_path {ctx.model_ref} --output_dir <expanded> --num_expand {n}` and set "
+                     "model_name_or_path to <expanded>")
     else:
         doc.put("finetuning_type", "full", "every weight trains")
         if ctx.method == "galore":

@@ -38,7 +38,7 @@ from advisor.errors import AdvisorInputError
 from advisor.export.base import ExportContext, ExportFormat, Rendered, register_format
 
 METHODS = ("full", "lora", "qlora", "adalora", "ia3", "prompt_tuning", "prefix_tuning", "bitfit", "galore",
-           "longlora", "peft", "freeze")
+           "longlora", "peft", "freeze", "llama_pro")
 REFUSALS = {
     "adapter": "bottleneck adapters (Houlsby/Pfeiffer) are not part of PEFT; only the advisor's own trainer "
                "(advisor train) builds them",
@@ -229,6 +229,62 @@ def apply_method(model, seq2seq: bool, total_steps: int):
                 p.requires_grad_(True)
     return model
 ''' + _NO_EXTRAS + _SAVE_TRAINER.format(what="the whole model (freeze tuning trains no adapter)")
+
+SNIPPETS["llama_pro"] = '''CALLBACKS: list = []
+
+
+def apply_method(model, seq2seq: bool, total_steps: int):
+    """LLaMA-Pro (block expansion, arXiv:2401.02415; ms-swift's llamapro, LLaMA-Factory's use_llama_pro): after every
+    L/N blocks a copy of the last one is inserted with its output projections at zero (the expanded model computes
+    what the original did); only the N copies train, plus PEFT["extra_modules"]."""
+    import copy
+
+    stack, blocks = next((name, mod) for name, mod in model.named_modules()
+                         if isinstance(mod, torch.nn.ModuleList) and len(mod) and len({type(m) for m in mod}) == 1
+                         and next(mod.parameters(), None) is not None)
+    n = PEFT["num_new_blocks"]
+    if len(blocks) % n:
+        raise SystemExit(f"num_new_blocks {n} must divide the model's {len(blocks)} blocks")
+    stride, expanded, new, order = len(blocks) // n, torch.nn.ModuleList(), [], []
+    for i, block in enumerate(blocks):
+        expanded.append(block)
+        order.append(i)
+        if (i + 1) % stride == 0:
+            twin = copy.deepcopy(block)
+            for name, mod in twin.named_modules():
+                if name.split(".")[-1] in ZEROED_OUTPUTS and isinstance(getattr(mod, "weight", None), torch.Tensor):
+                    torch.nn.init.zeros_(mod.weight)
+            expanded.append(twin)
+            new.append(twin)
+            order.append(i)
+    for pos, block in enumerate(expanded):  # the KV cache and per-layer settings index blocks by position
+        for mod in block.modules():
+            if isinstance(getattr(mod, "layer_idx", None), int):
+                mod.layer_idx = pos
+    parent, _, attr = stack.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, attr, expanded)
+    for key in ("num_hidden_layers", "n_layer", "num_layers"):
+        if isinstance(getattr(model.config, key, None), int):
+            setattr(model.config, key, len(expanded))
+            break
+    types = getattr(model.config, "layer_types", None)
+    if isinstance(types, list) and len(types) == len(blocks):
+        model.config.layer_types = [types[i] for i in order]
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for block in new:
+        for p in block.parameters():
+            p.requires_grad_(True)
+    for name, mod in model.named_modules():
+        if name.split(".")[-1] in PEFT["extra_modules"] and not name.startswith(stack):
+            for p in mod.parameters():
+                p.requires_grad_(True)
+    return model
+
+
+ZEROED_OUTPUTS = {zeroed!r}
+'''.replace("{zeroed!r}", repr(__import__("advisor.methods.freeze", fromlist=["ZEROED_OUTPUTS"]).ZEROED_OUTPUTS)) \
+    + _NO_EXTRAS + _SAVE_TRAINER.format(what="the whole expanded model (LLaMA-Pro trains no adapter)")
 
 
 SNIPPETS["bitfit_existing"] = '''CALLBACKS: list = []

@@ -311,7 +311,7 @@ def main() -> None:
     gradient_checkpointing = bool(TRAINING["gradient_checkpointing"]) and not fsdp_ckpt
     model = load_model(args.model, seq2seq)
     model.config.use_cache = False
-    if gradient_checkpointing and METHOD not in ("full", "galore", "freeze"):
+    if gradient_checkpointing and METHOD not in ("full", "galore", "freeze", "llama_pro"):
         model.enable_input_require_grads()  # frozen embeddings: checkpointed blocks need an input with grad
     model = apply_method(model, seq2seq, total_steps)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)

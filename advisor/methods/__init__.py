@@ -1,6 +1,7 @@
 """The method registry. Importing this package registers the twelve methods the rules decide between, and
-`peft` (any other PEFT adapter type, from its adapter_config.json) and `freeze` (full fine-tuning of a few blocks,
-LLaMA-Factory's freeze tuning): estimated, trained and exported on request, never recommended."""
+`peft` (any other PEFT adapter type, from its adapter_config.json), `freeze` (full fine-tuning of a few blocks,
+LLaMA-Factory's freeze tuning) and `llama_pro` (LLaMA-Pro's block expansion): estimated, trained and exported on
+request, never recommended."""
 
 from advisor.errors import AdvisorInputError
 from advisor.methods.base import METHOD_IDS, BuildContext, MethodSpec, Prepared, register_method, registry
@@ -23,7 +24,7 @@ from advisor.methods import (  # noqa: E402,F401  (registration side effects, in
 )
 
 # registered methods outside the twelve: estimated, trained and exported on request, never recommended or probed
-EXTRA_METHOD_IDS = ("peft", "freeze")
+EXTRA_METHOD_IDS = ("peft", "freeze", "llama_pro")
 
 
 def get_method(method_id: str) -> MethodSpec:

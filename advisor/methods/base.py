@@ -109,6 +109,9 @@ class MethodSpec:
     # blocks whose role the method's knobs fix (freeze tuning's trained blocks): the estimator's depth slices keep
     # them and vary the others, so that memory stays linear in the depth it extrapolates
     pinned_blocks: Callable[[dict[str, Any]], int] | None = None
+    # blocks per repeating group of the stack (LLaMA-Pro: one new block per L/N frozen ones, N groups): the slices'
+    # depths are multiples of it so that every slice has the method's layout
+    block_period: Callable[[dict[str, Any]], int] | None = None
 
     # -- seed-derived defaults --------------------------------------------------------------
     @property

@@ -20,6 +20,8 @@ LISA (Pan et al. 2024, arXiv:2403.17919; ms-swift's `lisa_activated_layers`, LMF
 time, with the embeddings and the output head always trained: its worst interval, the one that sets a run's peak,
 is the first |N| blocks (backward runs through every block) with `extra_modules` the embeddings, final norm and
 head, i.e. `trainable_layers: -N` with those extras.
+
+LLaMA-Pro (method `llama_pro`, below) is freeze tuning of N new blocks interleaved into the stack.
 """
 
 from __future__ import annotations
@@ -126,5 +128,161 @@ SPEC = register_method(
               "arXiv:2403.17919)",
         validate=validate,
         pinned_blocks=pinned_blocks,
+    )
+)
+
+
+# ------------------------------------------------------------------------------------------------------- LLaMA-Pro
+# LLaMA-Pro (Wu et al. 2024, arXiv:2401.02415, "block expansion"): N copies of existing blocks are interleaved into
+# the stack, one after every L/N original blocks, each with its output projections zeroed so that the expanded model
+# computes what the original did; only the copies (and any extra modules) train. ms-swift's `train_type llamapro`
+# (`llamapro_num_new_blocks`, default 4) expands in place; LLaMA-Factory expands offline (scripts/llama_pro.py
+# `--num_expand N`) and trains with `use_llama_pro: true`, `finetuning_type: freeze`, `freeze_trainable_layers: N`,
+# which picks the same blocks: stride = (L + N) / N, trained ids stride-1, 2*stride-1, ... The estimator works on the
+# expanded architecture (`expanded_model`): every later term sees L + N blocks.
+
+EXPANDED_MARK = "advisor_llama_pro_new_blocks"  # config key of an architecture already expanded for the estimator
+# the output projections a new block's copy starts at zero (LLaMA-Factory's llama_pro.py: o_proj and down_proj)
+ZEROED_OUTPUTS = ("o_proj", "down_proj", "out_proj", "dense_4h_to_h", "c_proj", "fc2", "wo", "w2", "dense")
+
+
+def llama_pro_trained_indices(n_blocks: int, new_blocks: int) -> list[int]:
+    """The new blocks' positions in an expanded stack of `n_blocks` (LLaMA-Factory's `use_llama_pro` rule)."""
+    stride = n_blocks // new_blocks
+    return list(range(stride - 1, n_blocks, stride))
+
+
+def validate_llama_pro(peft: dict[str, Any], ctx=None, n_blocks: int | None = None) -> None:
+    """`n_blocks`: the original model's depth (before expansion)."""
+    n = peft.get("num_new_blocks")
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise AdvisorInputError("config.peft.num_new_blocks", f"must be a positive integer (the blocks LLaMA-Pro adds "
+                                f"and trains), got {n!r}")
+    if n_blocks is not None and (n_blocks % n or n >= n_blocks):
+        allowed = [str(d) for d in range(1, n_blocks) if n_blocks % d == 0]
+        raise AdvisorInputError("config.peft.num_new_blocks", f"{n} new blocks for this model's {n_blocks}: LLaMA-Pro "
+                                "inserts one after every L/N blocks, so N must divide the depth and be below it",
+                                allowed=allowed)
+    extra = peft.get("extra_modules")
+    if not isinstance(extra, list) or not all(isinstance(m, str) and m for m in extra):
+        raise AdvisorInputError("config.peft.extra_modules", "a list of module names outside the blocks (e.g. "
+                                f"['embed_tokens', 'lm_head']), got {extra!r}")
+
+
+def _layer_field(raw: dict) -> str:
+    from advisor.estimator.static import _LAYER_FIELDS
+
+    key = next((k for k in _LAYER_FIELDS if isinstance(raw.get(k), int)), None)
+    if key is None:
+        raise AdvisorInputError("method", "LLaMA-Pro needs a model config with its number of blocks")
+    return key
+
+
+def expanded_model(resolved, peft: dict[str, Any]):
+    """The architecture LLaMA-Pro trains: `resolved` with `num_new_blocks` more blocks (per-layer settings such as
+    `layer_types` follow the copied blocks), marked so that `build_llama_pro` does not expand it again."""
+    import copy
+
+    from advisor.catalog.models import config_from_dict
+
+    raw = copy.deepcopy(resolved.raw_config if resolved.raw_config is not None else resolved.config.to_dict())
+    if raw.get(EXPANDED_MARK):
+        return resolved
+    key = _layer_field(raw)
+    n, depth = int(peft["num_new_blocks"]), int(raw[key])
+    validate_llama_pro(peft, None, depth)
+    order = _expanded_order(depth, n)
+    raw[key] = len(order)
+    types = getattr(resolved.config, "layer_types", None)
+    if isinstance(types, list) and len(types) == depth:
+        raw["layer_types"] = [types[i] for i in order]
+    raw[EXPANDED_MARK] = n
+    out = copy.copy(resolved)
+    out.raw_config, out.config = raw, config_from_dict(raw)
+    out.declared_params = None
+    return out
+
+
+def _expanded_order(depth: int, new_blocks: int) -> list[int]:
+    """Original block index of each block of the expanded stack (a copy repeats the block it follows)."""
+    stride = depth // new_blocks
+    order = []
+    for i in range(depth):
+        order.append(i)
+        if (i + 1) % stride == 0:
+            order.append(i)
+    return order
+
+
+def _expand(model: torch.nn.Module, new_blocks: int) -> None:
+    """Insert the copies into `model` in place (real weights: a copy starts with its output projections at zero)."""
+    import copy
+
+    stack_name, blocks = _block_stack(model)
+    order = _expanded_order(len(blocks), new_blocks)
+    new = torch.nn.ModuleList()
+    for pos, i in enumerate(order):
+        block = blocks[i] if pos == 0 or order[pos - 1] != i else copy.deepcopy(blocks[i])
+        if block is not blocks[i]:
+            for name, mod in block.named_modules():
+                if name.split(".")[-1] in ZEROED_OUTPUTS and isinstance(getattr(mod, "weight", None), torch.Tensor):
+                    with torch.no_grad():
+                        mod.weight.zero_()
+        for mod in block.modules():  # the KV cache and per-layer settings index blocks by position
+            if isinstance(getattr(mod, "layer_idx", None), int):
+                mod.layer_idx = pos
+        new.append(block)
+    parent_name, _, attr = stack_name.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, attr, new)
+    config = model.config
+    raw = {k: getattr(config, k) for k in ("num_hidden_layers", "n_layer", "num_layers") if hasattr(config, k)}
+    setattr(config, _layer_field(raw), len(order))
+    types = getattr(config, "layer_types", None)
+    if isinstance(types, list) and len(types) == len(blocks):
+        config.layer_types = [types[i] for i in order]
+
+
+def build_llama_pro(model, peft, ctx):
+    _, blocks = _block_stack(model)
+    n = int(peft["num_new_blocks"])
+    if not getattr(model.config, EXPANDED_MARK, None):  # a real model: expand it; the estimator's is expanded already
+        validate_llama_pro(peft, None, len(blocks))
+        _expand(model, n)
+    stack_name, blocks = _block_stack(model)
+    trained = llama_pro_trained_indices(len(blocks), n)
+    freeze_peft = {"trainable_layers": 1, "trainable_modules": "all", "extra_modules": peft["extra_modules"]}
+    _, _, _, extras = selection(model, freeze_peft)
+    freeze(model)
+    for i in trained:
+        for p in blocks[i].parameters():
+            p.requires_grad_(True)
+    for mod in extras.values():
+        for p in mod.parameters():
+            p.requires_grad_(True)
+    notes = [f"LLaMA-Pro: {n} new blocks among {len(blocks) - n} (at {', '.join(map(str, trained))} of {len(blocks)}) "
+             "train" + (f", and {', '.join(peft['extra_modules'])}" if peft["extra_modules"] else "")]
+    return Prepared(model=model, method="llama_pro", peft=peft, notes=notes)
+
+
+def block_period(peft: dict[str, Any]) -> int:
+    """LLaMA-Pro's slices keep its N groups (L/N frozen blocks + 1 new one each) and vary the frozen blocks per group:
+    the estimator slices the expanded stack at multiples of N."""
+    n = peft.get("num_new_blocks")
+    return n if isinstance(n, int) and not isinstance(n, bool) and n > 0 else 1
+
+
+LLAMA_PRO = register_method(
+    MethodSpec(
+        id="llama_pro",
+        name="LLaMA-Pro (block expansion)",
+        summary="Interleaves N copies of existing blocks (output projections zeroed) and trains only them: the "
+                "original model is kept intact, the new blocks learn the new domain.",
+        build=build_llama_pro,
+        knobs={"num_new_blocks": 4, "extra_modules": []},
+        kinds=("causal_lm",),
+        full_weights=True,
+        paper="LLaMA-Pro (Wu et al. 2024, arXiv:2401.02415); ms-swift train_type llamapro; LLaMA-Factory use_llama_pro",
+        validate=validate_llama_pro,
+        block_period=block_period,
     )
 )
