@@ -47,7 +47,10 @@ class EstimateRequest(BaseModel):
     model: str | dict[str, Any]
     hardware: Hardware
     method: str = Field(description="One of the twelve method ids (GET /v1/methods), or \"peft\" for any other PEFT "
-                                    "adapter type, with config.peft = its adapter_config.json")
+                                    "adapter type, with config.peft = its adapter_config.json; \"freeze\", "
+                                    "\"llama_pro\"; or a name that is one of these with settings (\"dora\", "
+                                    "\"qdora\", \"rslora\", \"lora-fa\", \"lisa\", \"loha\", \"vera\", ...: "
+                                    "advisor.methods.METHOD_ALIASES, said in the answer's notes)")
     config: dict[str, Any] | None = Field(None, description="{method, peft, quantization, training}; left-out knobs "
                                                             "take the method's defaults")
     dataset: Dataset | None = None

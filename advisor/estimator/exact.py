@@ -88,7 +88,8 @@ def exact_from_plan(plan: Plan, use_cache: bool = True, allocator: str = "auto",
         band_source = profile.band_source(plan.profile_method)
     from advisor.estimator.fast import legacy_bnb_notes
 
-    notes = (list(sim.get("notes", [])) + ([plan.model.note] if plan.model.note else []) + list(profile.notes)
+    notes = (list(plan.notes) + list(sim.get("notes", [])) + ([plan.model.note] if plan.model.note else [])
+             + list(profile.notes)
              + legacy_bnb_notes(plan.config))
     breakdown = breakdown_from_counter(sim["breakdown_bytes"], overhead_bytes, sim["peak_phase"])
     at_peak = sim["breakdown_bytes"]  # bytes by category at the peak (per device below, when sharded)

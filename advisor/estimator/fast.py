@@ -506,7 +506,7 @@ def estimate_plan(plan: Plan, strategy: str | None = None, mm: MemoryModel | Non
         "time": timing["time_source"],
         "profile": mm.profile.id,
     }
-    notes = list(mm.profile.notes)
+    notes = list(plan.notes) + list(mm.profile.notes)
     if plan.spec.id == "peft":
         from advisor.methods.peft_any import notes as peft_notes
 

@@ -21,6 +21,7 @@ class Plan:
     batch_size: int
     seq_len: int  # tokens of the longest batch (sets the peak)
     request: EstimateRequest
+    notes: tuple[str, ...] = ()  # how the request was read (a method alias such as "dora")
 
     @property
     def training(self):
@@ -45,12 +46,15 @@ class Plan:
 
 
 def build_plan(req: EstimateRequest) -> Plan:
+    from advisor.methods import resolve_method_alias
+
     model = resolve_model(req.model)
-    spec = get_method(req.method)
+    method, config, alias_note = resolve_method_alias(req.method, req.config)
+    spec = get_method(method)
     if model.kind not in spec.kinds:
         raise AdvisorInputError("method", f"{spec.id} does not apply to {model.kind} models ({model.id})",
                                 allowed=[m for m in _methods_for(model.kind)])
-    cfg = spec.resolve_config(req.config)
+    cfg = spec.resolve_config(config)
     hardware = resolve_hardware(req.hardware)
     seq = cfg.training.max_seq_length
     if req.dataset is not None and req.dataset.max_tokens is not None:
@@ -91,7 +95,8 @@ def build_plan(req: EstimateRequest) -> Plan:
         model = expanded_model(model, cfg.peft)
     check_optimizer_in_backward(cfg.training, spec.id, hardware.count)
     check_torch_compile(cfg.training, spec.id)
-    return Plan(model, spec, cfg, hardware, cfg.training.per_device_train_batch_size, seq, req)
+    return Plan(model, spec, cfg, hardware, cfg.training.per_device_train_batch_size, seq, req,
+                (alias_note,) if alias_note else ())
 
 
 def _methods_for(kind: str) -> list[str]:

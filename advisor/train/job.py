@@ -121,6 +121,9 @@ def _method_and_config(body: dict) -> tuple[str, dict]:
     if config.get("method") not in (None, method):
         raise AdvisorInputError("config.method", f"{config['method']!r} does not match method {method!r}")
     config.pop("method", None)
+    from advisor.methods import resolve_method_alias
+
+    method, config, _ = resolve_method_alias(method, config)  # "dora" → lora with peft.use_dora, ...
     return method.strip().lower(), config
 
 
