@@ -67,6 +67,26 @@ def test_the_expanded_model_computes_what_the_original_did_and_only_the_copies_t
     assert [layer.self_attn.layer_idx for layer in model.model.layers] == list(range(6))
 
 
+def test_copies_of_biased_blocks_add_nothing_either(tiny_dirs):
+    """GPT-2's output projections (attention's and the MLP's c_proj) have biases: the copy zeroes them too."""
+    from advisor.engine import load_base_model, make_batch, prepare
+
+    gpt2 = resolve_model(str(tiny_dirs["gpt2"]))
+    cfg = _cfg({"num_new_blocks": 2}, bf16=False, torch_dtype="float32")
+    model = load_base_model(gpt2, cfg, on_meta=False, device="cpu").eval()  # eval: no dropout
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("c_proj.bias"):
+                p.normal_()  # a trained model's biases are not zero
+    batch = make_batch(gpt2.kind, 2, 16, gpt2.config.vocab_size, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        before = model(input_ids=batch["input_ids"]).logits
+    expanded = prepare(model, gpt2, cfg, on_meta=False, total_steps=1).model.eval()
+    assert len(expanded.transformer.h) == 4 and expanded.config.n_layer == 4  # one new block after each
+    with torch.no_grad():
+        assert torch.allclose(expanded(input_ids=batch["input_ids"]).logits, before, atol=1e-5)
+
+
 @pytest.mark.parametrize("peft, training", [
     ({"num_new_blocks": 2}, {}),
     ({"num_new_blocks": 1, "extra_modules": ["lm_head"]}, {"gradient_checkpointing": True}),
@@ -111,7 +131,7 @@ def test_more_new_blocks_cost_more_and_run_slower_than_freezing_the_same_number(
     ({"num_new_blocks": 0}, "config.peft.num_new_blocks", "positive integer"),
     ({"num_new_blocks": "4"}, "config.peft.num_new_blocks", "positive integer"),
     ({"num_new_blocks": 5}, "config.peft.num_new_blocks", "must divide the depth"),
-    ({"num_new_blocks": 24}, "config.peft.num_new_blocks", "must divide the depth"),
+    ({"num_new_blocks": 48}, "config.peft.num_new_blocks", "must divide the depth"),
     ({"extra_modules": ["nope"]}, "config.peft.extra_modules", "no module named 'nope'"),
     ({"trainable_layers": 2}, "config.peft.trainable_layers", "not a knob of llama_pro"),
 ])
@@ -120,7 +140,7 @@ def test_bad_knobs_are_refused_naming_the_field(peft, field, message):
         _estimate(peft, 1, False)
     assert err.value.field == field and message in str(err.value)
     if "divide" in message:
-        assert err.value.allowed == ["1", "2", "3", "4", "6", "8", "12"]
+        assert err.value.allowed == ["1", "2", "3", "4", "6", "8", "12", "24"]
 
 
 def test_a_job_trains_and_saves_the_expanded_model_which_reloads(tiny_dirs, tmp_path):

@@ -251,9 +251,11 @@ def apply_method(model, seq2seq: bool, total_steps: int):
         order.append(i)
         if (i + 1) % stride == 0:
             twin = copy.deepcopy(block)
-            for name, mod in twin.named_modules():
-                if name.split(".")[-1] in ZEROED_OUTPUTS and isinstance(getattr(mod, "weight", None), torch.Tensor):
-                    torch.nn.init.zeros_(mod.weight)
+            with torch.no_grad():  # attention's and the MLP's output projections, weight and bias: adds nothing
+                for name, param in twin.named_parameters():
+                    parts = name.split(".")
+                    if parts[-1] in ZEROED_OUTPUTS or (len(parts) > 1 and parts[-2] in ZEROED_OUTPUTS):
+                        param.zero_()
             expanded.append(twin)
             new.append(twin)
             order.append(i)

@@ -142,8 +142,20 @@ SPEC = register_method(
 # expanded architecture (`expanded_model`): every later term sees L + N blocks.
 
 EXPANDED_MARK = "advisor_llama_pro_new_blocks"  # config key of an architecture already expanded for the estimator
-# the output projections a new block's copy starts at zero (LLaMA-Factory's llama_pro.py: o_proj and down_proj)
-ZEROED_OUTPUTS = ("o_proj", "down_proj", "out_proj", "dense_4h_to_h", "c_proj", "fc2", "wo", "w2", "dense")
+# the output projections (attention's and the MLP's) a new block's copy starts at zero, weight and bias, so that it
+# adds nothing to the residual stream (LLaMA-Factory's llama_pro.py zeroes o_proj and down_proj, Llama's; the others
+# are the same projections in GPT-2/StarCoder (c_proj), OPT/Phi (out_proj, fc2, dense), GPT-J/CodeGen (fc_out),
+# GPT-NeoX/Falcon/BLOOM (dense, dense_4h_to_h), MoE experts stored as 3-D parameters (down_proj))
+ZEROED_OUTPUTS = ("o_proj", "down_proj", "out_proj", "dense_4h_to_h", "c_proj", "fc2", "fc_out", "wo", "w2", "dense")
+
+
+def zero_outputs(block: torch.nn.Module) -> None:
+    """Zero a copied block's output projections (see ZEROED_OUTPUTS)."""
+    with torch.no_grad():
+        for name, param in block.named_parameters():
+            parts = name.split(".")
+            if parts[-1] in ZEROED_OUTPUTS or (len(parts) > 1 and parts[-2] in ZEROED_OUTPUTS):
+                param.zero_()
 
 
 def llama_pro_trained_indices(n_blocks: int, new_blocks: int) -> list[int]:
@@ -158,11 +170,10 @@ def validate_llama_pro(peft: dict[str, Any], ctx=None, n_blocks: int | None = No
     if isinstance(n, bool) or not isinstance(n, int) or n < 1:
         raise AdvisorInputError("config.peft.num_new_blocks", f"must be a positive integer (the blocks LLaMA-Pro adds "
                                 f"and trains), got {n!r}")
-    if n_blocks is not None and (n_blocks % n or n >= n_blocks):
-        allowed = [str(d) for d in range(1, n_blocks) if n_blocks % d == 0]
+    if n_blocks is not None and n_blocks % n:
+        allowed = [str(d) for d in range(1, n_blocks + 1) if n_blocks % d == 0]
         raise AdvisorInputError("config.peft.num_new_blocks", f"{n} new blocks for this model's {n_blocks}: LLaMA-Pro "
-                                "inserts one after every L/N blocks, so N must divide the depth and be below it",
-                                allowed=allowed)
+                                "inserts one after every L/N blocks, so N must divide the depth", allowed=allowed)
     extra = peft.get("extra_modules")
     if not isinstance(extra, list) or not all(isinstance(m, str) and m for m in extra):
         raise AdvisorInputError("config.peft.extra_modules", "a list of module names outside the blocks (e.g. "
@@ -224,10 +235,7 @@ def _expand(model: torch.nn.Module, new_blocks: int) -> None:
     for pos, i in enumerate(order):
         block = blocks[i] if pos == 0 or order[pos - 1] != i else copy.deepcopy(blocks[i])
         if block is not blocks[i]:
-            for name, mod in block.named_modules():
-                if name.split(".")[-1] in ZEROED_OUTPUTS and isinstance(getattr(mod, "weight", None), torch.Tensor):
-                    with torch.no_grad():
-                        mod.weight.zero_()
+            zero_outputs(block)
         for mod in block.modules():  # the KV cache and per-layer settings index blocks by position
             if isinstance(getattr(mod, "layer_idx", None), int):
                 mod.layer_idx = pos
