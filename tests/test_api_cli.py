@@ -82,7 +82,7 @@ def test_exact_estimate_over_http(server, tiny_dirs):
     [
         ({"model": "llama-2-7b", "hardware": {"gpu": "RTX 9999"}, "method": "lora", "exact": True}, "hardware.gpu"),
         ({"model": "no-such/model-xyz", "hardware": {"gpu": "4090"}, "method": "lora", "exact": True}, "model"),
-        ({"model": "llama-2-7b", "hardware": {"gpu": "4090"}, "method": "dora", "exact": True}, "method"),
+        ({"model": "llama-2-7b", "hardware": {"gpu": "4090"}, "method": "superlora", "exact": True}, "method"),
         ({"model": "llama-2-7b", "hardware": {"gpu": "4090", "count": 0}, "method": "lora"}, "hardware.count"),
         ({"model": "llama-2-7b", "hardware": {"gpu": "4090", "count": 2000}, "method": "lora"}, "hardware.count"),
         ({"model": "llama-2-7b", "hardware": {"gpu": "4090"}, "method": "lora", "exact": True,

@@ -251,7 +251,7 @@ def test_auth_token_and_paths_outside_the_data_root(server, tmp_path):
     for out in (str(tmp_path / "out"), "../elsewhere"):
         r = httpx.post(f"{base}/v1/jobs", json={**body, "output_dir": out}, headers=AUTH, timeout=60)
         assert r.status_code == 422 and r.json()["field"] == "output_dir", r.text
-    r = httpx.post(f"{base}/v1/jobs", json={**body, "method": "dora"}, headers=AUTH, timeout=60)
+    r = httpx.post(f"{base}/v1/jobs", json={**body, "method": "superlora"}, headers=AUTH, timeout=60)
     assert r.status_code == 422 and r.json()["field"] == "method" and "lora" in r.json()["allowed"]
     r = httpx.post(f"{base}/v1/jobs", json={**body, "dataset": {"path": "data/missing.jsonl"}}, headers=AUTH)
     assert r.status_code == 422 and r.json()["field"] == "dataset.path"
