@@ -52,6 +52,19 @@ _PHASE_DEFAULT_CATEGORY = {
 }
 
 
+def _each_tensor(out, fn) -> None:
+    """`fn(t)` for every tensor in an op's output, in pytree order: what `tree_map_only(torch.Tensor, fn, out)` visits,
+    without building the mapped copy (an op's output is a tensor, a tuple or list of them, or a scalar; the pytree
+    walk cost ~50 µs per op, 13% of a simulation)."""
+    if isinstance(out, torch.Tensor):
+        fn(out)
+    elif isinstance(out, (tuple, list)):
+        for x in out:
+            _each_tensor(x, fn)
+    elif out is not None and not isinstance(out, (int, float, bool, str, torch.dtype, torch.device)):
+        tree_map_only(torch.Tensor, fn, out)
+
+
 def _storages(t: torch.Tensor) -> list[torch.UntypedStorage]:
     try:
         return [t.untyped_storage()]
@@ -285,7 +298,11 @@ class LiveBytes(TorchDispatchMode):
         self._windows = windows
 
     def register_batch(self, batch: dict) -> None:
-        self.register([v for v in batch.values() if isinstance(v, torch.Tensor)], "inputs")
+        """Count the batch's tensors as inputs (also a batch made while counting, filed first as its phase's)."""
+        for v in batch.values():
+            if isinstance(v, torch.Tensor):
+                self._reclassify(v, "inputs")
+        self._update_peak()
 
     def register_optimizer(self, optimizer: torch.optim.Optimizer) -> None:
         """Count existing state now; state created inside a step is reclassified as ``optimizer`` after it."""
@@ -355,7 +372,8 @@ class LiveBytes(TorchDispatchMode):
         if not hasattr(func, "_schema"):  # a higher-order operator
             out = func(*args, **(kwargs or {}))
             if not self._host:
-                tree_map_only(torch.Tensor, lambda t: self._track(t, _PHASE_DEFAULT_CATEGORY[self._phase]), out)
+                category = _PHASE_DEFAULT_CATEGORY[self._phase]
+                _each_tensor(out, lambda t: self._track(t, category))
             return out
         kernel = self._see_inside.get(func._schema.name) if self._see_inside else None
         if kernel is not None:
@@ -367,7 +385,7 @@ class LiveBytes(TorchDispatchMode):
         category = _PHASE_DEFAULT_CATEGORY[self._phase]
         if self._phase == "forward" and self._past_head:
             category = "logits"
-        tree_map_only(torch.Tensor, lambda t: self._track(t, category), out)
+        _each_tensor(out, lambda t: self._track(t, category))
         return out
 
     # ------------------------------------------------------------------ results
