@@ -257,3 +257,24 @@ def test_catalog_7b_simulation_matches_textbook_bytes():
     n = llama7.num_params()
     assert sim["total_params"] == n == 6_738_415_616
     assert 8 * n <= sim["peak_bytes"] <= 8 * n * 1.05
+
+
+@pytest.mark.parametrize("method,checkpointing", [("full", False), ("lora", True), ("galore", False),
+                                                  ("adalora", True), ("molora", False), ("qlora", True)])
+def test_a_later_micro_batch_on_the_same_model_is_a_fresh_runs_second_step(small_llama, method, checkpointing):
+    """The fit builds each slice once and runs the larger micro-batches as later steps with the state in place
+    (`later_sizes`): every phase equals a fresh simulation at that size to the byte, and so does the first step's
+    optimizer phase carried over from micro-batch 1."""
+    from advisor.estimator.coefficients import _with_first_step
+
+    cfg = get_method(method).resolve_config({"training": {"gradient_checkpointing": checkpointing, "bf16": True}})
+    once = simulate_in_process(small_llama, cfg, 1, 32, target="cuda", later_sizes=(2, 4))
+    assert set(once["by_batch"]) == {2, 4}
+    for size in (2, 4):
+        fresh = simulate_in_process(small_llama, cfg, size, 32, target="cuda")["phases"]
+        later = _with_first_step(once["by_batch"][size], once["phases"])
+        assert set(later) == set(fresh)
+        for phase in fresh:
+            assert later[phase]["breakdown_bytes"] == fresh[phase]["breakdown_bytes"], (size, phase)
+    # the larger micro-batch holds more: the step really ran at its size
+    assert once["by_batch"][4]["forward"]["peak_bytes"] > once["by_batch"][2]["forward"]["peak_bytes"]

@@ -49,7 +49,10 @@ def _versions() -> dict[str, str]:
 
 
 def _measure(prepared, optimizer, batch, training, steps: int, register_extra=None, see_inside=None,
-             refresh_projections: bool = True, allocator_workspaces: list[int] | None = None) -> dict:
+             refresh_projections: bool = True, allocator_workspaces: list[int] | None = None,
+             later_batches=None) -> dict:
+    """`later_batches` (sizes, make): after the `steps` steps on `batch`, one more step on `make(size)` for each
+    size, with the optimizer state in place; their phases come back under `"by_batch"` (see `_later_step`)."""
     counter = LiveBytes(see_inside=see_inside, record_allocations=allocator_workspaces is not None)
     counter.register_model(prepared.model)
     counter.register_batch(batch)
@@ -89,6 +92,17 @@ def _measure(prepared, optimizer, batch, training, steps: int, register_extra=No
                     k = "optimizer_first"
                 if v.peak_bytes >= phases.get(k, {}).get("peak_bytes", -1):
                     phases[k] = {"peak_bytes": v.peak_bytes, "breakdown_bytes": dict(v.breakdown), "step": step}
+        by_batch = {}
+        if later_batches is not None:
+            sizes, make = later_batches
+            for i, size in enumerate(sizes):
+                batch = None  # the previous micro-batch is freed before the next one exists, as in a fresh run
+                batch = make(size)
+                counter.register_batch(batch)
+                counter.reset_peak()
+                train_step(prepared, optimizer, batch, training, steps + i, counter=counter)
+                by_batch[size] = {k: {"peak_bytes": v.peak_bytes, "breakdown_bytes": dict(v.breakdown),
+                                      "step": steps + i} for k, v in counter.report().phases.items()}
     counter.close()
     allocator = None
     if counter.allocation_events is not None:
@@ -105,6 +119,7 @@ def _measure(prepared, optimizer, batch, training, steps: int, register_extra=No
         # per phase the highest peak over the steps (step 1 builds optimizer state, later steps hold it: a
         # phase can peak in a different step than the run's peak does, and the slice fits need each phase's own)
         "phases": phases,
+        **({"by_batch": by_batch} if later_batches is not None else {}),
         "steps": per_step,
         "end_bytes": counter.current_bytes,
     }
@@ -206,18 +221,22 @@ def lycoris_adapters_always_on(model) -> int:
 
 def simulate_in_process(resolved, cfg: MethodConfig, batch_size: int, seq_len: int, steps: int = 2,
                         total_steps: int = 100, target: str = "cpu", refresh_projections: bool = True,
-                        allocator_workspaces: list[int] | None = None) -> dict:
+                        allocator_workspaces: list[int] | None = None, later_sizes: tuple[int, ...] = ()) -> dict:
     """Fake-tensor simulation of `steps` training steps; returns the peak and its breakdown (bytes).
 
     `target` is the device whose kernels' saved tensors are counted: "cpu" (what the fake CPU tensors do, equal to
     a real CPU run to the byte) or "cuda" (`advisor.memory.simattn.CudaSemantics`: dropout keeps a boolean mask,
     SDPA applies attention dropout inside the flash kernel), what a GPU estimate needs. From the second step on,
     GaLore recomputes its projections every step (`refresh_projections_every_step`), as a real run does every
-    `update_proj_gap` steps with the whole optimizer state in place."""
+    `update_proj_gap` steps with the whole optimizer state in place.
+
+    `later_sizes`: after those steps, one step at each of these micro-batches on the same model and optimizer state
+    (`result["by_batch"][size]["phases"]`): what a fresh run's second step at that size sees, without building
+    the model and running a first step again (`simulate_batches`)."""
     if cfg.method == "peft":  # any PEFT type: one whose layers do not run on fake tensors is a clear error, not a crash
         try:
             return _simulate(resolved, cfg, batch_size, seq_len, steps, total_steps, target, refresh_projections,
-                             allocator_workspaces)
+                             allocator_workspaces, later_sizes)
         except AdvisorInputError:
             raise
         except Exception as err:  # noqa: BLE001 -- PEFT's layers raise anything on shapes without values
@@ -227,11 +246,12 @@ def simulate_in_process(resolved, cfg: MethodConfig, batch_size: int, seq_len: i
                                     f"{peft_type_of(cfg.peft)}: PEFT's layers could not be simulated "
                                     f"({type(err).__name__}: {str(err)[:200]})") from None
     return _simulate(resolved, cfg, batch_size, seq_len, steps, total_steps, target, refresh_projections,
-                     allocator_workspaces)
+                     allocator_workspaces, later_sizes)
 
 
 def _simulate(resolved, cfg: MethodConfig, batch_size: int, seq_len: int, steps: int, total_steps: int, target: str,
-              refresh_projections: bool, allocator_workspaces: list[int] | None) -> dict:
+              refresh_projections: bool, allocator_workspaces: list[int] | None, later_sizes: tuple[int, ...] = ()
+              ) -> dict:
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     from advisor.engine import load_base_model, make_batch, make_optimizer, prepare
@@ -248,11 +268,15 @@ def _simulate(resolved, cfg: MethodConfig, batch_size: int, seq_len: int, steps:
         _to_fake(prepared)
         optimizer = make_optimizer(prepared, cfg.training)
         vocab = _vocab_size(resolved.config)
-        batch = make_batch(resolved.kind, batch_size, seq_len, vocab, fake=True,
-                           target_len=cfg.training.max_target_length)
+
+        def batch_of(size: int) -> dict:
+            return make_batch(resolved.kind, size, seq_len, vocab, fake=True, target_len=cfg.training.max_target_length)
+
         with semantics(target, prepared.model):
-            result = _measure(prepared, optimizer, batch, cfg.training, steps,
-                              refresh_projections=refresh_projections, allocator_workspaces=allocator_workspaces)
+            # the batch is made inside the call, so that `_measure` holds its only reference (freed before a later one)
+            result = _measure(prepared, optimizer, batch_of(batch_size), cfg.training, steps,
+                              refresh_projections=refresh_projections, allocator_workspaces=allocator_workspaces,
+                              later_batches=(tuple(later_sizes), batch_of) if later_sizes else None)
     result.update(trainable_params=trainable, total_params=total, seconds=time.perf_counter() - t0,
                   mode="simulated", device="fake-cpu", target=target, notes=prepared.notes)
     return result
