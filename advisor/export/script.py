@@ -285,8 +285,7 @@ def apply_method(model, seq2seq: bool, total_steps: int):
 
 
 ZEROED_OUTPUTS = {zeroed!r}
-'''.replace("{zeroed!r}", repr(__import__("advisor.methods.freeze", fromlist=["ZEROED_OUTPUTS"]).ZEROED_OUTPUTS)) \
-    + _NO_EXTRAS + _SAVE_TRAINER.format(what="the whole expanded model (LLaMA-Pro trains no adapter)")
+''' + _NO_EXTRAS + _SAVE_TRAINER.format(what="the whole expanded model (LLaMA-Pro trains no adapter)")
 
 
 SNIPPETS["bitfit_existing"] = '''CALLBACKS: list = []
@@ -411,6 +410,10 @@ def _snippet(ctx: ExportContext) -> str:
         return SNIPPETS["bitfit_existing" if ctx.peft.get("bias_source") == "existing" else "bitfit_add"]
     if ctx.method == "longlora":
         return _longlora_snippet()
+    if ctx.method == "llama_pro":  # the projections the method zeroes, read when used (advisor.methods imports torch)
+        from advisor.methods.freeze import ZEROED_OUTPUTS
+
+        return SNIPPETS["llama_pro"].replace("{zeroed!r}", repr(ZEROED_OUTPUTS))
     return SNIPPETS[ctx.method]
 
 

@@ -15,11 +15,17 @@ returns {"status", "step", "total_steps", "output_dir", "metrics", "predicted", 
 at micro-batch 1 with gradient checkpointing.
 """
 
-from advisor.train.data import resolve_data_path
-from advisor.train.job import normalize_job
 
 
 def __getattr__(name):  # torch/transformers are imported only when training is actually used
+    if name == "resolve_data_path":
+        from advisor.train.data import resolve_data_path
+
+        return resolve_data_path
+    if name == "normalize_job":
+        from advisor.train.job import normalize_job
+
+        return normalize_job
     if name in ("run_training", "TrainingRefused"):
         from advisor.train import runner
 
