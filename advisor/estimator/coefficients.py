@@ -192,7 +192,6 @@ def _fit(resolved, cfg: MethodConfig, seq_len: int, key: str, target: str = "cpu
     start = time.perf_counter()
     runs: dict[tuple[int, int], dict] = {}
     depths = slice_depths(resolved, cfg)
-    first, step = depths[0], depths[1] - depths[0]
     later = (2, 4) if cfg.training.gradient_checkpointing else (2,)
     for layers in (1, 2):  # slice index 1, 2 → depths[0], depths[1]
         sliced = copy.copy(resolved)
@@ -210,6 +209,16 @@ def _fit(resolved, cfg: MethodConfig, seq_len: int, key: str, target: str = "cpu
         runs[(layers, 1)] = sim["phases"]
         for batch in later:
             runs[(layers, batch)] = _with_first_step(sim["by_batch"][batch], sim["phases"])
+    return _coefficients_from_runs(runs, resolved, cfg, seq_len, key, start)
+
+
+def _coefficients_from_runs(runs: dict, resolved, cfg: MethodConfig, seq_len: int, key: str,
+                            start: float) -> MemoryCoefficients:
+    """The coefficients through the slice runs' phases ({(slice index, micro-batch): phases})."""
+    import time
+
+    depths = slice_depths(resolved, cfg)
+    first, step = depths[0], depths[1] - depths[0]
     phases = {}
     for low, high, suffix in ((1, 2, ""), (2, 4, "|b24")):
         points = [(layers, b) for layers in (1, 2) for b in (low, high)]
