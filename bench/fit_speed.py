@@ -61,22 +61,10 @@ def separate_runs(resolved, cfg, seq_len: int, target: str) -> dict:
 
 
 def one_model_per_slice(resolved, cfg, seq_len: int, target: str) -> dict:
-    """FIT_VERSION 12's protocol (what `coefficients._fit` runs)."""
-    from advisor.estimator.coefficients import _with_first_step, slice_depths
-    from advisor.estimator.static import sliced_config
-    from advisor.memory.simulate import simulate_in_process
+    """FIT_VERSION 12's protocol: what `coefficients._fit` runs."""
+    from advisor.estimator.coefficients import _slice_runs
 
-    runs = {}
-    depths = slice_depths(resolved, cfg)
-    later = (2, 4) if cfg.training.gradient_checkpointing else (2,)
-    for layers in (1, 2):
-        sliced = copy.copy(resolved)
-        sliced.config = sliced_config(resolved.config, depths[layers - 1])
-        sim = simulate_in_process(sliced, cfg, 1, seq_len, target=target, later_sizes=later)
-        runs[(layers, 1)] = sim["phases"]
-        for batch in later:
-            runs[(layers, batch)] = _with_first_step(sim["by_batch"][batch], sim["phases"])
-    return runs
+    return _slice_runs(resolved, cfg, seq_len, target)
 
 
 def _bytes(runs: dict) -> dict:

@@ -186,10 +186,15 @@ def _with_first_step(phases: dict, at_one: dict) -> dict:
 def _fit(resolved, cfg: MethodConfig, seq_len: int, key: str, target: str = "cpu") -> MemoryCoefficients:
     import time
 
+    start = time.perf_counter()
+    return _coefficients_from_runs(_slice_runs(resolved, cfg, seq_len, target), resolved, cfg, seq_len, key, start)
+
+
+def _slice_runs(resolved, cfg: MethodConfig, seq_len: int, target: str) -> dict:
+    """{(slice index, micro-batch): phases} for the two slices."""
     from advisor.estimator.static import sliced_config
     from advisor.memory.simulate import simulate_in_process
 
-    start = time.perf_counter()
     runs: dict[tuple[int, int], dict] = {}
     depths = slice_depths(resolved, cfg)
     later = (2, 4) if cfg.training.gradient_checkpointing else (2,)
@@ -209,7 +214,7 @@ def _fit(resolved, cfg: MethodConfig, seq_len: int, key: str, target: str = "cpu
         runs[(layers, 1)] = sim["phases"]
         for batch in later:
             runs[(layers, batch)] = _with_first_step(sim["by_batch"][batch], sim["phases"])
-    return _coefficients_from_runs(runs, resolved, cfg, seq_len, key, start)
+    return runs
 
 
 def _coefficients_from_runs(runs: dict, resolved, cfg: MethodConfig, seq_len: int, key: str,
