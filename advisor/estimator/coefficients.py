@@ -22,7 +22,7 @@ micro-batch 2 (and 4) with the state in place, which is what a fresh run's secon
 the first step's optimizer phase is carried over from micro-batch 1 (`_with_first_step`). Across the 12 methods,
 GaLore, the 8-bit and in-backward optimizers, freeze tuning, LLaMA-Pro, the loss and offloading options, on a
 decoder, GPT-2 and T5, every phase's bytes equal those of separate runs (FIT_VERSION 12); a fit builds 2 models
-instead of 4-6 and runs 5-6 steps instead of 8-12.
+instead of 4-6 and runs 6-8 steps instead of 8-12.
 """
 
 from __future__ import annotations

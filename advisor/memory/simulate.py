@@ -52,7 +52,7 @@ def _measure(prepared, optimizer, batch, training, steps: int, register_extra=No
              refresh_projections: bool = True, allocator_workspaces: list[int] | None = None,
              later_batches=None) -> dict:
     """`later_batches` (sizes, make): after the `steps` steps on `batch`, one more step on `make(size)` for each
-    size, with the optimizer state in place; their phases come back under `"by_batch"` (see `_later_step`)."""
+    size, with the optimizer state in place; their phases come back under `"by_batch"` (used by `coefficients._slice_runs`)."""
     counter = LiveBytes(see_inside=see_inside, record_allocations=allocator_workspaces is not None)
     counter.register_model(prepared.model)
     counter.register_batch(batch)
@@ -232,7 +232,7 @@ def simulate_in_process(resolved, cfg: MethodConfig, batch_size: int, seq_len: i
 
     `later_sizes`: after those steps, one step at each of these micro-batches on the same model and optimizer state
     (`result["by_batch"][size]["phases"]`): what a fresh run's second step at that size sees, without building
-    the model and running a first step again (`simulate_batches`)."""
+    the model and running a first step again (`advisor.estimator.coefficients._slice_runs`)."""
     if cfg.method == "peft":  # any PEFT type: one whose layers do not run on fake tensors is a clear error, not a crash
         try:
             return _simulate(resolved, cfg, batch_size, seq_len, steps, total_steps, target, refresh_projections,
