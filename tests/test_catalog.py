@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from collections import defaultdict
 
 import pytest
@@ -173,7 +174,10 @@ def test_computed_params_match_published(model_id):
     assert entry is not None and resolved.origin == "catalog"
     assert resolved.kind == entry.kind
     assert resolved.config.model_type == entry.config["model_type"]
-    n = resolved.num_params()
+    summary = model_cat.computed_summary(resolved)  # the count computed now, not read from a cache or shipped
+    assert model_cat.shipped_summaries().get(resolved.cache_key()) == summary, (
+        "profiles/model_summaries.json is stale for this model: regenerate it with `python -m advisor.catalog.models`")
+    n = summary["params"]
     if entry.published_params_exact:
         assert n == entry.published_params
     else:
@@ -215,6 +219,37 @@ def test_model_table_and_public_dict():
     assert pub["kind"] == "seq2seq" and pub["layers"] == 24 and pub["decoder_layers"] == 24
     assert pub["params"] == 2849757184 and pub["max_positions"] is None
     json.dumps(pub)
+
+
+def test_catalog_counts_come_from_the_shipped_table_and_a_bad_table_means_computing_them(tmp_path, monkeypatch):
+    from advisor.settings import get_settings
+
+    monkeypatch.setenv("ADVISOR_CACHE_DIR", str(tmp_path / "cache"))  # no disk cache of computed counts
+    get_settings.cache_clear()
+    model_cat.clear_cache()
+    computed = []
+    real_count = ResolvedModel.count_params
+    monkeypatch.setattr(ResolvedModel, "count_params", lambda self: computed.append(self.id) or real_count(self))
+    try:
+        rows = {r["id"]: r for r in model_table()}
+        assert computed == [] and rows["meta-llama/Llama-2-7b-hf"]["params"] == 6738415616  # all read, none built
+        assert resolve_model("gpt2").num_params() == rows["openai-community/gpt2"]["params"] and computed == []
+
+        # a profiles directory whose table is corrupt: the summaries are computed instead, and equal
+        profiles = tmp_path / "profiles"
+        (profiles / "models").mkdir(parents=True)
+        for slug in ("openai-community--gpt2", "meta-llama--Llama-2-7b-hf"):
+            shutil.copy(gpu_cat.profiles_dir() / "models" / f"{slug}.json", profiles / "models")
+        (profiles / model_cat.SHIPPED_SUMMARIES).write_text("{not json")
+        monkeypatch.setenv(gpu_cat.PROFILES_ENV, str(profiles))
+        model_cat.clear_cache()
+        assert resolve_model("gpt2").num_params() == 124439808 and computed == ["openai-community/gpt2"]
+        recomputed = model_table()
+        assert recomputed == [rows["meta-llama/Llama-2-7b-hf"], rows["openai-community/gpt2"]]
+        assert computed == ["openai-community/gpt2", "meta-llama/Llama-2-7b-hf"]  # gpt2's count was cached
+    finally:
+        model_cat.clear_cache()
+        get_settings.cache_clear()
 
 
 def _tiny_llama_config():
@@ -460,3 +495,13 @@ def test_names_typed_with_spaces_find_their_dashed_alias(ref, expected):
 def test_a_chat_variant_typed_with_spaces_uses_its_base(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     assert resolve_model("Llama 2 7B chat").id == "meta-llama/Llama-2-7b-hf"
+
+
+def test_resolving_a_model_leaves_its_catalog_entry_and_config_hash_unchanged():
+    import copy
+
+    entry = model_cat.find_model("deepseek-ai/deepseek-coder-1.3b-base")  # rope_scaling, which transformers updates
+    before = copy.deepcopy(entry.config)
+    first = resolve_model(entry.id).cache_key()
+    assert entry.config == before and resolve_model(entry.id).cache_key() == first
+    assert model_cat._config_hash(entry.kind, entry.config) == first

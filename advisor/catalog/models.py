@@ -323,6 +323,7 @@ def close_matches(ref: str, n: int = 3) -> list[str]:
 def clear_cache() -> None:
     """Forget parsed catalogs and computed parameter counts."""
     _load.cache_clear()
+    _read_shipped.cache_clear()
     _PARAM_CACHE.clear()
 
 
@@ -334,7 +335,9 @@ def config_from_dict(raw: dict, field_name: str = "model"):
     import transformers
     from transformers import CONFIG_MAPPING
 
-    d = {k: v for k, v in raw.items() if k not in _NON_ARCH_KEYS}
+    # a deep copy: transformers' config classes update nested dicts in place (rope_scaling gains rope_theta and
+    # rope_type), which would change the catalog entry, and with it the config hash that keys cached results
+    d = copy.deepcopy({k: v for k, v in raw.items() if k not in _NON_ARCH_KEYS})
     model_type = d.pop("model_type", None)
     if not isinstance(model_type, str):
         raise AdvisorInputError(field_name, "config has no 'model_type'")
@@ -421,19 +424,25 @@ class ResolvedModel:
         return model
 
     def cache_key(self) -> str:
-        basis = self.raw_config if self.raw_config is not None else self.config.to_dict()
-        return hashlib.sha256(_canonical_json({"kind": self.kind, "config": basis}).encode()).hexdigest()
+        return _config_hash(self.kind, self.raw_config if self.raw_config is not None else self.config.to_dict())
+
+    def count_params(self) -> int:
+        """Total parameter count (tied weights counted once), computed now on the meta device, no cache."""
+        return sum(p.numel() for p in self.build_meta().parameters())
 
     def num_params(self) -> int:
-        """Total parameter count (tied weights counted once), computed on meta; cached by config hash in
-        memory and on disk (the computation is exact but takes ~0.1 s per architecture)."""
+        """Total parameter count (tied weights counted once), computed on meta (`count_params`); cached by config
+        hash in memory and on disk (the computation is exact but takes ~0.1 s per architecture, seconds cold), and
+        read from the summaries shipped for the catalog (`profiles/model_summaries.json`, by the same config hash;
+        the test suite recomputes every one)."""
         key = self.cache_key()
         n = _PARAM_CACHE.get(key)
         if n is None:
+            n = (shipped_summaries().get(key) or {}).get("params")
+        if n is None:
             n = _disk_param_cache().get(key)
         if n is None:
-            model = self.build_meta()
-            n = sum(p.numel() for p in model.parameters())
+            n = self.count_params()
             _store_param_count(key, n)
         with _PARAM_LOCK:
             _PARAM_CACHE[key] = n
@@ -498,6 +507,63 @@ class ResolvedModel:
         if self.declared_params is not None:
             out["declared_params"] = self.declared_params
         return out
+
+
+def _config_hash(kind: str, config: dict) -> str:
+    return hashlib.sha256(_canonical_json({"kind": kind, "config": config}).encode()).hexdigest()
+
+
+SHIPPED_SUMMARIES = "model_summaries.json"
+_SUMMARY_FIELDS = ("params", "layers", "hidden", "vocab", "max_positions")
+
+
+def _shipped_summaries_path() -> Path:
+    return profiles_dir() / SHIPPED_SUMMARIES
+
+
+@functools.lru_cache(maxsize=8)
+def _read_shipped(path: str) -> dict[str, dict]:
+    try:
+        rows = json.loads(Path(path).read_text(encoding="utf-8"))["models"]
+        out = {}
+        for r in rows.values():
+            if not isinstance(r.get("params"), int) or not all(f in r for f in _SUMMARY_FIELDS):
+                raise ValueError("incomplete row")
+            out[r["config_sha256"]] = {f: r[f] for f in _SUMMARY_FIELDS}
+        return out
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return {}  # missing or unreadable: everything is computed (the file only saves time)
+
+
+def shipped_summaries() -> dict[str, dict]:
+    """The catalog's computed summaries shipped with it (parameter count, layers, hidden size, vocabulary, longest
+    position), by config hash (`ResolvedModel.cache_key`): building 200-odd configs and counting them on meta takes
+    ~20 s of CPU and imports transformers, which `advisor models` or a cold recommendation would otherwise pay."""
+    return _read_shipped(str(_shipped_summaries_path()))
+
+
+def computed_summary(rm: ResolvedModel, fresh: bool = True) -> dict:
+    """`rm`'s summary fields computed now; `fresh`: the count too, on meta (not from a cache or the shipped table)."""
+    return {"params": rm.count_params() if fresh else rm.num_params(), "layers": rm.num_layers, "hidden": rm.hidden_size, "vocab": rm.vocab_size,
+            "max_positions": rm.max_positions}
+
+
+def write_shipped_summaries(path: Path | None = None) -> Path:
+    """Compute every catalog model's summary and write them with their config hashes; `python -m
+    advisor.catalog.models` runs it after a catalog change (tests/test_catalog.py checks it is current)."""
+    import transformers
+
+    path = path or _shipped_summaries_path()
+    models = {}
+    for e in load_models():
+        rm = resolve_model(e.id)
+        models[e.id] = {"config_sha256": rm.cache_key(), **computed_summary(rm)}
+    doc = {"about": "the catalog's models summarized from their configs, parameters counted on the meta device (tied "
+                    "weights once); regenerate with `python -m advisor.catalog.models`",
+           "transformers": transformers.__version__, "models": models}
+    path.write_text(json.dumps(doc, indent=1, sort_keys=True) + "\n", encoding="utf-8")
+    _read_shipped.cache_clear()
+    return path
 
 
 def _param_cache_path() -> Path:
@@ -723,20 +789,26 @@ def _from_architecture(d: dict) -> ResolvedModel:
 
 
 def model_table() -> list[dict]:
-    """One summary row per catalog model (computed parameter count)."""
+    """One summary row per catalog model (computed parameter count): from the shipped summaries where an entry's
+    config hash matches, else computed."""
     rows = []
+    shipped = shipped_summaries()
     for e in load_models():
-        r = resolve_model(e.id)
+        summary = shipped.get(_config_hash(e.kind, e.config)) or computed_summary(resolve_model(e.id), fresh=False)
         rows.append({
             "id": e.id,
             "family": e.family,
             "kind": e.kind,
-            "params": r.num_params(),
-            "params_b": round(r.num_params() / 1e9, 3),
+            "params": summary["params"],
+            "params_b": round(summary["params"] / 1e9, 3),
             "published_params": e.published_params,
-            "layers": r.num_layers,
-            "hidden": r.hidden_size,
-            "vocab": r.vocab_size,
-            "max_positions": r.max_positions,
+            "layers": summary["layers"],
+            "hidden": summary["hidden"],
+            "vocab": summary["vocab"],
+            "max_positions": summary["max_positions"],
         })
     return rows
+
+
+if __name__ == "__main__":
+    print(f"wrote {write_shipped_summaries()}")
