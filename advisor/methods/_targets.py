@@ -2,17 +2,14 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-from peft.utils.constants import (
-    TRANSFORMERS_MODELS_TO_IA3_FEEDFORWARD_MODULES_MAPPING,
-    TRANSFORMERS_MODELS_TO_IA3_TARGET_MODULES_MAPPING,
-    TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING,
-)
 
 from advisor.errors import AdvisorInputError
 from advisor.methods.base import linear_module_names
+
+if TYPE_CHECKING:
+    import torch
 
 # attention projections (q, k, v, o) per family, for LongLoRA which adapts all four
 ATTENTION_MODULES = {
@@ -93,7 +90,11 @@ def resolve_targets(
             if all(t in available for t in translated):
                 return translated
         raise AdvisorInputError(field_name, f"no layer named {missing} in this {model_type} model", allowed=available)
-    mapped = (table or {**TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING, **LORA_TARGETS_EXTRA}).get(model_type)
+    if table is None:
+        from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
+
+        table = {**TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING, **LORA_TARGETS_EXTRA}
+    mapped = table.get(model_type)
     if mapped and all(t in available for t in mapped):
         return list(mapped)
     raise AdvisorInputError(
@@ -106,6 +107,11 @@ def ia3_modules(model: torch.nn.Module, peft: dict, model_type: str) -> tuple[li
     ff = peft.get("feedforward_modules")
     available = linear_module_names(model)
     if not targets:
+        from peft.utils.constants import (
+            TRANSFORMERS_MODELS_TO_IA3_FEEDFORWARD_MODULES_MAPPING,
+            TRANSFORMERS_MODELS_TO_IA3_TARGET_MODULES_MAPPING,
+        )
+
         targets = TRANSFORMERS_MODELS_TO_IA3_TARGET_MODULES_MAPPING.get(model_type)
         ff = ff or TRANSFORMERS_MODELS_TO_IA3_FEEDFORWARD_MODULES_MAPPING.get(model_type)
     if not targets:
@@ -131,6 +137,8 @@ def ia3_modules(model: torch.nn.Module, peft: dict, model_type: str) -> tuple[li
 
 def output_head_name(model: torch.nn.Module) -> str | None:
     """The leaf name of the model's output projection (`lm_head` for most causal LMs), when it is a Linear."""
+    import torch
+
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     if not isinstance(head, torch.nn.Linear):
         return None
@@ -144,6 +152,8 @@ def resolve_modules_to_save(model: torch.nn.Module, requested: Any, field_name: 
     """PEFT's `modules_to_save`: whole modules trained beside the adapters (a trainable copy of each, the frozen
     original kept), typically the embeddings and the output head. Each name must end the path of some module;
     the error lists the embedding and head names this model has."""
+    import torch
+
     if requested in (None, [], ()):
         return None
     if isinstance(requested, str):

@@ -4,8 +4,6 @@
 not call it, so `Prepared.after_optimizer_step` carries it into every training loop we run.
 """
 
-from peft import AdaLoraConfig, get_peft_model
-
 from advisor.methods._targets import resolve_targets
 from advisor.methods.base import MethodSpec, Prepared, peft_task_type, register_method
 
@@ -26,6 +24,7 @@ def schedule(peft: dict, total_steps: int) -> tuple[int, int, list[str]]:
 
 
 def build(model, peft, ctx):
+    from peft import AdaLoraConfig, get_peft_model
     total = max(int(ctx.total_steps), 3)
     tinit, tfinal, notes = schedule(peft, total)
     targets = resolve_targets(model, peft["target_modules"], ctx.model_type, "config.peft.target_modules")

@@ -6,7 +6,6 @@ PEFT has no bottleneck adapter and AdapterHub's `adapters` pins an old transform
 
 from advisor.errors import AdvisorInputError
 from advisor.methods.base import MethodSpec, Prepared, freeze, register_method
-from advisor.methods.modules.bottleneck import add_bottleneck_adapters
 
 PLACEMENTS = ("pfeiffer", "houlsby")
 
@@ -20,6 +19,8 @@ def validate(peft, ctx):
 
 
 def build(model, peft, ctx):
+    from advisor.methods.modules.bottleneck import add_bottleneck_adapters
+
     validate(peft, ctx)
     freeze(model)
     try:

@@ -12,14 +12,16 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
 import yaml
 from pydantic import ValidationError
 
 from advisor.config import MethodConfig, QuantizationConfig, TrainingConfig, parse_training, pydantic_to_input_error
 from advisor.errors import AdvisorInputError
+
+if TYPE_CHECKING:  # torch is imported where a model is built, not to list or validate methods
+    import torch
 
 METHOD_IDS = (
     "full",
@@ -255,12 +257,14 @@ def peft_task_type(ctx: BuildContext) -> str:
 
 def linear_module_names(model: torch.nn.Module) -> list[str]:
     """Distinct leaf names of Linear-like layers (excluding the output head), e.g. q_proj, v_proj, c_attn."""
+    from torch import nn
+
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     names = set()
     for name, mod in model.named_modules():
         if mod is head:
             continue
-        if isinstance(mod, torch.nn.Linear) or type(mod).__name__ in ("Conv1D", "Linear4bit", "SimLinear4bit", "SimLinear8bit",
+        if isinstance(mod, nn.Linear) or type(mod).__name__ in ("Conv1D", "Linear4bit", "SimLinear4bit", "SimLinear8bit",
                                                                      "SimLinearGPTQ", "QuantLinear"):
             names.add(name.rsplit(".", 1)[-1])
     return sorted(names)

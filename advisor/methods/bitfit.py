@@ -5,8 +5,6 @@ Qwen2's q/k/v do); architectures without biases (Llama, Mistral) need `bias_sour
 BEFT to add trainable bias vectors to every linear layer.
 """
 
-from peft import BeftConfig, get_peft_model
-
 from advisor.errors import AdvisorInputError
 from advisor.methods.base import MethodSpec, Prepared, freeze, peft_task_type, register_method
 
@@ -23,6 +21,7 @@ def validate(peft, ctx):
 
 
 def build(model, peft, ctx):
+    from peft import BeftConfig, get_peft_model
     validate(peft, ctx)
     if peft["bias_source"] == "add":
         cfg = BeftConfig(task_type=peft_task_type(ctx), target_modules="all-linear")

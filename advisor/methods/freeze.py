@@ -26,12 +26,14 @@ LLaMA-Pro (method `llama_pro`, below) is freeze tuning of N new blocks interleav
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
 
 from advisor.errors import AdvisorInputError
 from advisor.methods.base import MethodSpec, Prepared, freeze, register_method
+
+if TYPE_CHECKING:
+    import torch
 
 
 def _block_stack(model: torch.nn.Module) -> tuple[str, list[torch.nn.Module]]:
@@ -151,6 +153,8 @@ ZEROED_OUTPUTS = ("o_proj", "down_proj", "out_proj", "dense_4h_to_h", "c_proj", 
 
 def zero_outputs(block: torch.nn.Module) -> None:
     """Zero a copied block's output projections (see ZEROED_OUTPUTS)."""
+    import torch
+
     with torch.no_grad():
         for name, param in block.named_parameters():
             parts = name.split(".")
@@ -228,6 +232,8 @@ def _expanded_order(depth: int, new_blocks: int) -> list[int]:
 def _expand(model: torch.nn.Module, new_blocks: int) -> None:
     """Insert the copies into `model` in place (real weights: a copy starts with its output projections at zero)."""
     import copy
+
+    import torch
 
     stack_name, blocks = _block_stack(model)
     order = _expanded_order(len(blocks), new_blocks)

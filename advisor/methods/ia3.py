@@ -1,12 +1,11 @@
 """IA³ through PEFT: learned vectors rescaling keys, values and the feed-forward input."""
 
-from peft import IA3Config, get_peft_model
-
 from advisor.methods._targets import ia3_modules
 from advisor.methods.base import MethodSpec, Prepared, peft_task_type, register_method
 
 
 def build(model, peft, ctx):
+    from peft import IA3Config, get_peft_model
     targets, ff = ia3_modules(model, peft, ctx.model_type)
     cfg = IA3Config(task_type=peft_task_type(ctx), target_modules=targets, feedforward_modules=ff)
     return Prepared(model=get_peft_model(model, cfg), method="ia3", peft={**peft, "target_modules": targets, "feedforward_modules": ff})

@@ -4,13 +4,10 @@ S²-Attn (`modules/s2attn.py`) is registered as a transformers attention impleme
 training, and the model falls back to full attention for evaluation and generation.
 """
 
-from peft import get_peft_model
-
 from advisor.errors import AdvisorInputError
 from advisor.methods._targets import ATTENTION_MODULES
 from advisor.methods.base import MethodSpec, Prepared, register_method
 from advisor.methods.lora import lora_config, validate_lora
-from advisor.methods.modules.s2attn import enable_s2attn
 
 
 def validate(peft, ctx):
@@ -21,6 +18,10 @@ def validate(peft, ctx):
 
 
 def build(model, peft, ctx):
+    from peft import get_peft_model
+
+    from advisor.methods.modules.s2attn import enable_s2attn
+
     validate(peft, ctx)
     targets = peft["target_modules"] or ATTENTION_MODULES.get(ctx.model_type)
     if not targets:

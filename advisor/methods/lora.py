@@ -1,7 +1,5 @@
 """LoRA through PEFT: frozen base, trainable low-rank A·B beside the target linear layers."""
 
-from peft import LoraConfig, get_peft_model
-
 from advisor.methods._targets import resolve_modules_to_save, resolve_targets
 from advisor.methods.base import MethodSpec, Prepared, linear_module_names, peft_task_type, register_method
 
@@ -25,7 +23,8 @@ def adapter_autocast(peft: dict) -> bool:
     return bool(peft.get("autocast_adapter_dtype", True))
 
 
-def lora_config(model, peft, ctx, **extra) -> LoraConfig:
+def lora_config(model, peft, ctx, **extra):
+    from peft import LoraConfig
     targets = resolve_targets(model, peft["target_modules"], ctx.model_type, "config.peft.target_modules")
     standin = _sim_quant_class(model)
     if standin is not None and targets == "all-linear":
@@ -87,6 +86,7 @@ def freeze_lora_a(model, ctx) -> None:
 
 
 def build(model, peft, ctx):
+    from peft import get_peft_model
     validate_lora(peft, ctx)
     model = get_peft_model(model, lora_config(model, peft, ctx), autocast_adapter_dtype=adapter_autocast(peft))
     freeze_lora_a(model, ctx)

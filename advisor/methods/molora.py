@@ -3,7 +3,6 @@
 from advisor.errors import AdvisorInputError
 from advisor.methods._targets import resolve_targets
 from advisor.methods.base import MethodSpec, Prepared, freeze, register_method
-from advisor.methods.modules.molora import apply_molora, molora_aux_loss
 
 
 def validate(peft, ctx):
@@ -15,6 +14,8 @@ def validate(peft, ctx):
 
 
 def build(model, peft, ctx):
+    from advisor.methods.modules.molora import apply_molora, molora_aux_loss
+
     validate(peft, ctx)
     targets = resolve_targets(model, peft["target_modules"], ctx.model_type, "config.peft.target_modules")
     freeze(model)

@@ -1,13 +1,12 @@
 """Prefix tuning through PEFT: trainable key/value prefixes in every attention layer."""
 
-from peft import PrefixTuningConfig, get_peft_model
-
 from advisor.errors import AdvisorInputError
 from advisor.methods.base import MethodSpec, Prepared, peft_task_type, register_method
 from advisor.methods.prompt_tuning import validate
 
 
 def build(model, peft, ctx):
+    from peft import PrefixTuningConfig, get_peft_model
     validate(peft, ctx)
     if ctx.training.gradient_checkpointing:
         raise AdvisorInputError(

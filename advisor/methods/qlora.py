@@ -6,13 +6,12 @@ Axolotl's `adapter: lora` + `load_in_8bit`). The base model arrives already quan
 `SimLinear8bit`, stand-ins with the same bytes and the same matmul allocations.
 """
 
-from peft import get_peft_model, prepare_model_for_kbit_training
-
 from advisor.methods.base import MethodSpec, Prepared, freeze, register_method
 from advisor.methods.lora import LORA_KNOBS, adapter_autocast, freeze_lora_a, lora_config, validate_lora
 
 
 def build(model, peft, ctx):
+    from peft import get_peft_model, prepare_model_for_kbit_training
     validate_lora(peft, ctx)
     if peft.get("upcast_non_quantized"):
         # PEFT's recipe: norms, embeddings and the head in fp32 (+4 bytes/param for those layers)
