@@ -121,6 +121,38 @@ def test_simulated_like_a_real_run_and_smaller_than_standard(wide_vocab, mode, c
         assert sim["peak_bytes"] < chunked["peak_bytes"]
 
 
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_a_simulation_runs_three_fused_chunks_with_the_memory_of_all(wide_vocab, monkeypatch, checkpointing):
+    """Fake tensors run the fused loss's first two chunks and its last (`losses.SIMULATE_EVERY_CHUNK`): the same
+    phases, peaks and allocator replay (reserved bytes, segments) as every chunk, for the CPU and the CUDA target.
+    8192 entries on 64 wide make chunks of 2 tokens: 2 × 96 tokens are 96 chunks; 151 tokens are 76, the last of 1."""
+    import advisor.losses as losses
+
+    cfg = get_method("lora").resolve_config({"training": {"cross_entropy": "fused_linear", "bf16": False,
+                                                          "gradient_checkpointing": checkpointing}})
+    chunks_run = []
+    real_starts = losses._chunk_starts
+    monkeypatch.setattr(losses, "_chunk_starts", lambda h, c: chunks_run.append(len(real_starts(h, c))) or
+                        real_starts(h, c))
+
+    def run(every, target, batch, seq, **extra):
+        monkeypatch.setattr(losses, "SIMULATE_EVERY_CHUNK", every)
+        chunks_run.clear()
+        out = simulate_in_process(wide_vocab, cfg, batch, seq, target=target, **extra)
+        for step in [out, *out["steps"]]:
+            step.pop("seconds", None)
+        if out.get("allocator"):
+            out["allocator"].pop("events")  # fewer allocations replayed, the same blocks
+        return out, set(chunks_run)
+
+    for target, batch, seq, extra in (("cpu", 2, 96, {}), ("cuda", 1, 151, {"allocator_workspaces": [0, 1 << 20]})):
+        every, chunks = run(True, target, batch, seq, **extra)
+        assert chunks == {96 if seq == 96 else 76}
+        three, chunks = run(False, target, batch, seq, **extra)
+        assert chunks == {3}
+        assert three == every and (target == "cpu" or three["allocator"]["reserved_peak_bytes"] > 0)
+
+
 @pytest.mark.parametrize("mode", MODES)
 def test_fast_estimate_follows_the_exact_simulation(mode):
     """A real vocabulary (Qwen2.5-0.5B: 151,936 entries on 896 wide) at a length whose fused chunk is rounded up to
