@@ -10,10 +10,13 @@ speed-up (no pytree copy per op) is in both columns.
 
 1. Fits: for each case, both protocols' simulations on a cold start; the phases' bytes must be equal (checked), and
    the wall time of each is printed with the ratio.
+1b. Fused loss (`--only-fused` runs just this): a fit with `cross_entropy: fused_linear` simulating every chunk of
+   Liger's loop (`losses.SIMULATE_EVERY_CHUNK`, the baseline) and only its first two and last (the default); the
+   phases' bytes must be equal.
 2. Recommendation: `recommend()` of the 7B-on-a-4090 scenario with an empty cache, once with each protocol
    (separate cache directories), wall time and ratio; the answers must be equal.
 
-Run: `HF_HUB_OFFLINE=1 .venv/bin/python -m bench.fit_speed [--skip-recommend]`.
+Run: `HF_HUB_OFFLINE=1 .venv/bin/python -m bench.fit_speed [--skip-recommend] [--only-fused]`.
 Writes bench/results/fit_speed.json (versions, host, load average).
 """
 
@@ -31,6 +34,7 @@ from pathlib import Path
 from bench.accuracy import REPO, environment, loadavg, write_json
 
 DEFAULT_OUT = "bench/results/fit_speed.json"
+FUSED_OUT = "bench/results/fit_speed_fused.json"
 CASES = [  # (model, method, gradient checkpointing, sequence length)
     ("meta-llama/Llama-2-7b-hf", "lora", False, 1024),
     ("meta-llama/Llama-2-7b-hf", "lora", True, 1024),
@@ -96,6 +100,42 @@ def bench_fits() -> list[dict]:
     return rows
 
 
+FUSED_CASES = [  # (model, method, gradient checkpointing, sequence length): vocabularies 152k on 896, 128k on 4096
+    ("Qwen/Qwen2.5-0.5B", "lora", True, 1024),
+    ("Qwen/Qwen2.5-0.5B", "full", False, 512),
+    ("meta-llama/Llama-3.1-8B", "qlora", True, 2048),
+]
+
+
+def bench_fused_chunks() -> list[dict]:
+    import advisor.losses as losses
+    from advisor.catalog.models import resolve_model
+    from advisor.estimator.coefficients import _simulation_config
+    from advisor.methods import get_method
+
+    rows = []
+    for model, method, gc, seq in FUSED_CASES:
+        rm = resolve_model(model)
+        cfg = _simulation_config(get_method(method).resolve_config(
+            {"training": {"gradient_checkpointing": gc, "max_seq_length": seq, "cross_entropy": "fused_linear"}}))
+        one_model_per_slice(rm, cfg, 64, "cuda")  # imports and first-call caches outside the timings
+        runs, seconds = {}, {}
+        for every in (True, False):
+            losses.SIMULATE_EVERY_CHUNK = every
+            t0 = time.perf_counter()
+            runs[every] = one_model_per_slice(rm, cfg, seq, "cuda")
+            seconds[every] = time.perf_counter() - t0
+        losses.SIMULATE_EVERY_CHUNK = False
+        row = {"model": model, "method": method, "checkpointing": gc, "seq_len": seq,
+               "every_chunk_s": round(seconds[True], 2), "three_chunks_s": round(seconds[False], 2),
+               "ratio": round(seconds[False] / seconds[True], 3), "equal_bytes": _bytes(runs[True]) == _bytes(runs[False])}
+        rows.append(row)
+        print(f"fused loss {model:24s} {method:5s} gc={str(gc):5s} {seq:5d}: every chunk {row['every_chunk_s']:6.2f} s, "
+              f"three {row['three_chunks_s']:6.2f} s, ratio {row['ratio']:.2f}, bytes equal: {row['equal_bytes']}",
+              flush=True)
+    return rows
+
+
 def bench_recommend() -> dict:
     import advisor.estimator.coefficients as coefficients
     import advisor.recommend.service as service
@@ -138,16 +178,22 @@ def bench_recommend() -> dict:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--skip-recommend", action="store_true")
-    ap.add_argument("--out", default=DEFAULT_OUT)
+    ap.add_argument("--only-fused", action="store_true", help="only the fused loss's chunks (1b)")
+    ap.add_argument("--out", default=None, help=f"default {DEFAULT_OUT} ({FUSED_OUT} with --only-fused)")
     args = ap.parse_args(argv)
     warnings.filterwarnings("ignore")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    result = {"environment": environment(), "loadavg_before": loadavg(), "fits": bench_fits()}
-    if not args.skip_recommend:
+    result = {"environment": environment(), "loadavg_before": loadavg()}
+    if not args.only_fused:
+        result["fits"] = bench_fits()
+    result["fused_loss"] = bench_fused_chunks()
+    if not (args.skip_recommend or args.only_fused):
         result["recommend"] = bench_recommend()
     result["loadavg_after"] = loadavg()
-    write_json(REPO / args.out if not Path(args.out).is_absolute() else Path(args.out), result)
-    ok = all(r["equal_bytes"] for r in result["fits"]) and result.get("recommend", {}).get("equal_answers", True)
+    out = args.out or (FUSED_OUT if args.only_fused else DEFAULT_OUT)
+    write_json(REPO / out if not Path(out).is_absolute() else Path(out), result)
+    ok = (all(r["equal_bytes"] for r in result.get("fits", []) + result["fused_loss"])
+          and result.get("recommend", {}).get("equal_answers", True))
     return 0 if ok else 1
 
 
