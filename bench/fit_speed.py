@@ -128,10 +128,12 @@ def bench_fused_chunks() -> list[dict]:
         losses.SIMULATE_EVERY_CHUNK = False
         row = {"model": model, "method": method, "checkpointing": gc, "seq_len": seq,
                "every_chunk_s": round(seconds[True], 2), "three_chunks_s": round(seconds[False], 2),
-               "ratio": round(seconds[False] / seconds[True], 3), "equal_bytes": _bytes(runs[True]) == _bytes(runs[False])}
+               "ratio": round(seconds[False] / seconds[True], 3),
+               "equal_bytes": _bytes(runs[True]) == _bytes(runs[False])}
         rows.append(row)
-        print(f"fused loss {model:24s} {method:5s} gc={str(gc):5s} {seq:5d}: every chunk {row['every_chunk_s']:6.2f} s, "
-              f"three {row['three_chunks_s']:6.2f} s, ratio {row['ratio']:.2f}, bytes equal: {row['equal_bytes']}",
+        print(f"fused loss {model:24s} {method:5s} gc={str(gc):5s} {seq:5d}: every chunk "
+              f"{row['every_chunk_s']:6.2f} s, three {row['three_chunks_s']:6.2f} s, ratio {row['ratio']:.2f}, "
+              f"bytes equal: {row['equal_bytes']}",
               flush=True)
     return rows
 

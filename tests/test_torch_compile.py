@@ -65,9 +65,10 @@ def _real_run_in_a_fresh_process(resolved, method: str, gc: bool) -> dict:
 def test_simulation_of_compiled_blocks_equals_a_compiled_real_run(deeper, method, gc):
     """The counter sees a compiled run's graphs (it does not ignore them as torch.compile does other user modes):
     the fake-tensor simulation and a real CPU run (measured again in a fresh process, as a training run starts, when
-    the in-process one is off: `_real_run_in_a_fresh_process`) agree, to the byte in most runs; the min-cut partitioner breaks ties between equal cuts by graph order, which has been seen to move one
-    fp32 batch × sequence × hidden tensor per block between saved and recomputed (1.4-2.6% of this tiny model's
-    peak). Without checkpointing the partitioner saves less than eager autograd does."""
+    the in-process one is off: `_real_run_in_a_fresh_process`) agree, to the byte in most runs; the min-cut
+    partitioner breaks ties between equal cuts by graph order, which has been seen to move one fp32 batch × sequence
+    × hidden tensor per block between saved and recomputed (1.4-2.6% of this tiny model's peak). Without
+    checkpointing the partitioner saves less than eager autograd does."""
     sim = simulate_in_process(deeper, _config(method, True, gc), 2, 96)
     config = deeper.config
     one_tensor_per_block = config.num_hidden_layers * 2 * 96 * (config.hidden_size * 4 + 8)

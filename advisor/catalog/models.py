@@ -544,8 +544,8 @@ def shipped_summaries() -> dict[str, dict]:
 
 def computed_summary(rm: ResolvedModel, fresh: bool = True) -> dict:
     """`rm`'s summary fields computed now; `fresh`: the count too, on meta (not from a cache or the shipped table)."""
-    return {"params": rm.count_params() if fresh else rm.num_params(), "layers": rm.num_layers, "hidden": rm.hidden_size, "vocab": rm.vocab_size,
-            "max_positions": rm.max_positions}
+    return {"params": rm.count_params() if fresh else rm.num_params(), "layers": rm.num_layers,
+            "hidden": rm.hidden_size, "vocab": rm.vocab_size, "max_positions": rm.max_positions}
 
 
 def write_shipped_summaries(path: Path | None = None) -> Path:

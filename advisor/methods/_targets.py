@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-
 from advisor.errors import AdvisorInputError
 from advisor.methods.base import linear_module_names
 

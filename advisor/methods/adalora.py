@@ -25,6 +25,7 @@ def schedule(peft: dict, total_steps: int) -> tuple[int, int, list[str]]:
 
 def build(model, peft, ctx):
     from peft import AdaLoraConfig, get_peft_model
+
     total = max(int(ctx.total_steps), 3)
     tinit, tfinal, notes = schedule(peft, total)
     targets = resolve_targets(model, peft["target_modules"], ctx.model_type, "config.peft.target_modules")

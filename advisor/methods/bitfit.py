@@ -22,6 +22,7 @@ def validate(peft, ctx):
 
 def build(model, peft, ctx):
     from peft import BeftConfig, get_peft_model
+
     validate(peft, ctx)
     if peft["bias_source"] == "add":
         cfg = BeftConfig(task_type=peft_task_type(ctx), target_modules="all-linear")

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-
 from advisor.errors import AdvisorInputError
 from advisor.methods.base import MethodSpec, Prepared, freeze, register_method
 

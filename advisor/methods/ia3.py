@@ -6,6 +6,7 @@ from advisor.methods.base import MethodSpec, Prepared, peft_task_type, register_
 
 def build(model, peft, ctx):
     from peft import IA3Config, get_peft_model
+
     targets, ff = ia3_modules(model, peft, ctx.model_type)
     cfg = IA3Config(task_type=peft_task_type(ctx), target_modules=targets, feedforward_modules=ff)
     return Prepared(model=get_peft_model(model, cfg), method="ia3", peft={**peft, "target_modules": targets, "feedforward_modules": ff})

@@ -25,6 +25,7 @@ def adapter_autocast(peft: dict) -> bool:
 
 def lora_config(model, peft, ctx, **extra):
     from peft import LoraConfig
+
     targets = resolve_targets(model, peft["target_modules"], ctx.model_type, "config.peft.target_modules")
     standin = _sim_quant_class(model)
     if standin is not None and targets == "all-linear":
@@ -87,6 +88,7 @@ def freeze_lora_a(model, ctx) -> None:
 
 def build(model, peft, ctx):
     from peft import get_peft_model
+
     validate_lora(peft, ctx)
     model = get_peft_model(model, lora_config(model, peft, ctx), autocast_adapter_dtype=adapter_autocast(peft))
     freeze_lora_a(model, ctx)

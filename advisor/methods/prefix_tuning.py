@@ -7,6 +7,7 @@ from advisor.methods.prompt_tuning import validate
 
 def build(model, peft, ctx):
     from peft import PrefixTuningConfig, get_peft_model
+
     validate(peft, ctx)
     if ctx.training.gradient_checkpointing:
         raise AdvisorInputError(

@@ -12,6 +12,7 @@ def validate(peft, ctx):
 
 def build(model, peft, ctx):
     from peft import PromptTuningConfig, PromptTuningInit, get_peft_model
+
     validate(peft, ctx)
     # the virtual tokens are concatenated with the input embeddings, whose width is not always hidden_size (PEFT's
     # default for token_dim): OPT-350m embeds in 512 and projects to 1024

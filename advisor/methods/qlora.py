@@ -12,6 +12,7 @@ from advisor.methods.lora import LORA_KNOBS, adapter_autocast, freeze_lora_a, lo
 
 def build(model, peft, ctx):
     from peft import get_peft_model, prepare_model_for_kbit_training
+
     validate_lora(peft, ctx)
     if peft.get("upcast_non_quantized"):
         # PEFT's recipe: norms, embeddings and the head in fp32 (+4 bytes/param for those layers)
