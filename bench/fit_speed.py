@@ -157,7 +157,7 @@ def bench_recommend() -> dict:
         with tempfile.TemporaryDirectory() as cache:
             os.environ["ADVISOR_CACHE_DIR"] = cache
             get_settings.cache_clear()
-            coefficients._load.cache_clear()
+            coefficients.clear_memo()
             service._FITTED.clear()
             coefficients._fit = fit
             try:

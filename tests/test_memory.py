@@ -249,6 +249,33 @@ def test_subprocess_simulation_is_cached_and_matches_in_process(small_llama):
     assert first["peak_bytes"] == second["peak_bytes"] == direct["peak_bytes"]
 
 
+def test_simulations_fork_from_a_warm_server_that_a_fresh_interpreter_agrees_with(small_llama, monkeypatch):
+    """The exact estimator's simulations run in children of a fork server that imported the stack once: the same
+    bytes as a fresh interpreter's, a child that runs past its time is killed (TimeoutError), and a server that died
+    is started again."""
+    import os
+
+    import advisor.memory.simulate as sim
+
+    cfg = get_method("lora").resolve_config({"training": {"gradient_checkpointing": True}})
+    warm = simulate(small_llama, cfg, 2, 32, use_cache=False)
+    server = sim._SERVER
+    assert server is not None and server.alive() and server.proc.pid != os.getpid()
+    monkeypatch.setenv("ADVISOR_WARM_SIMULATOR", "0")
+    fresh = simulate(small_llama, cfg, 2, 32, use_cache=False)
+    assert fresh["peak_bytes"] == warm["peak_bytes"] and fresh["phases"] == warm["phases"]
+    monkeypatch.delenv("ADVISOR_WARM_SIMULATOR")
+    payload = sim._request_payload(resolve_model("meta-llama/Llama-2-7b-hf"), get_method("full").resolve_config({}),
+                                   4, 4096, 2, 100)
+    with pytest.raises(TimeoutError, match="did not finish in 0.5 s"):
+        sim._in_child(payload, timeout_s=0.5)
+    assert server.alive()
+    server.proc.kill()
+    server.proc.wait()
+    again = simulate(small_llama, cfg, 2, 32, use_cache=False)
+    assert sim._SERVER is not server and sim._SERVER.alive() and again["peak_bytes"] == warm["peak_bytes"]
+
+
 def test_catalog_7b_simulation_matches_textbook_bytes():
     """Pure-bf16 full fine-tuning of Llama-2-7B with AdamW: 2+2+2+2 bytes per parameter dominate the peak."""
     llama7 = resolve_model("meta-llama/Llama-2-7b-hf")

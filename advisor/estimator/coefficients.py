@@ -28,7 +28,6 @@ instead of 4-6 and runs 6-8 steps instead of 8-12.
 from __future__ import annotations
 
 import copy
-import functools
 import hashlib
 import json
 import threading
@@ -120,17 +119,35 @@ def _cache_path(key: str):
     return get_settings().cache_dir / "coefficients" / f"{key}.json"
 
 
-@functools.lru_cache(maxsize=8192)
+_MEMO: dict[str, MemoryCoefficients] = {}  # the fits this process computed or read (a key names one fit anywhere)
+_MEMO_MAX = 8192
+
+
+def _remember(key: str, fitted: MemoryCoefficients) -> MemoryCoefficients:
+    if len(_MEMO) >= _MEMO_MAX:
+        _MEMO.pop(next(iter(_MEMO)))  # the oldest
+    _MEMO[key] = fitted
+    return fitted
+
+
+def clear_memo() -> None:
+    """Forget the fits held in memory (the disk cache stays)."""
+    _MEMO.clear()
+
+
 def _load(key: str) -> MemoryCoefficients | None:
+    found = _MEMO.get(key)
+    if found is not None:
+        return found
     try:
-        return MemoryCoefficients.from_dict(json.loads(_cache_path(key).read_text()))
-    except (OSError, ValueError, KeyError):
+        return _remember(key, MemoryCoefficients.from_dict(json.loads(_cache_path(key).read_text())))
+    except (OSError, ValueError, KeyError):  # not on disk (a miss is not remembered: another process may write it)
         return None
 
 
 def fit_coefficients(resolved, cfg: MethodConfig, seq_len: int, target: str = "cpu") -> MemoryCoefficients:
     """Fitted coefficients for this architecture/method/sequence length on a `target` device ("cuda" or "cpu": what
-    its kernels save, see `simulate_in_process`), from the cache or four slice runs."""
+    its kernels save, see `simulate_in_process`), from memory, the disk cache or four slice runs."""
     key = coefficient_key(resolved, cfg, seq_len, target)
     found = _load(key)
     if found is not None:
@@ -148,8 +165,7 @@ def fit_coefficients(resolved, cfg: MethodConfig, seq_len: int, target: str = "c
             tmp.replace(path)
         except OSError:
             pass
-        _load.cache_clear()
-        return fitted
+        return _remember(key, fitted)
 
 
 def slice_depths(resolved, cfg: MethodConfig | None = None) -> tuple[int, int]:

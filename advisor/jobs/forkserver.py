@@ -7,9 +7,13 @@ then, for each job order on its stdin, forks a child that runs `advisor.jobs.wor
 started worker would: its own session, its output in the job's worker.log, its own database connections, the
 parent-death signal and watchdog (its parent being the fork server, which itself dies with the API process).
 
+The exact estimator's simulations use the same server, without a database (`advisor.memory.simulate`): an order
+with `simulate` (the request), `result` (where the child writes the answer), `env` and `cwd` (the caller's) runs one
+simulation in the forked child instead of a job.
+
 Protocol, one JSON object per line:
 
-    dispatcher → server   {"job_id": "...", "log": "/path/worker.log"}
+    dispatcher → server   {"job_id": "...", "log": "/path/worker.log"}  (+ simulate, result, env, cwd)
     server → dispatcher   {"ready": true, "pid": N, "usable": b}  once, after the imports (usable false: an import
                                                                 initialized CUDA, which a forked child cannot use;
                                                                 the dispatcher then starts fresh workers)
@@ -55,7 +59,7 @@ def _reap() -> None:
 
 
 def _child(order: dict, db_url: str | None) -> None:
-    """In the forked child: become a worker for one job; never returns."""
+    """In the forked child: become a worker for one job, or run one simulation; never returns."""
     code = 1
     try:
         os.setsid()
@@ -68,6 +72,19 @@ def _child(order: dict, db_url: str | None) -> None:
         null = os.open(os.devnull, os.O_RDONLY)
         os.dup2(null, 0)
         os.close(null)
+        if "simulate" in order:
+            from advisor.jobs.worker import _set_parent_death_signal
+            from advisor.memory.simulate import write_child_result
+            from advisor.settings import get_settings
+
+            _set_parent_death_signal(signal.SIGKILL)  # nothing to save: the caller went away with the server
+            os.environ.clear()
+            os.environ.update(order["env"])  # the caller's, now: the server kept its own from when it started
+            os.chdir(order["cwd"])
+            get_settings.cache_clear()
+            write_child_result(order["simulate"], order["result"])
+            code = 0
+            return
         from advisor.jobs.store import JobStore
         from advisor.jobs.worker import run
 
@@ -184,11 +201,12 @@ def pid_exists(pid: int) -> bool:
 class ForkServer:
     """Starts `python -m advisor.jobs.forkserver` (its imports run in the background) and hands it jobs."""
 
-    def __init__(self, db_url: str, log_path: Path, env: dict[str, str] | None = None):
+    def __init__(self, db_url: str | None, log_path: Path, env: dict[str, str] | None = None):
         log_path.parent.mkdir(parents=True, exist_ok=True)
+        db = ["--db", db_url] if db_url else []
         with open(log_path, "ab") as log:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "advisor.jobs.forkserver", "--db", db_url, "--parent-pid", str(os.getpid())],
+                [sys.executable, "-m", "advisor.jobs.forkserver", *db, "--parent-pid", str(os.getpid())],
                 stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log, env=env, start_new_session=True)
         self.exits: dict[int, int] = {}
         self.ready = threading.Event()
@@ -222,13 +240,14 @@ class ForkServer:
     def alive(self) -> bool:
         return self.proc.poll() is None
 
-    def start(self, job_id: str, log_path: Path, timeout: float = 300) -> ForkedWorker | None:
-        """Fork a worker for `job_id` (waits for the imports if they are still running); None if the server is gone."""
+    def start(self, job_id: str, log_path: Path, timeout: float = 300, **order) -> ForkedWorker | None:
+        """Fork a worker for `job_id` (waits for the imports if they are still running); None if the server is gone.
+        `order` adds to what the child is told (a simulation's fields)."""
         with self._lock:
             if not self.ready.wait(timeout) or not self.usable or not self.alive():
                 return None
             try:
-                self.proc.stdin.write((json.dumps({"job_id": job_id, "log": str(log_path)}) + "\n").encode())
+                self.proc.stdin.write((json.dumps({"job_id": job_id, "log": str(log_path), **order}) + "\n").encode())
                 self.proc.stdin.flush()
             except (BrokenPipeError, OSError):
                 return None

@@ -314,6 +314,7 @@ def prewarm() -> None:
         from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: F401
 
         import advisor.engine  # noqa: F401
+        import advisor.memory.simulate  # noqa: F401  (the exact estimator's children fork from the same server)
         import advisor.methods  # noqa: F401
         import advisor.train.runner  # noqa: F401
 

@@ -5,8 +5,11 @@ tensor into a fake CPU tensor, runs training steps under `LiveBytes`, and report
 see. `measure_real` runs the identical steps on real tensors. The two agree to the byte on CPU (tested),
 which is what lets the simulation stand in for hardware we do not have.
 
-`simulate` runs the simulation in a subprocess (a fake-tensor mistake can abort a process) and caches the
-result on disk, keyed by the request and the library versions.
+`simulate` runs the simulation in a separate process (a fake-tensor mistake can abort a process) and caches the
+result on disk, keyed by the request and the library versions. The process is forked from a fork server
+(`advisor.jobs.forkserver`, the one that starts job workers) that imported torch, transformers and PEFT once: every
+simulation still runs in a fresh process, without paying the 5-15 s of imports each time (ADVISOR_WARM_SIMULATOR=0:
+a fresh interpreter each).
 
 GPU-side differences are explicit: the optimizer mirrors CUDA's default (fused AdamW; `adamw_torch` is
 foreach), attention uses the SDPA path a real run takes when there is no padding (flash / memory-efficient
@@ -24,6 +27,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -508,16 +512,7 @@ def simulate(resolved, cfg: MethodConfig, batch_size: int, seq_len: int, steps: 
             return result
         except (OSError, json.JSONDecodeError):
             path.unlink(missing_ok=True)
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-    proc = subprocess.run(
-        [sys.executable, "-m", "advisor.memory.simulate"],
-        input=json.dumps(payload), capture_output=True, text=True, timeout=timeout_s, env=env,
-    )
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
-    if proc.returncode != 0 or not lines:
-        tail = (proc.stderr or proc.stdout).strip().splitlines()[-5:]
-        raise RuntimeError(f"simulation failed (exit {proc.returncode}): " + " | ".join(tail))
-    result = json.loads(lines[-1])
+    result = _in_child(payload, timeout_s)
     if "error" in result:
         if result.get("field"):
             from advisor.errors import AdvisorInputError
@@ -532,11 +527,85 @@ def simulate(resolved, cfg: MethodConfig, batch_size: int, seq_len: int, steps: 
     return result
 
 
+_SERVER = None
+_SERVER_LOCK = threading.Lock()
+
+
+def warm_simulator() -> bool:
+    """Whether simulations fork from a warm server (ADVISOR_WARM_SIMULATOR, default on where there is os.fork)."""
+    return os.environ.get("ADVISOR_WARM_SIMULATOR", "1") != "0" and hasattr(os, "fork")
+
+
+def _server():
+    """This process's fork server for simulations (advisor.jobs.forkserver, without a database), started on first
+    use and again if it died."""
+    global _SERVER
+    from advisor.jobs.forkserver import ForkServer
+
+    with _SERVER_LOCK:
+        if _SERVER is None or not _SERVER.alive():
+            import tempfile
+
+            log = Path(tempfile.gettempdir()) / f"advisor-simulation-server-{os.getpid()}.log"
+            _SERVER = ForkServer(None, log, env={**os.environ, **CHILD_ENV})
+        return _SERVER
+
+
+CHILD_ENV = {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}  # a simulation reads nothing from the Hub
+
+
+def _in_child(payload: dict, timeout_s: float) -> dict:
+    """The simulation's result, computed in another process: forked from the warm server, else a fresh interpreter.
+    Raises RuntimeError with the end of the child's output when it dies without a result, TimeoutError after
+    `timeout_s`."""
+    env = {**os.environ, **CHILD_ENV}
+    if warm_simulator():
+        import tempfile
+        import uuid
+
+        with tempfile.TemporaryDirectory(prefix="advisor-simulation-") as tmp:
+            result, log = Path(tmp) / "result.json", Path(tmp) / "child.log"
+            child = _server().start(f"simulation-{uuid.uuid4().hex}", log, timeout=timeout_s,
+                                    simulate=payload, result=str(result), env=env, cwd=os.getcwd())
+            if child is not None:  # else the server is gone or unusable: a fresh interpreter below
+                try:
+                    code = child.wait(timeout_s)
+                except subprocess.TimeoutExpired:
+                    child.kill()
+                    raise TimeoutError(f"simulation did not finish in {timeout_s:g} s") from None
+                if result.exists():
+                    return json.loads(result.read_text())
+                tail = log.read_text(errors="replace").strip().splitlines()[-5:] if log.exists() else []
+                raise RuntimeError(f"simulation failed (exit {code}): " + " | ".join(tail))
+    try:
+        proc = subprocess.run([sys.executable, "-m", "advisor.memory.simulate"], input=json.dumps(payload),
+                              capture_output=True, text=True, timeout=timeout_s, env=env)
+    except subprocess.TimeoutExpired:
+        raise TimeoutError(f"simulation did not finish in {timeout_s:g} s") from None
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
+    if proc.returncode != 0 or not lines:
+        tail = (proc.stderr or proc.stdout).strip().splitlines()[-5:]
+        raise RuntimeError(f"simulation failed (exit {proc.returncode}): " + " | ".join(tail))
+    return json.loads(lines[-1])
+
+
+def write_child_result(payload: dict, path: str) -> None:
+    """In a child forked by the server: simulate and write the result where the caller waits for it."""
+    out = Path(path)
+    tmp = out.with_suffix(".tmp")
+    tmp.write_text(json.dumps(_child_result(payload), default=str))
+    tmp.replace(out)
+
+
 def _child_main() -> None:
+    payload = json.loads(sys.stdin.read())
+    print(json.dumps(_child_result(payload), default=str), flush=True)
+
+
+def _child_result(payload: dict) -> dict:
     import warnings
 
     warnings.filterwarnings("ignore")
-    payload = json.loads(sys.stdin.read())
     try:
         from advisor.catalog.models import resolve_model
 
@@ -549,7 +618,7 @@ def _child_main() -> None:
                                      allocator_workspaces=payload.get("allocator_workspaces"))
     except Exception as err:  # reported to the parent as data, not a traceback on stdout
         result = {"error": f"{type(err).__name__}: {err}", "field": getattr(err, "field", None)}
-    print(json.dumps(result, default=str), flush=True)
+    return result
 
 
 if __name__ == "__main__":
