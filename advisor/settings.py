@@ -17,10 +17,16 @@ class Settings(BaseSettings):
     api_token: str | None = Field(None, description="When set, mutating endpoints need 'Authorization: Bearer <token>'.")
     profile: Path | None = Field(None, description="Calibration profile to use instead of the best match for the device.")
     cache_dir_override: Path | None = Field(None, alias="ADVISOR_CACHE_DIR")
+    fit_cache_dir_override: Path | None = Field(
+        None, alias="ADVISOR_FIT_CACHE_DIR",
+        description="Where fitted memory models are kept (default <cache>/coefficients). A fit is named by a hash of "
+                    "everything it depends on, so machines and users can share one directory.")
     auto_resume: bool = Field(False, description="Resume jobs found interrupted at startup without being asked.")
     max_upload_mb: float = Field(512, gt=0, description="Largest dataset upload accepted by POST /v1/datasets (MiB).")
     warm_worker: bool = Field(True, description="Start job workers from a warm fork server (torch already imported); "
                               "false starts each worker with a fresh interpreter.")
+    warm_simulator: bool = Field(True, description="Fork the exact estimator's simulations from a warm fork server "
+                                 "(torch already imported); false starts each with a fresh interpreter.")
     worker_stop_grace_s: float = Field(30.0, gt=0, description="Seconds a worker told to stop (cancel, server gone) "
                                        "waits for the trainer's checkpoint before it records the job and exits hard.")
     host: str = "127.0.0.1"
@@ -29,6 +35,10 @@ class Settings(BaseSettings):
     @property
     def cache_dir(self) -> Path:
         return (self.cache_dir_override or self.data_root / "cache").resolve()
+
+    @property
+    def fit_cache_dir(self) -> Path:
+        return (self.fit_cache_dir_override or self.cache_dir / "coefficients").resolve()
 
     @property
     def database_url(self) -> str:

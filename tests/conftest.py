@@ -10,12 +10,27 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import pytest  # noqa: E402
 
 
+@pytest.fixture(scope="session")
+def shared_fit_cache(tmp_path_factory):
+    """One directory of fitted memory models for the whole run, both xdist workers and every process they start
+    (servers, CLIs, the notebook's kernel): a fit is named by a hash of all it depends on, so the first test that
+    needs one computes it and the others read it, as users sharing ADVISOR_FIT_CACHE_DIR do. Writes are atomic."""
+    import os
+
+    base = tmp_path_factory.getbasetemp()
+    root = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+    path = root / "shared-fits"
+    path.mkdir(exist_ok=True)
+    return path
+
+
 @pytest.fixture(autouse=True)
-def _isolated_data_root(tmp_path, monkeypatch):
-    """Each test gets its own data root (and so its own cache and SQLite file)."""
+def _isolated_data_root(tmp_path, monkeypatch, shared_fit_cache):
+    """Each test gets its own data root (and so its own cache and SQLite file); fitted memory models are shared."""
     from advisor.settings import get_settings
 
     monkeypatch.setenv("ADVISOR_DATA_ROOT", str(tmp_path / "var"))
+    monkeypatch.setenv("ADVISOR_FIT_CACHE_DIR", str(shared_fit_cache))
     get_settings.cache_clear()
     yield
     get_settings.cache_clear()

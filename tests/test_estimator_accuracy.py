@@ -396,3 +396,27 @@ def test_exact_estimates_on_several_gpus_shard_the_simulated_replica():
     assert exact["peak_vram_gib"] == per["zero2"]
     pinned = exact_estimate(req, strategy="zero3")
     assert pinned["strategy"] == "zero3" and pinned["peak_vram_gib"] == per["zero3"]
+
+
+def test_fits_are_kept_in_the_fit_cache_dir_and_read_back(tiny_dirs, tmp_path, monkeypatch):
+    """ADVISOR_FIT_CACHE_DIR holds the fitted memory models (one JSON file per fit, written atomically: no temporary
+    file left); a process that has not fitted it reads the file instead of fitting again."""
+    from advisor.estimator import coefficients
+    from advisor.estimator.fast import fast_estimate
+    from advisor.settings import get_settings
+
+    fits = tmp_path / "fits"
+    monkeypatch.setenv("ADVISOR_FIT_CACHE_DIR", str(fits))
+    get_settings.cache_clear()
+    coefficients.clear_memo()
+    req = _request(str(tiny_dirs["llama"]), "lora", 1, 32, False, gpu="4090")
+    first = fast_estimate(req)
+    files = sorted(fits.iterdir())
+    assert [f.suffix for f in files] == [".json"] and not (get_settings().cache_dir / "coefficients").exists()
+    written = files[0].stat().st_mtime_ns
+    coefficients.clear_memo()  # as another process would start
+    fitted = []
+    monkeypatch.setattr(coefficients, "_fit", lambda *a, **k: fitted.append(a) or pytest.fail("fitted again"))
+    again = fast_estimate(req)
+    assert again["peak_bytes"] == first["peak_bytes"] and not fitted
+    assert files[0].stat().st_mtime_ns == written and sorted(fits.iterdir()) == files

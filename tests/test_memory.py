@@ -261,10 +261,15 @@ def test_simulations_fork_from_a_warm_server_that_a_fresh_interpreter_agrees_wit
     warm = simulate(small_llama, cfg, 2, 32, use_cache=False)
     server = sim._SERVER
     assert server is not None and server.alive() and server.proc.pid != os.getpid()
-    monkeypatch.setenv("ADVISOR_WARM_SIMULATOR", "0")
+    from advisor.settings import get_settings
+
+    monkeypatch.setenv("ADVISOR_WARM_SIMULATOR", "false")
+    get_settings.cache_clear()
+    assert not sim.warm_simulator()
     fresh = simulate(small_llama, cfg, 2, 32, use_cache=False)
     assert fresh["peak_bytes"] == warm["peak_bytes"] and fresh["phases"] == warm["phases"]
     monkeypatch.delenv("ADVISOR_WARM_SIMULATOR")
+    get_settings.cache_clear()
     payload = sim._request_payload(resolve_model("meta-llama/Llama-2-7b-hf"), get_method("full").resolve_config({}),
                                    4, 4096, 2, 100)
     with pytest.raises(TimeoutError, match="did not finish in 0.5 s"):

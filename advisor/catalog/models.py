@@ -60,6 +60,7 @@ import pydantic
 
 from advisor.catalog.gpus import profiles_dir
 from advisor.errors import AdvisorInputError
+from advisor.files import write_text_atomic
 
 Kind = Literal["causal_lm", "seq2seq"]
 
@@ -587,9 +588,7 @@ def _store_param_count(key: str, n: int) -> None:
         with _PARAM_LOCK:
             data = _disk_param_cache()
             data[key] = n
-            tmp = path.with_suffix(f".{os.getpid()}.tmp")
-            tmp.write_text(json.dumps(data))
-            tmp.replace(path)
+            write_text_atomic(path, json.dumps(data))
     except OSError:
         pass  # a read-only cache dir only costs recomputation
 

@@ -34,6 +34,7 @@ import threading
 from dataclasses import dataclass
 
 from advisor.config import MethodConfig, method_key_dump, without_neutral_defaults
+from advisor.files import write_text_atomic
 from advisor.memory.counter import CATEGORIES
 from advisor.settings import get_settings
 
@@ -116,7 +117,7 @@ def coefficient_key(resolved, cfg: MethodConfig, seq_len: int, target: str = "cp
 
 
 def _cache_path(key: str):
-    return get_settings().cache_dir / "coefficients" / f"{key}.json"
+    return get_settings().fit_cache_dir / f"{key}.json"
 
 
 _MEMO: dict[str, MemoryCoefficients] = {}  # the fits this process computed or read (a key names one fit anywhere)
@@ -160,9 +161,7 @@ def fit_coefficients(resolved, cfg: MethodConfig, seq_len: int, target: str = "c
         path = _cache_path(key)
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_suffix(".tmp")
-            tmp.write_text(json.dumps(fitted.to_dict()))
-            tmp.replace(path)
+            write_text_atomic(path, json.dumps(fitted.to_dict()))
         except OSError:
             pass
         return _remember(key, fitted)

@@ -20,6 +20,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from advisor.config import MethodConfig, method_key_dump
+from advisor.files import write_text_atomic
 
 _LAYER_FIELDS = ("num_hidden_layers", "n_layer", "num_layers", "num_decoder_layers")
 _LOCK = threading.Lock()
@@ -366,9 +367,7 @@ def static_terms(resolved, cfg: MethodConfig) -> StaticTerms:
         path = _cache_path(key)
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_suffix(".tmp")
-            tmp.write_text(json.dumps(data))
-            tmp.replace(path)
+            write_text_atomic(path, json.dumps(data))
         except OSError:
             pass
         _cached.cache_clear()

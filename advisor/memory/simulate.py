@@ -35,6 +35,7 @@ import torch
 
 from advisor.config import MethodConfig
 from advisor.errors import AdvisorInputError
+from advisor.files import write_text_atomic
 from advisor.engine import int8_vectorwise_dequant, train_step
 from advisor.memory.counter import LiveBytes, cuda_memory_stats
 from advisor.memory.simattn import semantics, use_sim_masks
@@ -520,9 +521,7 @@ def simulate(resolved, cfg: MethodConfig, batch_size: int, seq_len: int, steps: 
             raise AdvisorInputError(result["field"], result["error"].split(": ", 2)[-1])
         raise RuntimeError(result["error"])
     result["model_id"] = resolved.id
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(result))
-    tmp.replace(path)
+    write_text_atomic(path, json.dumps(result))
     result["cached"] = False
     return result
 
@@ -533,7 +532,9 @@ _SERVER_LOCK = threading.Lock()
 
 def warm_simulator() -> bool:
     """Whether simulations fork from a warm server (ADVISOR_WARM_SIMULATOR, default on where there is os.fork)."""
-    return os.environ.get("ADVISOR_WARM_SIMULATOR", "1") != "0" and hasattr(os, "fork")
+    from advisor.settings import get_settings
+
+    return get_settings().warm_simulator and hasattr(os, "fork")
 
 
 def _server():
@@ -591,10 +592,7 @@ def _in_child(payload: dict, timeout_s: float) -> dict:
 
 def write_child_result(payload: dict, path: str) -> None:
     """In a child forked by the server: simulate and write the result where the caller waits for it."""
-    out = Path(path)
-    tmp = out.with_suffix(".tmp")
-    tmp.write_text(json.dumps(_child_result(payload), default=str))
-    tmp.replace(out)
+    write_text_atomic(Path(path), json.dumps(_child_result(payload), default=str))
 
 
 def _child_main() -> None:
