@@ -131,15 +131,6 @@ def test_t4_trains_in_fp16_with_a_smaller_micro_batch_that_keeps_the_effective_b
     assert t["per_device_train_batch_size"] * t["gradient_accumulation_steps"] >= 16
 
 
-def test_t5_summarizing_gets_a_method_that_applies_to_encoder_decoders(tiny_dirs):
-    r = rec(model=str(tiny_dirs["t5"]), hardware={"gpu": "RTX 4090"}, dataset={**DATA, "avg_tokens": 200, "max_tokens": 256},
-            task="summarization")
-    assert r["decision"] == "fine_tune"
-    assert r["method"] not in ("longlora",)
-    assert "longlora" in rejected(r)
-    assert r["config"]["training"]["max_seq_length"] == 256
-
-
 def test_math_widens_lora_to_the_mlp_and_four_domains_choose_experts():
     r = rec(model=L7, hardware={"gpu": "A100-80GB"}, dataset=DATA, task="math")
     assert r["method"] == "lora"
@@ -218,9 +209,11 @@ def test_a_dataset_file_is_profiled_with_the_models_tokenizer(tiny_dirs, tmp_pat
     assert r["config"]["training"]["max_seq_length"] == min(longest, 2048)
 
 
-def test_t5_dataset_file_sets_the_decoder_length_from_its_longest_target(tiny_dirs, tmp_path):
-    """For an encoder-decoder the profile reports the targets apart, and the recommended config trains and is
-    estimated with the decoder at the longest target (max_target_length), not at the source length."""
+def test_t5_summarizing_a_file_gets_an_encoder_decoder_method_with_the_decoder_at_the_longest_target(tiny_dirs,
+                                                                                                    tmp_path):
+    """An encoder-decoder gets a method that applies to it (LongLoRA's shifted attention does not: rejected). The
+    profile reports the targets apart, and the recommended config trains and is estimated with the decoder at the
+    longest target (max_target_length), not at the source length."""
     import json
 
     from advisor.train.data import encode_row, read_rows
@@ -232,7 +225,8 @@ def test_t5_dataset_file_sets_the_decoder_length_from_its_longest_target(tiny_di
     path.write_text("".join(json.dumps({"prompt": " ".join(words * (2 + i % 5)), "completion": ("yes", "no")[i % 2]})
                             + "\n" for i in range(150)))
     r = rec(model=str(tiny_dirs["t5"]), hardware={"gpu": "RTX 4090"}, dataset={"path": str(path)},
-            context={"prompting_tried": True})
+            task="summarization", context={"prompting_tried": True})
+    assert r["decision"] == "fine_tune" and r["method"] != "longlora" and "longlora" in rejected(r)
     tok = AutoTokenizer.from_pretrained(tiny_dirs["t5"])
     pairs = [encode_row(row, "completion", tok, "seq2seq") for row in read_rows(path)]
     longest_target = max(len(e.labels) for e in pairs)
@@ -240,6 +234,7 @@ def test_t5_dataset_file_sets_the_decoder_length_from_its_longest_target(tiny_di
     assert longest_target * 4 < r["dataset_profile"]["max_tokens"] == max(len(e.input_ids) for e in pairs)
     assert r["decision"] == "fine_tune"
     assert r["config"]["training"]["max_target_length"] == longest_target
+    assert r["config"]["training"]["max_seq_length"] == r["dataset_profile"]["max_tokens"]
     # the answer's estimate is the estimate of that config, and the default (target = source length) is larger
     from advisor.estimator.fast import fast_estimate
     from advisor.schemas import EstimateRequest

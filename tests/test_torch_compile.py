@@ -114,13 +114,19 @@ def test_every_block_is_compiled_past_dynamos_recompile_limit(tiny_dirs):
 
 
 def test_fast_estimate_follows_the_exact_simulation_of_all_blocks():
+    """Qwen2.5-0.5B's shapes at 8 blocks (of 24: the exact side compiles each block, as a real run does, since
+    `layer_idx` is guarded): the fast estimate, fitted on 2- and 3-block slices, extrapolates to all 8."""
+    from advisor.catalog.models import resolve_model
     from advisor.estimator.exact import exact_estimate
     from advisor.estimator.fast import fast_estimate
     from advisor.schemas import EstimateRequest
 
+    config = {**resolve_model("Qwen/Qwen2.5-0.5B").config.to_dict(), "num_hidden_layers": 8}
+    config.pop("layer_types", None)  # rebuilt for 8 blocks
+
     def req(compiled):
         return EstimateRequest.model_validate({
-            "model": "Qwen/Qwen2.5-0.5B", "hardware": {"gpu": "h100"}, "method": "lora",
+            "model": config, "hardware": {"gpu": "h100"}, "method": "lora",
             "config": {"training": {"per_device_train_batch_size": 2, "max_seq_length": 512,
                                     "torch_compile": compiled}}})
 
