@@ -257,10 +257,19 @@ def test_simulations_fork_from_a_warm_server_that_a_fresh_interpreter_agrees_wit
 
     import advisor.memory.simulate as sim
 
+    import threading
+    import time
+
     cfg = get_method("lora").resolve_config({"training": {"gradient_checkpointing": True}})
-    warm = simulate(small_llama, cfg, 2, 32, use_cache=False)
-    server = sim._SERVER
-    assert server is not None and server.alive() and server.proc.pid != os.getpid()
+    sim._SERVER = None  # started below by a thread that then ends, as a web server's pool thread would
+    out = {}
+    caller = threading.Thread(target=lambda: out.update(warm=simulate(small_llama, cfg, 2, 32, use_cache=False)))
+    caller.start()
+    caller.join()
+    warm, server = out["warm"], sim._SERVER
+    assert server is not None and server.proc.pid != os.getpid()
+    time.sleep(1)  # a parent-death signal tied to the ended thread would have killed it by now
+    assert server.alive()
     from advisor.settings import get_settings
 
     monkeypatch.setenv("ADVISOR_WARM_SIMULATOR", "false")

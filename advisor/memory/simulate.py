@@ -461,13 +461,26 @@ def structure_markers(resolved, cfg: MethodConfig) -> dict:
             **({"plain_linear": 1} if plain_linear_applies(resolved.config.model_type, cfg) else {})}
 
 
+def model_payload(resolved) -> dict:
+    """The model as another process rebuilds it (`model_from_payload`)."""
+    return {"id": resolved.id, "kind": resolved.kind,
+            "config": resolved.raw_config if resolved.raw_config is not None else resolved.config.to_dict()}
+
+
+def model_from_payload(m: dict):
+    from advisor.catalog.models import resolve_model
+
+    resolved = resolve_model(m["config"])
+    resolved.id, resolved.kind = m["id"], m["kind"]
+    return resolved
+
+
 def _request_payload(resolved, cfg: MethodConfig, batch_size: int, seq_len: int, steps: int, total_steps: int,
                      target: str = "cpu", allocator_workspaces: list[int] | None = None) -> dict:
     extra = {} if allocator_workspaces is None else {"allocator_workspaces": [int(w) for w in allocator_workspaces]}
     extra.update(structure_markers(resolved, cfg))
     return {**extra,
-        "model": {"id": resolved.id, "kind": resolved.kind,
-                  "config": resolved.raw_config if resolved.raw_config is not None else resolved.config.to_dict()},
+        "model": model_payload(resolved),
         "config": _config_payload(cfg),
         "batch_size": batch_size,
         "seq_len": seq_len,
@@ -537,7 +550,7 @@ def warm_simulator() -> bool:
     return get_settings().warm_simulator and hasattr(os, "fork")
 
 
-def _server():
+def warm_server():
     """This process's fork server for simulations (advisor.jobs.forkserver, without a database), started on first
     use and again if it died."""
     global _SERVER
@@ -548,7 +561,27 @@ def _server():
             import tempfile
 
             log = Path(tempfile.gettempdir()) / f"advisor-simulation-server-{os.getpid()}.log"
-            _SERVER = ForkServer(None, log, env={**os.environ, **CHILD_ENV})
+            started: dict = {}
+            ready = threading.Event()
+
+            def keep() -> None:
+                # the server dies with the thread that started it (Linux's parent-death signal follows the creating
+                # thread, not the process): a thread of its own, alive as long as the server, not the caller's
+                # thread (a web server's pool thread may end a few seconds after the request)
+                try:
+                    started["server"] = ForkServer(None, log, env={**os.environ, **CHILD_ENV})
+                except BaseException as err:  # noqa: BLE001 - raised in the caller below
+                    started["error"] = err
+                finally:
+                    ready.set()
+                if "server" in started:
+                    started["server"].proc.wait()
+
+            threading.Thread(target=keep, name="simulation-server", daemon=True).start()
+            ready.wait()
+            if "error" in started:
+                raise started["error"]
+            _SERVER = started["server"]
         return _SERVER
 
 
@@ -566,7 +599,7 @@ def _in_child(payload: dict, timeout_s: float) -> dict:
 
         with tempfile.TemporaryDirectory(prefix="advisor-simulation-") as tmp:
             result, log = Path(tmp) / "result.json", Path(tmp) / "child.log"
-            child = _server().start(f"simulation-{uuid.uuid4().hex}", log, timeout=timeout_s,
+            child = warm_server().start(f"simulation-{uuid.uuid4().hex}", log, timeout=timeout_s,
                                     simulate=payload, result=str(result), env=env, cwd=os.getcwd())
             if child is not None:  # else the server is gone or unusable: a fresh interpreter below
                 try:
@@ -605,11 +638,7 @@ def _child_result(payload: dict) -> dict:
 
     warnings.filterwarnings("ignore")
     try:
-        from advisor.catalog.models import resolve_model
-
-        m = payload["model"]
-        resolved = resolve_model(m["config"])
-        resolved.id, resolved.kind = m["id"], m["kind"]
+        resolved = model_from_payload(payload["model"])
         cfg = MethodConfig.model_validate(payload["config"])
         result = simulate_in_process(resolved, cfg, payload["batch_size"], payload["seq_len"], payload["steps"],
                                      payload["total_steps"], payload.get("target", "cpu"),
