@@ -316,3 +316,34 @@ def test_rest_and_cli_refuse_bad_input_naming_the_field(server, tmp_path):
                           "--avg-tokens", "900", "--max-tokens", "10"], capture_output=True, text=True, timeout=120)
     assert cli.returncode == 2 and "avg_tokens" in cli.stderr
     assert httpx.get(f"{base}/healthz").json()["status"] == "ok"  # nothing else affected
+
+
+def test_parallel_fits_leave_nothing_to_fit_and_equal_a_fit_in_process(tiny_dirs, tmp_path, monkeypatch):
+    """ADVISOR_FIT_WORKERS=2: the candidates' fits run two at a time in processes forked from the warm server, before
+    the candidates are configured; configuring them then fits nothing in this process, and the chosen config's
+    estimate equals one fitted here from scratch."""
+    from advisor.estimator import coefficients
+    from advisor.estimator.fast import fast_estimate
+    from advisor.recommend.service import _FITTED
+    from advisor.schemas import EstimateRequest
+    from advisor.settings import get_settings
+
+    hardware = {"gpu": "RTX 4090"}
+    in_process = []
+    original = coefficients._fit
+    monkeypatch.setattr(coefficients, "_fit", lambda *a, **k: in_process.append(a[1].method) or original(*a, **k))
+    monkeypatch.setenv("ADVISOR_FIT_WORKERS", "2")
+    monkeypatch.setenv("ADVISOR_FIT_CACHE_DIR", str(tmp_path / "parallel"))
+    coefficients.clear_memo()
+    _FITTED.clear()
+    r = rec(model=str(tiny_dirs["llama"]), hardware=hardware,
+            dataset={"num_examples": 2000, "avg_tokens": 100, "max_tokens": 200})
+    forked = sorted((tmp_path / "parallel").glob("*.json"))
+    assert in_process == [] and len(forked) >= 5 and r["decision"] == "fine_tune"
+    monkeypatch.setenv("ADVISOR_FIT_CACHE_DIR", str(tmp_path / "here"))
+    get_settings.cache_clear()
+    coefficients.clear_memo()
+    here = fast_estimate(EstimateRequest.model_validate(
+        {"model": str(tiny_dirs["llama"]), "hardware": hardware, "method": r["method"], "config": r["config"]}))
+    assert in_process and here["peak_bytes"] == r["estimate"]["peak_bytes"]
+    assert {f.name for f in (tmp_path / "here").glob("*.json")} <= {f.name for f in forked}

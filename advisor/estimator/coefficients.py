@@ -27,11 +27,14 @@ instead of 4-6 and runs 6-8 steps instead of 8-12.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import copy
 import hashlib
 import json
 import threading
 from dataclasses import dataclass
+from pathlib import Path
 
 from advisor.config import MethodConfig, method_key_dump, without_neutral_defaults
 from advisor.files import write_text_atomic
@@ -146,6 +149,25 @@ def _load(key: str) -> MemoryCoefficients | None:
         return None
 
 
+class FitMissing(Exception):
+    """Raised instead of fitting while `collecting_misses` is on: the fit is not in memory or on disk."""
+
+
+_COLLECTING: contextvars.ContextVar[dict | None] = contextvars.ContextVar("fits_missing", default=None)
+
+
+@contextlib.contextmanager
+def collecting_misses():
+    """Within: a fit that is not cached raises FitMissing instead of running, and is recorded in the yielded dict
+    ({key: (resolved, config, sequence length, target)}), for `fit_in_parallel`."""
+    misses: dict = {}
+    token = _COLLECTING.set(misses)
+    try:
+        yield misses
+    finally:
+        _COLLECTING.reset(token)
+
+
 def fit_coefficients(resolved, cfg: MethodConfig, seq_len: int, target: str = "cpu") -> MemoryCoefficients:
     """Fitted coefficients for this architecture/method/sequence length on a `target` device ("cuda" or "cpu": what
     its kernels save, see `simulate_in_process`), from memory, the disk cache or four slice runs."""
@@ -153,6 +175,10 @@ def fit_coefficients(resolved, cfg: MethodConfig, seq_len: int, target: str = "c
     found = _load(key)
     if found is not None:
         return found
+    misses = _COLLECTING.get()
+    if misses is not None:
+        misses[key] = (resolved, cfg, seq_len, target)
+        raise FitMissing(key)
     with _LOCK:
         found = _load(key)
         if found is not None:
@@ -165,6 +191,60 @@ def fit_coefficients(resolved, cfg: MethodConfig, seq_len: int, target: str = "c
         except OSError:
             pass
         return _remember(key, fitted)
+
+
+def fit_from_payload(payload: dict) -> None:
+    """In a child forked by the warm server: compute one fit into the fit cache (`fit_in_parallel`)."""
+    from advisor.memory.simulate import model_from_payload
+
+    fit_coefficients(model_from_payload(payload["model"]), MethodConfig.model_validate(payload["config"]),
+                     int(payload["seq_len"]), payload["target"])
+
+
+def fit_in_parallel(misses: dict, workers: int, timeout_s: float = 1800) -> int:
+    """Compute the fits `collecting_misses` recorded in up to `workers` processes at once, each forked from the warm
+    server, into the fit cache; returns how many finished. A fit that fails, or a server that cannot start, only
+    leaves the fit to be computed in this process when it is asked for."""
+    import os
+    import subprocess
+    import tempfile
+    import time
+
+    from advisor.memory.simulate import CHILD_ENV, model_payload, warm_server
+
+    if workers < 2 or len(misses) < 2:
+        return 0
+    try:
+        server = warm_server()
+    except OSError:
+        return 0
+    env, done = {**os.environ, **CHILD_ENV}, 0
+    pending = list(misses.items())
+    running: list = []
+    deadline = time.monotonic() + timeout_s
+    with tempfile.TemporaryDirectory(prefix="advisor-fits-") as tmp:
+        while (pending or running) and time.monotonic() < deadline:
+            while pending and len(running) < workers:
+                key, (resolved, cfg, seq_len, target) = pending.pop(0)
+                child = server.start(f"fit-{key}", Path(tmp) / f"{key}.log", fit={
+                    "model": model_payload(resolved), "config": cfg.model_dump(mode="json"), "seq_len": seq_len,
+                    "target": target}, env=env, cwd=os.getcwd())
+                if child is None:  # the server is gone: the rest is fitted here, when asked for
+                    pending.clear()
+                    break
+                running.append(child)
+            finished = [c for c in running if c.poll() is not None]
+            done += sum(1 for c in finished if c.returncode == 0)
+            running = [c for c in running if c.returncode is None]
+            if running and not finished:
+                time.sleep(0.05)
+        for child in running:  # past the deadline
+            child.kill()
+            try:
+                child.wait(10)
+            except subprocess.TimeoutExpired:
+                pass
+    return done
 
 
 def slice_depths(resolved, cfg: MethodConfig | None = None) -> tuple[int, int]:

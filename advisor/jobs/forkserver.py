@@ -9,7 +9,8 @@ parent-death signal and watchdog (its parent being the fork server, which itself
 
 The exact estimator's simulations use the same server, without a database (`advisor.memory.simulate`): an order
 with `simulate` (the request), `result` (where the child writes the answer), `env` and `cwd` (the caller's) runs one
-simulation in the forked child instead of a job.
+simulation in the forked child instead of a job; one with `fit` computes a fast-estimator fit into the fit cache
+(`advisor.estimator.coefficients.fit_in_parallel`).
 
 Protocol, one JSON object per line:
 
@@ -59,7 +60,7 @@ def _reap() -> None:
 
 
 def _child(order: dict, db_url: str | None) -> None:
-    """In the forked child: become a worker for one job, or run one simulation; never returns."""
+    """In the forked child: become a worker for one job, or run one simulation or fit; never returns."""
     code = 1
     try:
         os.setsid()
@@ -72,9 +73,8 @@ def _child(order: dict, db_url: str | None) -> None:
         null = os.open(os.devnull, os.O_RDONLY)
         os.dup2(null, 0)
         os.close(null)
-        if "simulate" in order:
+        if "simulate" in order or "fit" in order:
             from advisor.jobs.worker import _set_parent_death_signal
-            from advisor.memory.simulate import write_child_result
             from advisor.settings import get_settings
 
             _set_parent_death_signal(signal.SIGKILL)  # nothing to save: the caller went away with the server
@@ -82,7 +82,14 @@ def _child(order: dict, db_url: str | None) -> None:
             os.environ.update(order["env"])  # the caller's, now: the server kept its own from when it started
             os.chdir(order["cwd"])
             get_settings.cache_clear()
-            write_child_result(order["simulate"], order["result"])
+            if "simulate" in order:
+                from advisor.memory.simulate import write_child_result
+
+                write_child_result(order["simulate"], order["result"])
+            else:
+                from advisor.estimator.coefficients import fit_from_payload
+
+                fit_from_payload(order["fit"])
             code = 0
             return
         from advisor.jobs.store import JobStore

@@ -151,6 +151,7 @@ def _fine_tune(out: dict, sc, rm, hw, ev, target: int | None = None) -> None:
     precision = _precision(hw)
     profile = profile_for(hw)
     candidates = [Candidate(m, ev.method_scores[m]) for m in ev.ranking]
+    _prefetch_fits(candidates, lambda c: _configure_and_fit(c, sc, rm, hw, ev, seq, precision, profile, wanted, target))
     for cand in candidates:
         try:
             _configure_and_fit(cand, sc, rm, hw, ev, seq, precision, profile, wanted, target)
@@ -199,6 +200,29 @@ def _fine_tune(out: dict, sc, rm, hw, ev, target: int | None = None) -> None:
     out["notes"] += [f"{best.method}: {r['says']} ({r['source']})" for r in ev.method_notes.get(best.method, [])]
     out["notes"] += best.adjustments
     out["notes"] += [n for n in best.estimate.get("notes", []) if n not in out["notes"]]
+
+
+def _prefetch_fits(candidates: list[Candidate], configure) -> None:
+    """With several CPUs (settings.parallel_fits), the fits the candidates need run in parallel processes before the
+    candidates are configured one by one, which then read them from the fit cache. Which fits a candidate needs
+    depends on earlier ones (checkpointing is fitted when the step does not fit without it; offloading fits the step
+    without it too), so the candidates are configured on copies with fitting turned into recording, and each wave's
+    missing fits computed together, until a wave finds none missing."""
+    from advisor.estimator import coefficients
+    from advisor.settings import get_settings
+
+    workers = get_settings().parallel_fits
+    if workers < 2:
+        return
+    for _ in range(3):
+        with coefficients.collecting_misses() as misses:
+            for cand in candidates:
+                try:
+                    configure(Candidate(cand.method, cand.rule_score))
+                except (coefficients.FitMissing, AdvisorInputError):
+                    pass
+        if coefficients.fit_in_parallel(misses, workers) == 0:
+            return
 
 
 def _sequence_length(ds, rm) -> tuple[int, str | None, int]:
