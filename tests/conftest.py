@@ -6,6 +6,9 @@ import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# `make test` runs one xdist worker per CPU: a torch thread pool per CPU in each of them (and in the servers, jobs and
+# CLIs they start) would oversubscribe the machine, and OpenMP's spinning threads make that slow
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import pytest  # noqa: E402
 
