@@ -27,9 +27,9 @@ class Settings(BaseSettings):
                               "false starts each worker with a fresh interpreter.")
     warm_simulator: bool = Field(True, description="Fork the exact estimator's simulations from a warm fork server "
                                  "(torch already imported); false starts each with a fresh interpreter.")
-    fit_workers: int | None = Field(None, ge=1, le=64, description="Processes a recommendation runs its candidates' "
-                                    "fits in at once (default: half the CPUs, at most 4; 1: one after another, in "
-                                    "process).")
+    fit_workers: int = Field(1, ge=1, le=64, description="Processes a recommendation runs its candidates' fits in at "
+                             "once (1: one after another, in process). Each process starts with cold caches, so on "
+                             "2 CPUs 2 workers gain only 4% (bench.parallel_fits).")
     worker_stop_grace_s: float = Field(30.0, gt=0, description="Seconds a worker told to stop (cancel, server gone) "
                                        "waits for the trainer's checkpoint before it records the job and exits hard.")
     host: str = "127.0.0.1"
@@ -42,12 +42,6 @@ class Settings(BaseSettings):
     @property
     def fit_cache_dir(self) -> Path:
         return (self.fit_cache_dir_override or self.cache_dir / "coefficients").resolve()
-
-    @property
-    def parallel_fits(self) -> int:
-        import os
-
-        return self.fit_workers or max(1, min(4, (os.cpu_count() or 1) // 2))
 
     @property
     def database_url(self) -> str:

@@ -5,7 +5,7 @@ Each mode answers the 7B-on-a-24-GB-card scenario (Llama-2-7B, RTX 4090, 2,000 e
 20 fits, each method with and without gradient checkpointing) in a fresh Python process of its own with empty
 caches, so both pay the same imports; the parallel mode also starts the warm fork server its fits are forked from.
 The answers must be equal (method, config, estimate, ranking): the mode changes where the fits run, not what they
-compute. On a machine with more cores the ratio falls further; this one has what `nproc` says.
+compute. The machine's CPU count is printed with the result.
 
 Run: `HF_HUB_OFFLINE=1 .venv/bin/python -m bench.parallel_fits [--workers N]`.
 Writes bench/results/parallel_fits.json (versions, host, load average).

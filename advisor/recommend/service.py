@@ -203,7 +203,7 @@ def _fine_tune(out: dict, sc, rm, hw, ev, target: int | None = None) -> None:
 
 
 def _prefetch_fits(candidates: list[Candidate], configure) -> None:
-    """With several CPUs (settings.parallel_fits), the fits the candidates need run in parallel processes before the
+    """With ADVISOR_FIT_WORKERS > 1 (settings.fit_workers), the fits the candidates need run in parallel processes before the
     candidates are configured one by one, which then read them from the fit cache. Which fits a candidate needs
     depends on earlier ones (checkpointing is fitted when the step does not fit without it; offloading fits the step
     without it too), so the candidates are configured on copies with fitting turned into recording, and each wave's
@@ -211,7 +211,7 @@ def _prefetch_fits(candidates: list[Candidate], configure) -> None:
     from advisor.estimator import coefficients
     from advisor.settings import get_settings
 
-    workers = get_settings().parallel_fits
+    workers = get_settings().fit_workers
     if workers < 2:
         return
     for _ in range(3):
