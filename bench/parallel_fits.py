@@ -69,8 +69,8 @@ def main(argv: list[str] | None = None) -> int:
     ratio = many["recommend_s"] / one["recommend_s"]
     print(f"cold recommendation, {SCENARIO['model']} on {SCENARIO['hardware']['gpu']} ({os.cpu_count()} CPUs)")
     for row in (one, many):
-        print(f"  fit workers {row['workers']}: recommend() {row['recommend_s']:7.1f} s, process {row['process_s']:7.1f} s,"
-              f" {row['fits']} fits")
+        print(f"  fit workers {row['workers']}: recommend() {row['recommend_s']:7.1f} s, "
+              f"process {row['process_s']:7.1f} s, {row['fits']} fits")
     print(f"ratio {ratio:.2f} (parallel / one at a time); answers equal: {equal}")
     write_json(REPO / args.out, {"environment": environment(), "loadavg_before": load_before,
                                  "loadavg_after": loadavg(), "scenario": SCENARIO, "one": one, "parallel": many,

@@ -14,7 +14,7 @@ simulation in the forked child instead of a job; one with `fit` computes a fast-
 
 Protocol, one JSON object per line:
 
-    dispatcher → server   {"job_id": "...", "log": "/path/worker.log"}  (+ simulate, result, env, cwd)
+    dispatcher → server   {"job_id": "...", "log": "/path/worker.log"}  (+ simulate and result, or fit; env, cwd)
     server → dispatcher   {"ready": true, "pid": N, "usable": b}  once, after the imports (usable false: an import
                                                                 initialized CUDA, which a forked child cannot use;
                                                                 the dispatcher then starts fresh workers)
@@ -249,7 +249,7 @@ class ForkServer:
 
     def start(self, job_id: str, log_path: Path, timeout: float = 300, **order) -> ForkedWorker | None:
         """Fork a worker for `job_id` (waits for the imports if they are still running); None if the server is gone.
-        `order` adds to what the child is told (a simulation's fields)."""
+        `order` adds to what the child is told (a simulation's or a fit's fields)."""
         with self._lock:
             if not self.ready.wait(timeout) or not self.usable or not self.alive():
                 return None

@@ -34,9 +34,9 @@ from pathlib import Path
 import torch
 
 from advisor.config import MethodConfig
+from advisor.engine import int8_vectorwise_dequant, train_step
 from advisor.errors import AdvisorInputError
 from advisor.files import write_text_atomic
-from advisor.engine import int8_vectorwise_dequant, train_step
 from advisor.memory.counter import LiveBytes, cuda_memory_stats
 from advisor.memory.simattn import semantics, use_sim_masks
 

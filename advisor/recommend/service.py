@@ -203,10 +203,10 @@ def _fine_tune(out: dict, sc, rm, hw, ev, target: int | None = None) -> None:
 
 
 def _prefetch_fits(candidates: list[Candidate], configure) -> None:
-    """With ADVISOR_FIT_WORKERS > 1 (settings.fit_workers), the fits the candidates need run in parallel processes before the
-    candidates are configured one by one, which then read them from the fit cache. Which fits a candidate needs
-    depends on earlier ones (checkpointing is fitted when the step does not fit without it; offloading fits the step
-    without it too), so the candidates are configured on copies with fitting turned into recording, and each wave's
+    """With ADVISOR_FIT_WORKERS > 1 (settings.fit_workers), the fits the candidates need run in parallel processes
+    before the candidates are configured one by one, which then read them from the fit cache. Which fits a candidate
+    needs depends on earlier ones (checkpointing is fitted when the step does not fit without it; offloading fits the
+    step without it too), so the candidates are configured on copies with fitting turned into recording, and each wave's
     missing fits computed together, until a wave finds none missing."""
     from advisor.estimator import coefficients
     from advisor.settings import get_settings
