@@ -28,8 +28,8 @@ class Settings(BaseSettings):
     warm_simulator: bool = Field(True, description="Fork the exact estimator's simulations from a warm fork server "
                                  "(torch already imported); false starts each with a fresh interpreter.")
     fit_workers: int = Field(1, ge=1, le=64, description="Processes a recommendation runs its candidates' fits in at "
-                             "once (1: one after another, in process). Each process starts with cold caches, so on "
-                             "2 CPUs 2 workers gain only 4% (bench.parallel_fits).")
+                             "once (1: one after another, in process). On 2 CPUs, 2 workers gained 4-17% "
+                             "(bench.parallel_fits): the two CPUs ran CPU-bound Python at ~1.4× one.")
     worker_stop_grace_s: float = Field(30.0, gt=0, description="Seconds a worker told to stop (cancel, server gone) "
                                        "waits for the trainer's checkpoint before it records the job and exits hard.")
     host: str = "127.0.0.1"
