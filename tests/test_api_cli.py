@@ -93,6 +93,14 @@ def test_exact_estimate_over_http(server, tiny_dirs):
         ({"model": "gpt2", "hardware": {"gpu": "4090"}, "method": "lora", "exact": True, "colour": "red"}, "colour"),
         ({"model": "gpt2", "hardware": {"gpu": "4090"}, "method": "lora", "exact": True,
           "dataset": {"num_examples": 10, "avg_tokens": 900, "max_tokens": 100}}, "dataset"),
+        # sizes out of range were a 500 from deep in the simulation (a vocabulary of 0; PEFT allocating 64 GB)
+        ({"model": {"model_type": "llama", "hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
+                    "vocab_size": 0}, "hardware": {"gpu": "4090"}, "method": "lora"}, "model.vocab_size"),
+        ({"model": {"model_type": "llama", "hidden_size": 10**9, "num_hidden_layers": 2, "num_attention_heads": 4},
+          "hardware": {"gpu": "4090"}, "method": "lora"}, "model.hidden_size"),
+        # a name neither in the model nor Llama-style was replaced by the architecture's default, silently
+        ({"model": "gpt2", "hardware": {"gpu": "4090"}, "method": "lora",
+          "config": {"peft": {"target_modules": ["nope"]}}}, "config.peft.target_modules"),
     ],
 )
 def test_bad_input_is_422_naming_the_field(server, body, field):
@@ -100,6 +108,28 @@ def test_bad_input_is_422_naming_the_field(server, body, field):
     assert r.status_code == 422, r.text
     assert r.json()["field"] == field, r.json()
     assert httpx.get(f"{server}/healthz").status_code == 200  # the service is unaffected
+
+
+def test_a_fault_of_the_service_is_json_and_the_next_request_is_served(monkeypatch):
+    """A bug (here an estimator made to fail) answers 500 with JSON a client can show, not a bare text page; text
+    that is not JSON is a 422 naming the body, not a field called "1"."""
+    from fastapi.testclient import TestClient
+
+    import advisor.api.routes.estimate as route
+    from advisor.api.app import create_app
+
+    def broken(*_args, **_kwargs):
+        raise RuntimeError("estimator fault")
+
+    monkeypatch.setattr(route, "run_estimate", broken)
+    client = TestClient(create_app(), raise_server_exceptions=False)
+    body = {"model": "gpt2", "hardware": {"gpu": "4090"}, "method": "lora"}
+    r = client.post("/v1/estimate", json=body)
+    assert r.status_code == 500 and r.json()["field"] is None
+    assert "RuntimeError: estimator fault" in r.json()["detail"]
+    assert client.get("/healthz").json()["status"] == "ok"
+    r = client.post("/v1/estimate", content=b'{"model": "gpt2",', headers={"content-type": "application/json"})
+    assert r.status_code == 422 and r.json()["field"] == "body" and "not valid JSON" in r.json()["detail"]
 
 
 def test_model_directory_without_config_is_422(server, tmp_path):

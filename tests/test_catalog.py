@@ -315,6 +315,13 @@ def test_architecture_dict():
         ({"hidden_size": 4096, "num_hidden_layers": 2, "num_attention_heads": 32, "num_key_value_heads": 5},
          "model.num_key_value_heads"),
         ({"model_type": "no-such-architecture"}, "model"),
+        # sizes out of range, named as the dict spells them (GPT-2's n_positions), from either form of dict
+        ({"model_type": "llama", "hidden_size": 64, "num_hidden_layers": 0, "num_attention_heads": 4},
+         "model.num_hidden_layers"),
+        ({"model_type": "llama", "hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
+          "intermediate_size": -5}, "model.intermediate_size"),
+        ({"model_type": "gpt2", "n_embd": 64, "n_layer": 2, "n_head": 4, "n_positions": 0}, "model.n_positions"),
+        ({"hidden_size": 4096, "num_hidden_layers": 32, "vocab_size": 10**9}, "model.vocab_size"),
     ],
 )
 def test_bad_architecture_dict(ref, field):

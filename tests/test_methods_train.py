@@ -132,6 +132,7 @@ def test_longlora_refuses_seq2seq(tiny_dirs):
         ("lora", {"peft": {"r": 0}}, "config.peft.r"),
         ("lora", {"peft": {"rank": 8}}, "config.peft.rank"),
         ("lora", {"peft": {"target_modules": ["q_proj", "nonexistent"]}}, "config.peft.target_modules"),
+        ("lora", {"peft": {"target_modules": ["nonexistent"]}}, "config.peft.target_modules"),
         ("lora", {"training": {"per_device_train_batch_size": 0}}, "config.training.per_device_train_batch_size"),
         ("lora", {"training": {"optim": "adamw_magic"}}, "config.training.optim"),
         ("lora", {"quantization": {"load_in_4bit": True}}, "config.quantization"),

@@ -33,8 +33,21 @@ def create_app() -> FastAPI:
     @app.exception_handler(RequestValidationError)
     async def _validation_error(_request: Request, err: RequestValidationError):
         first = err.errors()[0] if err.errors() else {"loc": ("body",), "msg": "invalid request"}
+        if first.get("type") == "json_invalid":  # its loc is ("body", character offset), not a field
+            why = (first.get("ctx") or {}).get("error") or first["msg"]
+            return JSONResponse(status_code=422, content={
+                "detail": f"body: not valid JSON ({why} at character {first['loc'][-1]})", "field": "body",
+                "allowed": None})
         loc = ".".join(str(p) for p in first["loc"] if p != "body") or "body"
         return JSONResponse(status_code=422, content={"detail": f"{loc}: {first['msg']}", "field": loc, "allowed": None})
+
+    @app.exception_handler(Exception)
+    async def _internal_error(_request: Request, err: Exception):
+        # a fault of the service, not of the input: JSON that a client can show (the traceback goes to the server's
+        # log, since Starlette raises the error again after this answer); the next request is served as usual
+        return JSONResponse(status_code=500, content={
+            "detail": f"internal error ({type(err).__name__}: {str(err)[:500]}); the request was not completed",
+            "field": None, "allowed": None})
 
     @app.get("/healthz", tags=["service"])
     def healthz() -> dict:

@@ -349,9 +349,44 @@ def config_from_dict(raw: dict, field_name: str = "model"):
             "(custom code models are not loaded)",
         )
     try:
-        return CONFIG_MAPPING[model_type].from_dict(d)
+        config = CONFIG_MAPPING[model_type].from_dict(d)
     except Exception as e:  # transformers raises ValueError/TypeError/StrictDataclass errors
         raise AdvisorInputError(field_name, f"invalid {model_type} config: {e}") from e
+    _check_dimensions(config, raw, field_name)
+    return config
+
+
+# The sizes a config may give, with the largest the advisor accepts: well above every published model (hidden 18432 for
+# PaLM-540B and 16384 for Llama-3.1-405B, 126 blocks, vocabularies of 262k, 10M positions for Llama-4-Scout), low
+# enough that a typo (a vocabulary of 0 or 10^9) is an error naming the key instead of a failure deep in the
+# simulation, whose adapters are built on the CPU for real
+DIMENSION_LIMITS = {
+    "hidden_size": 131_072, "intermediate_size": 1_048_576, "num_hidden_layers": 1024, "num_attention_heads": 4096,
+    "num_key_value_heads": 4096, "head_dim": 8192, "vocab_size": 4_194_304, "max_position_embeddings": 1 << 24,
+    "num_local_experts": 4096, "num_experts": 4096, "n_routed_experts": 4096,
+}
+
+
+def _check_dimensions(config, raw: dict, field_name: str) -> None:
+    """Each size the config gives (its text config's too) is a whole number in 1..DIMENSION_LIMITS[key]; the error
+    names the key as the dict spelled it (GPT-2's n_embd for hidden_size)."""
+    configs = [(config, raw)]
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    if text is not config:
+        configs.append((text, raw.get("text_config") if isinstance(raw.get("text_config"), dict) else {}))
+    for cfg, given in configs:
+        aliases = getattr(cfg, "attribute_map", {}) or {}
+        for key, limit in DIMENSION_LIMITS.items():
+            try:
+                value = getattr(cfg, key, None)
+            except Exception:  # noqa: BLE001 - a config property that cannot answer does not give this size
+                continue
+            if value is None:
+                continue
+            spelled = aliases.get(key) if aliases.get(key) in given else key
+            prefix = f"{field_name}.text_config" if cfg is not config else field_name
+            if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= limit:
+                raise AdvisorInputError(f"{prefix}.{spelled}", f"must be a whole number in 1..{limit:,}, got {value!r}")
 
 
 def _infer_kind(config, field_name: str = "model") -> Kind:

@@ -64,9 +64,9 @@ def resolve_targets(
 ) -> Any:
     """The requested names if the model has them; else the architecture's table entry; else a clear error.
 
-    "all-linear" passes through (PEFT expands it). A requested list that the model lacks entirely is
-    treated as the seeds' Llama-style default and mapped to this architecture; a list that partly matches
-    is a user mistake and is refused with the names that exist.
+    "all-linear" passes through (PEFT expands it). A requested list of Llama-style names that the model lacks
+    entirely is treated as the seeds' default and mapped to this architecture; a list that partly matches, or names a
+    layer that is neither in the model nor Llama-style, is a user mistake and is refused with the names that exist.
     """
     if requested == "all-linear":
         return requested
@@ -89,6 +89,9 @@ def resolve_targets(
             if all(t in available for t in translated):
                 return translated
         raise AdvisorInputError(field_name, f"no layer named {missing} in this {model_type} model", allowed=available)
+    unknown = [t for t in requested if t not in LLAMA_STYLE]
+    if unknown:  # only the seeds' Llama-style names stand for "this architecture's equivalents"
+        raise AdvisorInputError(field_name, f"no layer named {unknown} in this {model_type} model", allowed=available)
     if table is None:
         from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
 
