@@ -133,6 +133,7 @@ def test_longlora_refuses_seq2seq(tiny_dirs):
         ("lora", {"peft": {"rank": 8}}, "config.peft.rank"),
         ("lora", {"peft": {"target_modules": ["q_proj", "nonexistent"]}}, "config.peft.target_modules"),
         ("lora", {"peft": {"target_modules": ["nonexistent"]}}, "config.peft.target_modules"),
+        ("lora", {"peft": {"target_modules": r".*\.(q_proj|v_proj)$"}}, "config.peft.target_modules"),
         ("lora", {"training": {"per_device_train_batch_size": 0}}, "config.training.per_device_train_batch_size"),
         ("lora", {"training": {"optim": "adamw_magic"}}, "config.training.optim"),
         ("lora", {"quantization": {"load_in_4bit": True}}, "config.quantization"),
@@ -147,6 +148,8 @@ def test_bad_method_config_names_the_field(llama, method, config, field):
         cfg = get_method(method).resolve_config(config)
         prepare(load_base_model(llama, cfg, on_meta=True), llama, cfg, on_meta=True)
     assert err.value.field == field, err.value.message
+    if isinstance(config.get("peft", {}).get("target_modules"), str):  # a regular expression is named as one
+        assert "regular expression" in err.value.message and "q_proj" in err.value.allowed
 
 
 def test_registry_is_complete_and_described():

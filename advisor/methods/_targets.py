@@ -91,7 +91,11 @@ def resolve_targets(
         raise AdvisorInputError(field_name, f"no layer named {missing} in this {model_type} model", allowed=available)
     unknown = [t for t in requested if t not in LLAMA_STYLE]
     if unknown:  # only the seeds' Llama-style names stand for "this architecture's equivalents"
-        raise AdvisorInputError(field_name, f"no layer named {unknown} in this {model_type} model", allowed=available)
+        regex = [t for t in unknown if isinstance(t, str) and any(c in t for c in ".*+?[]()|^$\\")]
+        hint = (f"; {regex[0]!r} looks like a regular expression (PEFT's string form), which the advisor does not "
+                "take: list the layers' names") if regex else ""
+        raise AdvisorInputError(field_name, f"no layer named {unknown} in this {model_type} model{hint}",
+                                allowed=available)
     if table is None:
         from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
 
