@@ -139,6 +139,12 @@ def test_longlora_refuses_seq2seq(tiny_dirs):
         ("lora", {"quantization": {"load_in_4bit": True}}, "config.quantization"),
         ("qlora", {"quantization": {"load_in_4bit": False}}, "config.quantization.load_in_4bit"),
         ("molora", {"peft": {"top_k": 9}}, "config.peft.top_k"),
+        ("molora", {"peft": {"num_experts": 100000}}, "config.peft.num_experts"),
+        # what PEFT takes silently: a negative scale, AdaLoRA's target rank above its initial one
+        ("lora", {"peft": {"lora_alpha": -5}}, "config.peft.lora_alpha"),
+        ("qlora", {"peft": {"lora_dropout": "a lot"}}, "config.peft.lora_dropout"),
+        ("adalora", {"peft": {"init_r": 8, "target_r": 64}}, "config.peft.target_r"),
+        ("adalora", {"peft": {"beta1": 1.5}}, "config.peft.beta1"),
         ("prefix_tuning", {"training": {"gradient_checkpointing": True}}, "config.training.gradient_checkpointing"),
         ("ia3", {"peft": {"target_modules": ["k_proj"], "feedforward_modules": ["down_proj"]}}, "config.peft.feedforward_modules"),
     ],

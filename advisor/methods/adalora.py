@@ -5,6 +5,7 @@ not call it, so `Prepared.after_optimizer_step` carries it into every training l
 """
 
 from advisor.methods._targets import resolve_targets
+from advisor.methods.lora import check_alpha_dropout
 from advisor.methods.base import MethodSpec, Prepared, peft_task_type, register_method
 
 
@@ -23,9 +24,35 @@ def schedule(peft: dict, total_steps: int) -> tuple[int, int, list[str]]:
     return tinit, tfinal, notes
 
 
+def validate(peft, ctx):
+    """What PEFT's AdaLoraConfig accepts silently but cannot mean: ranks out of order, a schedule or moments out of
+    range."""
+    from advisor.errors import AdvisorInputError
+
+    def whole(key: str, low: int, high: int) -> int:
+        v = peft[key]
+        if isinstance(v, bool) or not isinstance(v, int) or not low <= v <= high:
+            raise AdvisorInputError(f"config.peft.{key}", f"must be an integer in {low}..{high}, got {v!r}")
+        return v
+
+    init_r = whole("init_r", 1, 4096)
+    whole("target_r", 1, init_r)  # AdaLoRA prunes each layer's rank from init_r down to an average of target_r
+    for key in ("tinit", "tfinal"):
+        whole(key, 0, 10**9)
+    whole("deltaT", 1, 10**9)
+    for key in ("beta1", "beta2"):
+        if not isinstance(peft[key], (int, float)) or isinstance(peft[key], bool) or not 0 <= peft[key] < 1:
+            raise AdvisorInputError(f"config.peft.{key}", f"an exponential moving average's factor: in [0, 1), got "
+                                    f"{peft[key]!r}")
+    if not isinstance(peft["orth_reg_weight"], (int, float)) or peft["orth_reg_weight"] < 0:
+        raise AdvisorInputError("config.peft.orth_reg_weight", f"must be ≥ 0, got {peft['orth_reg_weight']!r}")
+    check_alpha_dropout(peft)
+
+
 def build(model, peft, ctx):
     from peft import AdaLoraConfig, get_peft_model
 
+    validate(peft, ctx)
     total = max(int(ctx.total_steps), 3)
     tinit, tfinal, notes = schedule(peft, total)
     targets = resolve_targets(model, peft["target_modules"], ctx.model_type, "config.peft.target_modules")
@@ -72,5 +99,6 @@ SPEC = register_method(
             "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"],
         },
         paper="Zhang et al. 2023, AdaLoRA: Adaptive Budget Allocation for Parameter-Efficient Fine-Tuning, arXiv:2303.10512",
+        validate=validate,
     )
 )

@@ -59,13 +59,26 @@ def _sim_quant_class(model):
     return None
 
 
+def check_alpha_dropout(peft) -> None:
+    """lora_alpha > 0 (the update is scaled by alpha / r: 0 trains nothing, a negative value flips it) and
+    lora_dropout in [0, 1); PEFT takes both unchecked."""
+    from advisor.errors import AdvisorInputError
+
+    alpha = peft["lora_alpha"]
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not alpha > 0:
+        raise AdvisorInputError("config.peft.lora_alpha", f"must be a number > 0 (the update is scaled by "
+                                f"lora_alpha / r), got {alpha!r}")
+    dropout = peft["lora_dropout"]
+    if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0 <= dropout < 1:
+        raise AdvisorInputError("config.peft.lora_dropout", f"must be in [0, 1), got {dropout!r}")
+
+
 def validate_lora(peft, ctx):
     from advisor.errors import AdvisorInputError
 
     if not isinstance(peft["r"], int) or not 1 <= peft["r"] <= 4096:
         raise AdvisorInputError("config.peft.r", f"rank must be an integer in 1..4096, got {peft['r']!r}")
-    if not 0 <= float(peft["lora_dropout"]) < 1:
-        raise AdvisorInputError("config.peft.lora_dropout", "must be in [0, 1)")
+    check_alpha_dropout(peft)
     if not isinstance(peft.get("autocast_adapter_dtype", True), bool):
         raise AdvisorInputError("config.peft.autocast_adapter_dtype",
                                 f"must be true or false, got {peft['autocast_adapter_dtype']!r}")

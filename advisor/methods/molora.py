@@ -6,9 +6,15 @@ from advisor.methods.base import MethodSpec, Prepared, freeze, register_method
 
 
 def validate(peft, ctx):
+    from advisor.methods.lora import check_alpha_dropout
+
     e, k = peft["num_experts"], peft["top_k"]
-    if not isinstance(e, int) or e < 1:
-        raise AdvisorInputError("config.peft.num_experts", f"must be a positive integer, got {e!r}")
+    if isinstance(e, bool) or not isinstance(e, int) or not 1 <= e <= 1024:
+        raise AdvisorInputError("config.peft.num_experts", f"must be an integer in 1..1024, got {e!r}")
+    r = peft["r"]
+    if isinstance(r, bool) or not isinstance(r, int) or not 1 <= r <= 4096:
+        raise AdvisorInputError("config.peft.r", f"each expert's rank: an integer in 1..4096, got {r!r}")
+    check_alpha_dropout(peft)
     if not isinstance(k, int) or not 1 <= k <= e:
         raise AdvisorInputError("config.peft.top_k", f"must be an integer in 1..num_experts ({e}), got {k!r}")
 
