@@ -116,7 +116,7 @@ class TrainingConfig(BaseModel):
                     "(aot_eager_decomp_partition), which is also what a CPU run uses. Not with AdaLoRA.")
     packing: bool = Field(False, description="Concatenate examples into full max_seq_length rows (every row is the "
                                              "longest: memory is estimated at max_seq_length).")
-    seed: int = Field(42, description="Random seed of the run.")
+    seed: int = Field(42, ge=0, le=2**32 - 1, description="Random seed of the run (NumPy takes 0..2^32-1).")
     logging_steps: int = Field(10, ge=1, description="Steps between logged losses.")
     save_steps: int = Field(200, ge=1, description="Steps between checkpoints.")
     eval_steps: int = Field(200, ge=1, description="Steps between evaluations on the held-out split.")

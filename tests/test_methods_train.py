@@ -145,6 +145,10 @@ def test_longlora_refuses_seq2seq(tiny_dirs):
         ("qlora", {"peft": {"lora_dropout": "a lot"}}, "config.peft.lora_dropout"),
         ("adalora", {"peft": {"init_r": 8, "target_r": 64}}, "config.peft.target_r"),
         ("adalora", {"peft": {"beta1": 1.5}}, "config.peft.beta1"),
+        ("galore", {"peft": {"update_proj_gap": 0}}, "config.peft.update_proj_gap"),  # galore-torch: step % 0
+        ("galore", {"peft": {"rank": "high"}}, "config.peft.rank"),
+        ("prefix_tuning", {"peft": {"prefix_projection": "no"}}, "config.peft.prefix_projection"),
+        ("lora", {"training": {"seed": -1}}, "config.training.seed"),
         ("prefix_tuning", {"training": {"gradient_checkpointing": True}}, "config.training.gradient_checkpointing"),
         ("ia3", {"peft": {"target_modules": ["k_proj"], "feedforward_modules": ["down_proj"]}}, "config.peft.feedforward_modules"),
     ],

@@ -41,8 +41,13 @@ def galore_param_groups(model, peft):
 def validate(peft, ctx):
     if peft["proj_type"] not in PROJ_TYPES:
         raise AdvisorInputError("config.peft.proj_type", f"unknown projection {peft['proj_type']!r}", allowed=PROJ_TYPES)
-    if int(peft["rank"]) < 1:
-        raise AdvisorInputError("config.peft.rank", "must be >= 1")
+    for key in ("rank", "update_proj_gap"):  # galore-torch refreshes its projector when step % update_proj_gap == 0
+        v = peft[key]
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise AdvisorInputError(f"config.peft.{key}", f"must be an integer ≥ 1, got {v!r}")
+    scale = peft["scale"]
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not scale > 0:
+        raise AdvisorInputError("config.peft.scale", f"the projected update's scale: a number > 0, got {scale!r}")
 
 
 def build(model, peft, ctx):

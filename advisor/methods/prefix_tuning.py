@@ -2,7 +2,14 @@
 
 from advisor.errors import AdvisorInputError
 from advisor.methods.base import MethodSpec, Prepared, peft_task_type, register_method
-from advisor.methods.prompt_tuning import validate
+from advisor.methods.prompt_tuning import validate as validate_virtual_tokens
+
+
+def validate(peft, ctx):
+    validate_virtual_tokens(peft, ctx)
+    if not isinstance(peft["prefix_projection"], bool):  # bool("no") is True: an MLP would be built
+        raise AdvisorInputError("config.peft.prefix_projection", f"must be true or false, got "
+                                f"{peft['prefix_projection']!r}", allowed=["true", "false"])
 
 
 def build(model, peft, ctx):
@@ -17,7 +24,7 @@ def build(model, peft, ctx):
     cfg = PrefixTuningConfig(
         task_type=peft_task_type(ctx),
         num_virtual_tokens=peft["num_virtual_tokens"],
-        prefix_projection=bool(peft["prefix_projection"]),
+        prefix_projection=peft["prefix_projection"],
     )
     return Prepared(model=get_peft_model(model, cfg), method="prefix_tuning", peft=peft)
 
