@@ -363,8 +363,11 @@ def config_from_dict(raw: dict, field_name: str = "model"):
 DIMENSION_LIMITS = {
     "hidden_size": 131_072, "intermediate_size": 1_048_576, "num_hidden_layers": 1024, "num_attention_heads": 4096,
     "num_key_value_heads": 4096, "head_dim": 8192, "vocab_size": 4_194_304, "max_position_embeddings": 1 << 24,
-    "num_local_experts": 4096, "num_experts": 4096, "n_routed_experts": 4096,
+    # Doge's cross-domain MoE routes over 16,384 tiny experts
+    "num_local_experts": 1 << 20, "num_experts": 1 << 20, "n_routed_experts": 1 << 20,
 }
+# values a config class gives a meaning of its own: XLNet's -1 (no position limit), GLM-5's head_dim 0 (derived)
+DIMENSION_SENTINELS = {"max_position_embeddings": (-1,), "head_dim": (0,)}
 
 
 def _check_dimensions(config, raw: dict, field_name: str) -> None:
@@ -385,8 +388,19 @@ def _check_dimensions(config, raw: dict, field_name: str) -> None:
                 continue
             spelled = aliases.get(key) if aliases.get(key) in given else key
             prefix = f"{field_name}.text_config" if cfg is not config else field_name
-            if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= limit:
-                raise AdvisorInputError(f"{prefix}.{spelled}", f"must be a whole number in 1..{limit:,}, got {value!r}")
+            if isinstance(value, dict) or value in DIMENSION_SENTINELS.get(key, ()):  # LXMERT's layers per stack
+                continue
+            per_block = isinstance(value, (list, tuple))  # per-block sizes (Gemma-3n's MLP widths)
+            if not all(_whole_in(v, limit) for v in (value if per_block else [value])) or value in ([], ()):
+                raise AdvisorInputError(f"{prefix}.{spelled}", f"must be a whole number in 1..{limit:,}"
+                                        f"{' (or a list of them, one per block)' if per_block else ''}, got {value!r}")
+
+
+def _whole_in(v, limit: int) -> bool:
+    """v is a whole number in 1..limit (an int, or a float without a fraction; not a bool, NaN or infinity)."""
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or (isinstance(v, float) and not math.isfinite(v)):
+        return False
+    return v == int(v) and 1 <= v <= limit
 
 
 def _infer_kind(config, field_name: str = "model") -> Kind:
