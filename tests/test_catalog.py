@@ -512,3 +512,33 @@ def test_resolving_a_model_leaves_its_catalog_entry_and_config_hash_unchanged():
     first = resolve_model(entry.id).cache_key()
     assert entry.config == before and resolve_model(entry.id).cache_key() == first
     assert model_cat._config_hash(entry.kind, entry.config) == first
+
+
+def test_the_size_check_passes_every_transformers_config_class_as_it_comes():
+    """The range check on a config's sizes refuses typos, not real architectures: each config class of a causal or
+    seq2seq LM in the installed transformers (what the advisor takes), with its own defaults (XLNet's -1 positions,
+    Doge's 16,384 experts), passes it."""
+    import warnings
+
+    from transformers import CONFIG_MAPPING
+
+    from advisor.catalog.models import _mapping_names, config_from_dict
+
+    causal, seq2seq = _mapping_names()
+    checked, refused = 0, []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for model_type in sorted(set(causal) | set(seq2seq)):
+            try:
+                raw = {**CONFIG_MAPPING[model_type]().to_dict(), "model_type": model_type}
+            except Exception:  # noqa: BLE001 - classes that need arguments have no defaults to check
+                continue
+            try:
+                config_from_dict(raw)
+            except AdvisorInputError as err:
+                if "whole number" in err.message:
+                    refused.append((model_type, err.message))
+            except Exception:  # noqa: BLE001 - failures of transformers itself are not this check's
+                pass
+            checked += 1
+    assert checked > 150 and not refused, refused
