@@ -45,11 +45,18 @@ def resolve_hardware(hw: Hardware) -> HardwareTarget:
         return HardwareTarget(f"{hw.vram_gib:g} GiB GPU", hw.count, float(hw.vram_gib))
     name = (hw.gpu or "").strip()
     if name.lower() == "none":
+        if hw.vram_gib is not None:
+            raise AdvisorInputError("hardware.vram_gib", "hardware.gpu 'none' means no GPU, so there is no GPU memory "
+                                    "to give: drop one of the two")
         return HardwareTarget("none", hw.count, None)
     if name.lower() == "auto":
         target = detect_local()
         target.count = hw.count if hw.count != 1 else target.count
         return target
     gpu = resolve_gpu(name)
+    if hw.vram_gib is not None and hw.vram_gib > gpu.memory_gib:  # below it: the memory left to this run
+        raise AdvisorInputError("hardware.vram_gib", f"{hw.vram_gib:g} GiB is more than the {gpu.name}'s "
+                                f"{gpu.memory_gib:g} GiB; give the memory this run may use (at most the card's), or "
+                                "leave it out for the catalog's usable memory")
     memory = float(hw.vram_gib) if hw.vram_gib is not None else float(gpu.usable_memory_gib)
     return HardwareTarget(gpu.name, hw.count, memory, gpu)

@@ -248,6 +248,9 @@ def test_t5_summarizing_a_file_gets_an_encoder_decoder_method_with_the_decoder_a
 @pytest.mark.parametrize("scenario,field", [
     ({"model": L7, "hardware": {"gpu": "RTX 9999"}, "dataset": DATA}, "hardware.gpu"),
     ({"model": L7, "hardware": {"gpu": "4090", "count": -1}, "dataset": DATA}, "hardware.count"),
+    # memory given beside a card: the part of it this run may use, never more than it has; never beside no GPU
+    ({"model": L7, "hardware": {"gpu": "4090", "vram_gib": 80}, "dataset": DATA}, "hardware.vram_gib"),
+    ({"model": L7, "hardware": {"gpu": "none", "vram_gib": 16}, "dataset": DATA}, "hardware.vram_gib"),
     ({"model": L7, "hardware": {"gpu": "4090"}, "dataset": {"num_examples": 10, "avg_tokens": 900,
                                                              "max_tokens": 100}}, "dataset.avg_tokens"),
     ({"model": L7, "hardware": {"gpu": "4090"}, "dataset": DATA, "task": "poetry"}, "task"),
