@@ -12,7 +12,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from advisor.cli_guard import guard
+from advisor.cli_guard import fit_status, guard
 from advisor.errors import AdvisorInputError
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, help="The fine-tuning advisor.")
@@ -253,14 +253,14 @@ def estimate(
     if compare_gpus:
         from advisor.estimator.fast import compare_gpus as rank_gpus
 
-        with console.status("fitting the memory model for this architecture and method..."):
+        with fit_status(console, "fitting the memory model for this architecture and method..."):
             rows = rank_gpus(req)
         if as_json:
             return _print_json(rows)
         return _render_comparison(rows)
     from advisor.estimator.service import run_estimate
 
-    with console.status("simulating the training step on fake tensors..." if req.exact else "estimating..."):
+    with fit_status(console, "simulating the training step on fake tensors..." if req.exact else "estimating..."):
         result = run_estimate(req, strategy=strategy)
     if as_json:
         return _print_json(result)

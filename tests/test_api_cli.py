@@ -294,3 +294,43 @@ def test_any_peft_type_and_a_gptq_base_over_http(server, tiny_dirs):
     r = httpx.post(f"{server}/v1/estimate", json=gptq, timeout=120)
     assert r.status_code == 200, r.text
     assert r.json()["config"]["quantization"]["quant_method"] == "gptq"
+
+
+def test_cli_says_which_memory_model_it_is_fitting(tmp_path, monkeypatch):
+    """A cold recommendation fits each candidate for seconds: on a terminal the status line names the method being
+    fitted and counts those done; off a terminal (a pipe, --json into a file) it prints nothing."""
+    import io
+
+    from rich.console import Console
+
+    from advisor.cli_guard import fit_status
+    from advisor.estimator import coefficients
+    from advisor.estimator.service import run_estimate
+    from advisor.schemas import EstimateRequest
+    from advisor.settings import get_settings
+
+    monkeypatch.setenv("ADVISOR_FIT_CACHE_DIR", str(tmp_path / "fits"))  # cold: the fit runs here
+    get_settings.cache_clear()
+    coefficients.clear_memo()
+    tiny = {"model_type": "llama", "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+            "num_attention_heads": 4, "vocab_size": 256, "max_position_embeddings": 512}
+
+    def request(seq: int):
+        return EstimateRequest.model_validate({"model": tiny, "hardware": {"gpu": "4090"}, "method": "lora", "config": {
+            "training": {"gradient_checkpointing": False, "max_seq_length": seq}}})
+
+    heard = []
+    with coefficients.fit_listener(lambda event, info: heard.append((event, info["method"], info["seq_len"]))):
+        run_estimate(request(72))
+        run_estimate(request(72))  # fitted already: nothing to hear
+    assert heard == [("start", "lora", 72), ("end", "lora", 72)]
+
+    terminal = io.StringIO()
+    with fit_status(Console(file=terminal, force_terminal=True, width=200), "estimating..."):
+        run_estimate(request(80))
+    assert "fitting the memory model of lora at 80 tokens" in terminal.getvalue()
+    piped = io.StringIO()
+    with fit_status(Console(file=piped, width=200), "estimating..."):
+        run_estimate(request(72))
+    assert piped.getvalue() == ""
+    get_settings.cache_clear()

@@ -168,6 +168,30 @@ def collecting_misses():
         _COLLECTING.reset(token)
 
 
+_LISTENER: contextvars.ContextVar = contextvars.ContextVar("fit_listener", default=None)
+
+
+@contextlib.contextmanager
+def fit_listener(callback):
+    """Within: `callback(event, info)` hears each fit this thread computes ("start", then "end"; info: method,
+    gradient_checkpointing, seq_len, model), e.g. to show progress while a cold recommendation fits its candidates."""
+    token = _LISTENER.set(callback)
+    try:
+        yield
+    finally:
+        _LISTENER.reset(token)
+
+
+def _tell(event: str, resolved, cfg: MethodConfig, seq_len: int) -> None:
+    listener = _LISTENER.get()
+    if listener is not None:
+        try:
+            listener(event, {"method": cfg.method, "gradient_checkpointing": cfg.training.gradient_checkpointing,
+                             "seq_len": seq_len, "model": getattr(resolved, "id", None)})
+        except Exception:  # noqa: BLE001 - progress display must never break a fit
+            pass
+
+
 def fit_coefficients(resolved, cfg: MethodConfig, seq_len: int, target: str = "cpu") -> MemoryCoefficients:
     """Fitted coefficients for this architecture/method/sequence length on a `target` device ("cuda" or "cpu": what
     its kernels save, see `simulate_in_process`), from memory, the disk cache or four slice runs."""
@@ -183,7 +207,9 @@ def fit_coefficients(resolved, cfg: MethodConfig, seq_len: int, target: str = "c
         found = _load(key)
         if found is not None:
             return found
+        _tell("start", resolved, cfg, seq_len)
         fitted = _fit(resolved, _simulation_config(cfg), seq_len, key, target)
+        _tell("end", resolved, cfg, seq_len)
         path = _cache_path(key)
         try:
             path.parent.mkdir(parents=True, exist_ok=True)

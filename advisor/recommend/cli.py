@@ -13,7 +13,7 @@ from rich.panel import Panel
 from rich.table import Table
 from rich.text import Text
 
-from advisor.cli_guard import guard
+from advisor.cli_guard import err_console, fit_status, guard
 from advisor.errors import AdvisorInputError
 
 console = Console()
@@ -120,7 +120,8 @@ def recommend_command(
 
     scenario = scenario_from_options(file, model, gpu, count, vram_gib, examples, avg_tokens, max_tokens, dataset,
                                      task, priority, max_usd, max_hours, context or [])
-    result = recommend(scenario)
+    with fit_status(err_console, "evaluating the rules and estimating each candidate..."):
+        result = recommend(scenario)
     if out is not None:
         out.write_text(json.dumps(result, indent=2, default=str) + "\n")
     if as_json:
