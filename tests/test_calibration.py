@@ -284,6 +284,48 @@ def test_fit_recovers_known_overhead_and_rate():
     assert fitted["band"]["low"] == pytest.approx(-0.03, abs=1e-6) and fitted["band"]["high"] == 0
 
 
+def test_the_launch_floor_is_fitted_from_the_h100_probes_and_predicts_the_held_out_ones():
+    """The committed H100 profile's launch floor is what `fit_launch_floor` makes of its stored probe table (the
+    training probes only), and on the held-out architecture the estimator's step time, floored, is far closer to the
+    measured one than FLOPs ÷ (peak × MFU) alone, which is an order of magnitude too fast on these small steps."""
+    from advisor.calibration.fit import fit_launch_floor, launch_floor_evaluation
+    from advisor.calibration.probes import load_grid
+
+    profile = json.loads(H100_PROFILE.read_text())
+    rows, t = profile["calibration"]["probe_table"], profile["throughput"]
+    archs = load_grid()["archs"]
+    floor = fit_launch_floor(rows, archs)
+    assert floor == t["launch_floor_s_per_block"]
+    assert floor["lora"]["gc"] > floor["lora"]["no_gc"] > 0.001  # recomputation launches a block's forward again
+    from advisor.catalog.gpus import resolve_gpu
+
+    peak = resolve_gpu(profile["device"]["catalog_id"]).bf16_tflops
+    held = launch_floor_evaluation(rows, archs, floor, peak, t["mfu_measured"], t["default_mfu"])
+    assert held == t["launch_floor_heldout"] and held["n"] >= 100
+    assert held["with_floor"]["median_abs"] < 0.25 < 5 < held["flops_only"]["median_abs"]
+
+
+def test_a_small_step_is_launch_bound_and_a_large_one_is_not():
+    """Llama-2-7B LoRA on an H100: 128 tokens take the launch floor (33 × the per-block time), not the 9 ms their
+    FLOPs would; 8 × 1024 tokens stay FLOP-bound, as the real-size H100 runs measured."""
+    from advisor.estimator.fast import fast_estimate
+    from advisor.estimator.profile import read_profile
+    from advisor.schemas import EstimateRequest
+
+    per_block = read_profile(H100_PROFILE).data["throughput"]["launch_floor_s_per_block"]["lora"]
+
+    def tokens_per_s(b, s, gc):
+        return fast_estimate(EstimateRequest.model_validate({
+            "model": "meta-llama/Llama-2-7b-hf", "hardware": {"gpu": "h100"}, "method": "lora", "config": {
+                "training": {"per_device_train_batch_size": b, "max_seq_length": s, "gradient_checkpointing": gc}}}))
+
+    small = tokens_per_s(1, 128, False)
+    assert small["tokens_per_s"] == pytest.approx(128 / (per_block["no_gc"] * 33), rel=1e-3)
+    assert "launch-bound" in small["provenance"]["time"]
+    large = tokens_per_s(8, 1024, False)
+    assert "launch-bound" not in large["provenance"]["time"] and large["tokens_per_s"] > 5 * small["tokens_per_s"]
+
+
 def test_api_runs_one_calibration_at_a_time(tmp_path, monkeypatch, shared_data_root):
     from fastapi.testclient import TestClient
 

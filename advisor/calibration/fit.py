@@ -285,3 +285,63 @@ def replay_evaluation(df: pd.DataFrame) -> dict[str, Any] | None:
     out["band"] = band(held if len(held) else err, "held-out probes (allocator replay)" if len(held)
                        else "training probes (allocator replay; no held-out probe)")
     return out
+
+
+# --------------------------------------------------------------------------- launch floor (CUDA)
+def arch_blocks(spec: dict) -> int | None:
+    """Transformer blocks of a probe grid architecture (an encoder-decoder's two stacks together)."""
+    if spec.get("family") == "t5" or "num_decoder_layers" in spec:
+        enc = spec.get("num_layers")
+        return None if enc is None else int(enc) + int(spec.get("num_decoder_layers", enc))
+    for key in ("num_hidden_layers", "n_layer", "num_layers"):
+        if spec.get(key):
+            return int(spec[key])
+    return None
+
+
+def fit_launch_floor(rows: list[dict], archs: dict[str, dict]) -> dict[str, dict[str, float]]:
+    """Seconds per block below which a training step cannot go on this device: per method and checkpointing, the
+    median over the training probes of step seconds ÷ (blocks + 1), the +1 for the embedding, head, loss and
+    optimizer step. Eager PyTorch launches every kernel from Python, one block after another; a small step waits
+    for those launches, not for the GPU (the H100 grid's 4-block probes took 13-70 ms whatever their FLOPs)."""
+    per: dict[tuple[str, bool], list[float]] = {}
+    for r in rows:
+        blocks = arch_blocks(archs.get(r.get("arch"), {})) if r.get("arch") in archs else None
+        if r.get("error") or r.get("heldout") or not r.get("step_seconds") or not blocks:
+            continue
+        per.setdefault((r["method"], bool(r["gc"])), []).append(float(r["step_seconds"]) / (blocks + 1))
+    out: dict[str, dict[str, float]] = {}
+    for (method, gc), values in per.items():
+        out.setdefault(method, {})["gc" if gc else "no_gc"] = round(float(np.median(values)), 6)
+    return out
+
+
+def floor_seconds(floor: dict, method: str, gc: bool, blocks: int) -> float | None:
+    """The launch floor of one step: seconds per block × (blocks + 1); None where the method was not probed (with
+    checkpointing: the floor without it, which a checkpointed step exceeds)."""
+    mine = floor.get(method) or {}
+    per_block = mine.get("gc" if gc else "no_gc") or (mine.get("no_gc") if gc else None)
+    return None if not per_block or not blocks else per_block * (blocks + 1)
+
+
+def launch_floor_evaluation(rows: list[dict], archs: dict[str, dict], floor: dict, peak_tflops: float,
+                            mfu: dict[str, float], default_mfu: float) -> dict[str, Any]:
+    """The estimator's step time on the held-out probes: FLOPs ÷ (peak × MFU), alone and floored."""
+    flops_only, floored = [], []
+    for r in rows:
+        blocks = arch_blocks(archs.get(r.get("arch"), {})) if r.get("arch") in archs else None
+        if r.get("error") or not r.get("heldout") or not r.get("step_seconds") or not r.get("flops_per_step"):
+            continue
+        compute = float(r["flops_per_step"]) / (peak_tflops * 1e12 * float(mfu.get(r["method"], default_mfu)))
+        lowest = floor_seconds(floor, r["method"], bool(r["gc"]), blocks or 0)
+        flops_only.append(float(r["step_seconds"]) / compute - 1)
+        floored.append(float(r["step_seconds"]) / max(compute, lowest or 0.0) - 1)
+
+    def stats(errors: list[float]) -> dict[str, float | None]:
+        if not errors:
+            return {"median_abs": None, "p90_abs": None, "median": None}
+        a = np.abs(errors)
+        return {"median_abs": _r(np.median(a)), "p90_abs": _r(np.percentile(a, 90)), "median": _r(np.median(errors))}
+
+    return {"n": len(floored), "error": "measured / predicted − 1", "flops_only": stats(flops_only),
+            "with_floor": stats(floored)}

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from advisor.calibration import fit as fitting
+from advisor.calibration.fit import fit_launch_floor, launch_floor_evaluation
 from advisor.calibration.probes import (
     GRID_PATH,
     grid_name,
@@ -331,9 +332,10 @@ def add_replays(rows: list[dict], grid: dict, model_dirs: dict[str, Path], repor
 
 
 def _finish(dev: dict, grid: dict, section: str, methods: list[str], rows: list[dict], skipped: list[dict],
-            steps: int, wall: float, out_path: Path, refit: dict | None = None) -> dict[str, Any]:
+            steps: int, wall: float, out_path: Path, refit: dict | None = None,
+            measured_on: str | None = None) -> dict[str, Any]:
     fitted = fitting.fit_all(rows)
-    profile = build_profile(dev, grid, section, methods, rows, skipped, fitted, steps, wall, out_path)
+    profile = build_profile(dev, grid, section, methods, rows, skipped, fitted, steps, wall, out_path, measured_on)
     if refit:
         profile["calibration"]["refit"] = refit
     _write_json(out_path, profile)
@@ -404,8 +406,11 @@ def refit(source: str | Path, out: str | Path | None = None, repredict: bool = F
     report(len(rows), len(rows), "fitting")
     info = {"date": _dt.date.today().isoformat(), "from": str(source), "repredicted": repredict,
             "estimator_versions": versions(), **(info or {})}
+    # the profile's date (and its sources') is when the measurements were taken: a refit of the same probes keeps
+    # it (its own date is under calibration.refit); training jobs' rows are new measurements, dated today
     return _finish(dev, grid, cal["grid"], cal["methods"], rows, cal.get("skipped", []), cal["steps_per_probe"],
-                   cal["wall_seconds"], Path(out) if out else source, refit=info)
+                   cal["wall_seconds"], Path(out) if out else source, refit=info,
+                   measured_on=None if extra_rows else old.get("date"))
 
 
 # --------------------------------------------------------------------------- the profile
@@ -450,12 +455,12 @@ def _previous(out_path: Path, profile_id: str) -> dict:
 
 
 def build_profile(dev: dict, grid: dict, section: str, methods: list[str], rows: list[dict], skipped: list[dict],
-                  fitted: dict, steps: int, wall: float, out_path: Path) -> dict:
+                  fitted: dict, steps: int, wall: float, out_path: Path, measured_on: str | None = None) -> dict:
     import pandas as pd
 
     kind = dev["kind"]
     profile_id = f"{kind}-{dev['slug']}"
-    today = _dt.date.today().isoformat()
+    today = measured_on or _dt.date.today().isoformat()
     mem, times, band, summary = fitted["memory"], fitted["time"], fitted["band"], fitted["summary"]
     held_desc = holdout_description(grid, section)
     all_rows = pd.DataFrame(rows)
@@ -550,6 +555,20 @@ def build_profile(dev: dict, grid: dict, section: str, methods: list[str], rows:
                                                     + default.get("method_speed_factor_source", ""))
     throughput["step_overhead_s"] = {m: round(t.get("t0", 0.0), 6) for m, t in times.items() if t.get("rate")}
     throughput["fit"] = fit_detail
+    if kind == "cuda":
+        floor = fit_launch_floor(rows, grid["archs"])
+        if floor:
+            throughput["launch_floor_s_per_block"] = {m: floor[m] for m in _order(floor)}
+            throughput["launch_floor_source"] = (
+                f"calibrated on {dev['name']} {today}: per method and checkpointing, the median over the training "
+                "probes of step seconds ÷ (blocks + 1). A step takes max(FLOPs ÷ achieved FLOP/s, this × (blocks + "
+                "1)): eager PyTorch launches each kernel from Python, block after block, and a small step (a short "
+                "sequence, micro-batch 1) waits for the launches, not the GPU. Measured with this host's CPU and "
+                "the advisor's executor (transformers + PEFT); another host or framework launches at its own rate")
+            if dev.get("peak_tflops"):
+                throughput["launch_floor_heldout"] = launch_floor_evaluation(
+                    rows, grid["archs"], floor, float(dev["peak_tflops"]), throughput.get("mfu_measured") or {},
+                    float(throughput.get("default_mfu", 0.4)))
     if kind == "cpu":
         throughput["method_speed_factor"] = {}
         throughput["method_speed_factor_source"] = "every rate is measured per method: no factor applied"

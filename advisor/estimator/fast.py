@@ -259,13 +259,7 @@ def training_flops_per_token(mm: MemoryModel) -> float:
     gc = plan.training.gradient_checkpointing
     peft = plan.config.peft or {}
     method = _flop_method(plan)
-    # freeze tuning with the last blocks trained and no checkpointing: no gradient flows into the frozen blocks below
-    # them, so those run forward only (with checkpointing transformers makes the embeddings' output require grad, and
-    # backward runs through every block)
-    below = st.layers - abs(int(peft.get("trainable_layers") or 0)) \
-        if method == "freeze" and int(peft.get("trainable_layers") or 0) > 0 and not gc else 0
-    if method == "llama_pro" and not gc:  # the original blocks before the first new one
-        below = st.layers // max(int(peft.get("num_new_blocks") or 1), 1) - 1
+    below = forward_only_blocks(mm)
     per_block = max(n - st.vocab * st.hidden, 0) / max(st.layers, 1)
     n_back = n - below * per_block
     forward = 2 * n
@@ -288,6 +282,21 @@ def training_flops_per_token(mm: MemoryModel) -> float:
     if method == "prompt_tuning" and s > 0:
         flops *= (s + int(peft.get("num_virtual_tokens") or 0)) / s
     return float(flops)
+
+
+def forward_only_blocks(mm: MemoryModel) -> int:
+    """Blocks a step runs forward only: freeze tuning with the last blocks trained and no checkpointing sends no
+    gradient into the frozen blocks below them (with checkpointing transformers makes the embeddings' output require
+    grad, and backward runs through every block); LLaMA-Pro likewise the original blocks before its first new one."""
+    st, plan = mm.static, mm.plan
+    if plan.training.gradient_checkpointing:
+        return 0
+    peft, method = plan.config.peft or {}, _flop_method(plan)
+    if method == "freeze" and int(peft.get("trainable_layers") or 0) > 0:
+        return st.layers - abs(int(peft.get("trainable_layers") or 0))
+    if method == "llama_pro":
+        return st.layers // max(int(peft.get("num_new_blocks") or 1), 1) - 1
+    return 0
 
 
 def _flop_method(plan: Plan) -> str:
@@ -344,6 +353,18 @@ def offloaded_activation_bytes(mm: MemoryModel, batch: int) -> float:
     return max(float(whole - resident(mm.coefficients)), 0.0)
 
 
+def block_count(resolved) -> int:
+    """The transformer blocks a step runs: the decoder's, or an encoder-decoder's two stacks (a plan's LLaMA-Pro
+    model is already the expanded one)."""
+    c = resolved.config
+    layers = next((int(v) for v in (getattr(c, k, None) for k in ("num_hidden_layers", "n_layer", "num_layers"))
+                   if isinstance(v, int) and v > 0), 0)
+    if getattr(c, "is_encoder_decoder", False):
+        dec = getattr(c, "num_decoder_layers", None)
+        layers += int(dec) if isinstance(dec, int) and dec > 0 else layers
+    return layers
+
+
 def time_and_cost(mm: MemoryModel, batch: int, strategy: str, devices: int, paged_spill_bytes: float = 0.0) -> dict:
     plan = mm.plan
     per_token = training_flops_per_token(mm)
@@ -354,7 +375,9 @@ def time_and_cost(mm: MemoryModel, batch: int, strategy: str, devices: int, page
     if plan.profile_method != plan.spec.id:
         rate_source += (f"; {peft_type_name(plan)} has no probe of its own: timed at {plan.profile_method}'s rate, "
                         "the calibrated method nearest in how it runs")
+    slowdown = 1.0  # of the whole step, launches included
     if (plan.config.peft or {}).get("use_dora"):
+        slowdown = DORA_SPEED_FACTOR
         rate *= DORA_SPEED_FACTOR
         rate_source += f"; × {DORA_SPEED_FACTOR} for DoRA ({DORA_SPEED_SOURCE})"
     # parameter offload runs the same host-side optimizer step as zero3_offload; its parameter traffic is added below
@@ -365,6 +388,19 @@ def time_and_cost(mm: MemoryModel, batch: int, strategy: str, devices: int, page
     # accumulation would spread them further, so this errs slow)
     per_token_all = per_token + float(mm.static.optimizer_flops_per_step) / tokens_per_step
     tokens_per_s = rate / per_token_all * devices * scaling
+    # a step cannot be shorter than the launches of its kernels (eager PyTorch, block after block): a short sequence
+    # at micro-batch 1 waits for Python, not the GPU (calibrated per block on the probes; held-out probes: 14% median
+    # error floored against 13× too fast from FLOPs alone, `throughput.launch_floor_heldout`)
+    blocks = block_count(plan.model)
+    floor_s, floor_source = mm.profile.launch_floor(plan.profile_method, plan.training.gradient_checkpointing, blocks)
+    if floor_s is not None:  # a block run forward only launches about a third of a trained block's kernels
+        below = min(forward_only_blocks(mm), blocks)
+        floor_s = floor_s * (blocks + 1 - below * 2 / 3) / (blocks + 1) / slowdown
+    compute_s = tokens_per_step * per_token_all / rate
+    if floor_s is not None and floor_s > compute_s:
+        tokens_per_s = tokens_per_step / floor_s * devices * scaling
+        rate_source += (f"; launch-bound: {floor_s * 1000:.0f} ms per micro-batch step ({floor_source}) exceeds the "
+                        f"{compute_s * 1000:.0f} ms its FLOPs take")
     offload_s = 0.0
     if devices > 1 and STRATEGIES[strategy]["offload"] == "params":
         # every micro-batch copies each device's parameter shard host → device for the forward and again for the

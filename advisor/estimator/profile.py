@@ -103,6 +103,18 @@ class Profile:
         mfu = float(t.get("default_mfu", 0.4))
         return peak * 1e12 * mfu, f"{gpu.id} peak {peak} TFLOPS × default MFU {mfu} ({t.get('default_mfu_source', '')})"
 
+    def launch_floor(self, method: str, gradient_checkpointing: bool, blocks: int) -> tuple[float | None, str]:
+        """(the shortest a training step of a `blocks`-block model can take on this device, its source): calibrated
+        seconds per block × (blocks + 1), or None where the profile measured none (CPU profiles: compute-bound)."""
+        from advisor.calibration.fit import floor_seconds
+
+        t = self.data.get("throughput", {})
+        floor = t.get("launch_floor_s_per_block") or {}
+        seconds = floor_seconds(floor, method, gradient_checkpointing, blocks)
+        if seconds is None:
+            return None, ""
+        return seconds, f"launch floor calibrated:{self.id} ({method}, {blocks} blocks)"
+
     def method_speed_factor(self, method: str) -> float:
         return float((self.data.get("throughput", {}).get("method_speed_factor") or {}).get(method, 1.0))
 
