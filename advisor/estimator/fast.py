@@ -353,12 +353,10 @@ def offloaded_activation_bytes(mm: MemoryModel, batch: int) -> float:
     return max(float(whole - resident(mm.coefficients)), 0.0)
 
 
-def block_count(resolved) -> int:
-    """The transformer blocks a step runs: the decoder's, or an encoder-decoder's two stacks (a plan's LLaMA-Pro
-    model is already the expanded one)."""
-    c = resolved.config
-    layers = next((int(v) for v in (getattr(c, k, None) for k in ("num_hidden_layers", "n_layer", "num_layers"))
-                   if isinstance(v, int) and v > 0), 0)
+def block_count(mm: MemoryModel) -> int:
+    """The transformer blocks a step runs: the static terms' layer count (a plan's LLaMA-Pro model is already the
+    expanded one), and an encoder-decoder's decoder stack too (the static terms count a layer per stack)."""
+    c, layers = mm.plan.model.config, mm.static.layers
     if getattr(c, "is_encoder_decoder", False):
         dec = getattr(c, "num_decoder_layers", None)
         layers += int(dec) if isinstance(dec, int) and dec > 0 else layers
@@ -391,7 +389,7 @@ def time_and_cost(mm: MemoryModel, batch: int, strategy: str, devices: int, page
     # a step cannot be shorter than the launches of its kernels (eager PyTorch, block after block): a short sequence
     # at micro-batch 1 waits for Python, not the GPU (calibrated per block on the probes; held-out probes: 14% median
     # error floored against 13× too fast from FLOPs alone, `throughput.launch_floor_heldout`)
-    blocks = block_count(plan.model)
+    blocks = block_count(mm)
     floor_s, floor_source = mm.profile.launch_floor(plan.profile_method, plan.training.gradient_checkpointing, blocks)
     if floor_s is not None:  # a block run forward only launches about a third of a trained block's kernels
         below = min(forward_only_blocks(mm), blocks)
@@ -399,8 +397,8 @@ def time_and_cost(mm: MemoryModel, batch: int, strategy: str, devices: int, page
     compute_s = tokens_per_step * per_token_all / rate
     if floor_s is not None and floor_s > compute_s:
         tokens_per_s = tokens_per_step / floor_s * devices * scaling
-        rate_source += (f"; launch-bound: {floor_s * 1000:.0f} ms per micro-batch step ({floor_source}) exceeds the "
-                        f"{compute_s * 1000:.0f} ms its FLOPs take")
+        rate_source += (f"; launch-bound: {floor_s * 1000:.1f} ms per micro-batch step ({floor_source}) exceeds "
+                        f"the {compute_s * 1000:.1f} ms its FLOPs take")
     offload_s = 0.0
     if devices > 1 and STRATEGIES[strategy]["offload"] == "params":
         # every micro-batch copies each device's parameter shard host → device for the forward and again for the

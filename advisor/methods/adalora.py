@@ -5,8 +5,8 @@ not call it, so `Prepared.after_optimizer_step` carries it into every training l
 """
 
 from advisor.methods._targets import resolve_targets
+from advisor.methods.base import MethodSpec, Prepared, peft_task_type, register_method, whole_knob
 from advisor.methods.lora import check_alpha_dropout
-from advisor.methods.base import MethodSpec, Prepared, peft_task_type, register_method
 
 
 def schedule(peft: dict, total_steps: int) -> tuple[int, int, list[str]]:
@@ -29,17 +29,12 @@ def validate(peft, ctx):
     range."""
     from advisor.errors import AdvisorInputError
 
-    def whole(key: str, low: int, high: int) -> int:
-        v = peft[key]
-        if isinstance(v, bool) or not isinstance(v, int) or not low <= v <= high:
-            raise AdvisorInputError(f"config.peft.{key}", f"must be an integer in {low}..{high}, got {v!r}")
-        return v
-
-    init_r = whole("init_r", 1, 4096)
-    whole("target_r", 1, init_r)  # AdaLoRA prunes each layer's rank from init_r down to an average of target_r
+    init_r = whole_knob(peft, "init_r", 1, 4096)
+    # AdaLoRA prunes each layer's rank from init_r down to an average of target_r
+    whole_knob(peft, "target_r", 1, init_r, "at most init_r")
     for key in ("tinit", "tfinal"):
-        whole(key, 0, 10**9)
-    whole("deltaT", 1, 10**9)
+        whole_knob(peft, key, 0, 10**9)
+    whole_knob(peft, "deltaT", 1, 10**9)
     for key in ("beta1", "beta2"):
         if not isinstance(peft[key], (int, float)) or isinstance(peft[key], bool) or not 0 <= peft[key] < 1:
             raise AdvisorInputError(f"config.peft.{key}", f"an exponential moving average's factor: in [0, 1), got "

@@ -251,6 +251,16 @@ def freeze(model: torch.nn.Module) -> None:
         p.requires_grad_(False)
 
 
+def whole_knob(peft: dict, key: str, low: int, high: int, what: str = "") -> int:
+    """peft[key] when it is an integer in low..high (a bool is not), else an AdvisorInputError naming
+    config.peft.<key>; `what` says what the number is."""
+    v = peft[key]
+    if isinstance(v, bool) or not isinstance(v, int) or not low <= v <= high:
+        raise AdvisorInputError(f"config.peft.{key}", f"{what}{': ' if what else ''}must be an integer in "
+                                f"{low}..{high:,}, got {v!r}")
+    return v
+
+
 def peft_task_type(ctx: BuildContext) -> str:
     return "SEQ_2_SEQ_LM" if ctx.kind == "seq2seq" else "CAUSAL_LM"
 

@@ -7,7 +7,7 @@ The optimizer is galore-torch's `GaLoreAdamW` (the one transformers' `optim="gal
 import re
 
 from advisor.errors import AdvisorInputError
-from advisor.methods.base import MethodSpec, Prepared, register_method
+from advisor.methods.base import MethodSpec, Prepared, register_method, whole_knob
 
 PROJ_TYPES = ("std", "reverse_std", "right", "left", "full")
 
@@ -41,10 +41,8 @@ def galore_param_groups(model, peft):
 def validate(peft, ctx):
     if peft["proj_type"] not in PROJ_TYPES:
         raise AdvisorInputError("config.peft.proj_type", f"unknown projection {peft['proj_type']!r}", allowed=PROJ_TYPES)
-    for key in ("rank", "update_proj_gap"):  # galore-torch refreshes its projector when step % update_proj_gap == 0
-        v = peft[key]
-        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-            raise AdvisorInputError(f"config.peft.{key}", f"must be an integer ≥ 1, got {v!r}")
+    whole_knob(peft, "rank", 1, 65536)
+    whole_knob(peft, "update_proj_gap", 1, 10**9, "steps between projection refreshes (galore-torch: step % gap)")
     scale = peft["scale"]
     if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not scale > 0:
         raise AdvisorInputError("config.peft.scale", f"the projected update's scale: a number > 0, got {scale!r}")

@@ -2,18 +2,14 @@
 
 from advisor.errors import AdvisorInputError
 from advisor.methods._targets import resolve_targets
-from advisor.methods.base import MethodSpec, Prepared, freeze, register_method
+from advisor.methods.base import MethodSpec, Prepared, freeze, register_method, whole_knob
 
 
 def validate(peft, ctx):
     from advisor.methods.lora import check_alpha_dropout
 
-    e, k = peft["num_experts"], peft["top_k"]
-    if isinstance(e, bool) or not isinstance(e, int) or not 1 <= e <= 1024:
-        raise AdvisorInputError("config.peft.num_experts", f"must be an integer in 1..1024, got {e!r}")
-    r = peft["r"]
-    if isinstance(r, bool) or not isinstance(r, int) or not 1 <= r <= 4096:
-        raise AdvisorInputError("config.peft.r", f"each expert's rank: an integer in 1..4096, got {r!r}")
+    e, k = whole_knob(peft, "num_experts", 1, 1024), peft["top_k"]
+    whole_knob(peft, "r", 1, 4096, "each expert's rank")
     check_alpha_dropout(peft)
     if not isinstance(k, int) or not 1 <= k <= e:
         raise AdvisorInputError("config.peft.top_k", f"must be an integer in 1..num_experts ({e}), got {k!r}")
