@@ -316,17 +316,11 @@ def fit_launch_floor(rows: list[dict], archs: dict[str, dict]) -> dict[str, dict
     return out
 
 
-def floor_seconds(floor: dict, method: str, gc: bool, blocks: int) -> float | None:
-    """The launch floor of one step: seconds per block × (blocks + 1); None where the method was not probed (with
-    checkpointing: the floor without it, which a checkpointed step exceeds)."""
-    mine = floor.get(method) or {}
-    per_block = mine.get("gc" if gc else "no_gc") or (mine.get("no_gc") if gc else None)
-    return None if not per_block or not blocks else per_block * (blocks + 1)
-
-
 def launch_floor_evaluation(rows: list[dict], archs: dict[str, dict], floor: dict, peak_tflops: float,
                             mfu: dict[str, float], default_mfu: float) -> dict[str, Any]:
     """The estimator's step time on the held-out probes: FLOPs ÷ (peak × MFU), alone and floored."""
+    from advisor.estimator.profile import floor_seconds
+
     flops_only, floored = [], []
     for r in rows:
         blocks = arch_blocks(archs.get(r.get("arch"), {})) if r.get("arch") in archs else None

@@ -106,8 +106,6 @@ class Profile:
     def launch_floor(self, method: str, gradient_checkpointing: bool, blocks: int) -> tuple[float | None, str]:
         """(the shortest a training step of a `blocks`-block model can take on this device, its source): calibrated
         seconds per block × (blocks + 1), or None where the profile measured none (CPU profiles: compute-bound)."""
-        from advisor.calibration.fit import floor_seconds
-
         t = self.data.get("throughput", {})
         floor = t.get("launch_floor_s_per_block") or {}
         seconds = floor_seconds(floor, method, gradient_checkpointing, blocks)
@@ -120,6 +118,15 @@ class Profile:
 
     def multi_gpu_efficiency(self, strategy: str) -> float:
         return float((self.data.get("multi_gpu_efficiency") or {}).get(strategy, 0.9))
+
+
+def floor_seconds(floor: dict, method: str, gc: bool, blocks: int) -> float | None:
+    """The launch floor of one step (`throughput.launch_floor_s_per_block`, advisor.calibration.fit): seconds per
+    block × (blocks + 1); None where the method was not probed (with checkpointing: the floor without it, which a
+    checkpointed step exceeds). Here, not beside the fit, so that an estimate does not import pandas."""
+    mine = floor.get(method) or {}
+    per_block = mine.get("gc" if gc else "no_gc") or (mine.get("no_gc") if gc else None)
+    return None if not per_block or not blocks else per_block * (blocks + 1)
 
 
 class ProfileError(ValueError):
